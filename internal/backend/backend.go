@@ -1,0 +1,57 @@
+// Package backend defines where a repository's objects are stored: one small
+// interface that the repository consumes, and that every storage (local
+// directory, S3-compatible object store) implements.
+//
+// A backend stores named, immutable objects. It knows nothing of what the
+// objects mean; it never sees plaintext.
+package backend
+
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// ErrNotFound is returned (wrapped) by Load, Stat and Remove when the named
+// object does not exist.
+var ErrNotFound = errors.New("object not found")
+
+// ErrNoSpace is returned (wrapped) by Save when the storage is full.
+var ErrNoSpace = errors.New("no space left on the repository's storage")
+
+// ObjectInfo describes a stored object.
+type ObjectInfo struct {
+	Name    string
+	Size    int64
+	ModTime time.Time
+}
+
+// Backend stores named objects. Names are slash-separated paths such as
+// "data/3f/3f2a…" or "config"; they never start with a slash or contain "..".
+//
+// Guarantees every implementation must give:
+//   - Save is atomic: a reader sees either the whole object or none of it,
+//     never a prefix, also after a crash. When Save returns nil the object is
+//     durable. Saving an existing name replaces it atomically.
+//   - Read after write: an object is visible to Load, Stat and List as soon as
+//     Save returns.
+//   - Load of a range that runs past the end of the object returns an error.
+//   - List calls fn once per object whose name starts with prefix, in no
+//     particular order; objects being saved (temporary files) are not listed.
+//   - All methods are safe for concurrent use.
+type Backend interface {
+	// Save stores data under name.
+	Save(ctx context.Context, name string, data []byte) error
+	// Load returns length bytes of the object starting at offset; length 0
+	// means to the end of the object.
+	Load(ctx context.Context, name string, offset, length int64) ([]byte, error)
+	// Stat returns the object's size and modification time.
+	Stat(ctx context.Context, name string) (ObjectInfo, error)
+	// List calls fn for each object under prefix; a non-nil error from fn
+	// stops the listing and is returned.
+	List(ctx context.Context, prefix string, fn func(ObjectInfo) error) error
+	// Remove deletes the object.
+	Remove(ctx context.Context, name string) error
+	// Location describes the backend for messages ("local:/srv/kura").
+	Location() string
+}

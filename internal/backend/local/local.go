@@ -1,0 +1,220 @@
+// Package local stores repository objects as files in a local directory, the
+// embedded default backend.
+//
+// Each object is written to a temporary file in its final directory, synced,
+// renamed into place, and the directory synced, so an object is either whole
+// or absent after a crash.
+package local
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"github.com/kura-backup/kura/internal/backend"
+	"github.com/kura-backup/kura/internal/crypt"
+)
+
+// tmpPrefix marks files being written; List skips them.
+const tmpPrefix = ".tmp-"
+
+// Backend is a directory on a local filesystem.
+type Backend struct {
+	root string
+}
+
+// Open returns a backend rooted at dir. The directory need not exist yet;
+// Save creates directories as needed.
+func Open(dir string) (*Backend, error) {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return nil, fmt.Errorf("repository path %q: %w", dir, err)
+	}
+	return &Backend{root: abs}, nil
+}
+
+// Location implements backend.Backend.
+func (b *Backend) Location() string { return "local:" + b.root }
+
+// Root returns the directory.
+func (b *Backend) Root() string { return b.root }
+
+func (b *Backend) path(name string) (string, error) {
+	if name == "" || strings.HasPrefix(name, "/") || strings.Contains(name, "..") || path.Clean(name) != name {
+		return "", fmt.Errorf("invalid object name %q", name)
+	}
+	return filepath.Join(b.root, filepath.FromSlash(name)), nil
+}
+
+func wrap(op, name string, err error) error {
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return fmt.Errorf("%s %s: %w", op, name, backend.ErrNotFound)
+	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
+		return fmt.Errorf("%s %s: %w", op, name, backend.ErrNoSpace)
+	}
+	return fmt.Errorf("%s %s: %w", op, name, err)
+}
+
+// Save implements backend.Backend.
+func (b *Backend) Save(ctx context.Context, name string, data []byte) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	p, err := b.path(name)
+	if err != nil {
+		return err
+	}
+	dir := filepath.Dir(p)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return wrap("save", name, err)
+	}
+	tmp := filepath.Join(dir, tmpPrefix+crypt.RandomID().Short()+crypt.RandomID().Short())
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return wrap("save", name, err)
+	}
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, p)
+	}
+	if err != nil {
+		_ = os.Remove(tmp)
+		return wrap("save", name, err)
+	}
+	return syncDir(dir)
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil && !errors.Is(err, syscall.EINVAL) {
+		return fmt.Errorf("sync %s: %w", dir, err)
+	}
+	return nil
+}
+
+// Load implements backend.Backend.
+func (b *Backend) Load(ctx context.Context, name string, offset, length int64) ([]byte, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	p, err := b.path(name)
+	if err != nil {
+		return nil, err
+	}
+	f, err := os.Open(p)
+	if err != nil {
+		return nil, wrap("load", name, err)
+	}
+	defer f.Close()
+	if length == 0 {
+		st, err := f.Stat()
+		if err != nil {
+			return nil, wrap("load", name, err)
+		}
+		length = st.Size() - offset
+		if length < 0 {
+			return nil, fmt.Errorf("load %s: offset %d beyond size %d", name, offset, st.Size())
+		}
+	}
+	buf := make([]byte, length)
+	n, err := f.ReadAt(buf, offset)
+	if err == io.EOF && int64(n) == length {
+		err = nil
+	}
+	if err != nil {
+		if err == io.EOF {
+			return nil, fmt.Errorf("load %s: range %d+%d runs past the end (object truncated?)", name, offset, length)
+		}
+		return nil, wrap("load", name, err)
+	}
+	return buf, nil
+}
+
+// Stat implements backend.Backend.
+func (b *Backend) Stat(ctx context.Context, name string) (backend.ObjectInfo, error) {
+	p, err := b.path(name)
+	if err != nil {
+		return backend.ObjectInfo{}, err
+	}
+	st, err := os.Stat(p)
+	if err != nil {
+		return backend.ObjectInfo{}, wrap("stat", name, err)
+	}
+	return backend.ObjectInfo{Name: name, Size: st.Size(), ModTime: st.ModTime()}, nil
+}
+
+// List implements backend.Backend.
+func (b *Backend) List(ctx context.Context, prefix string, fn func(backend.ObjectInfo) error) error {
+	// Walk from the deepest existing directory that covers prefix.
+	start := b.root
+	if i := strings.LastIndex(prefix, "/"); i >= 0 {
+		start = filepath.Join(b.root, filepath.FromSlash(prefix[:i]))
+	}
+	err := filepath.WalkDir(start, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		rel, rerr := filepath.Rel(b.root, p)
+		if rerr != nil {
+			return rerr
+		}
+		name := filepath.ToSlash(rel)
+		if d.IsDir() {
+			if name != "." && !strings.HasPrefix(name+"/", prefix) && !strings.HasPrefix(prefix, name+"/") {
+				return filepath.SkipDir
+			}
+			return nil
+		}
+		if strings.HasPrefix(d.Name(), tmpPrefix) || !strings.HasPrefix(name, prefix) {
+			return nil
+		}
+		info, err := d.Info()
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil // removed while listing
+			}
+			return err
+		}
+		return fn(backend.ObjectInfo{Name: name, Size: info.Size(), ModTime: info.ModTime()})
+	})
+	if err != nil {
+		return fmt.Errorf("list %s in %s: %w", prefix, b.root, err)
+	}
+	return nil
+}
+
+// Remove implements backend.Backend.
+func (b *Backend) Remove(ctx context.Context, name string) error {
+	p, err := b.path(name)
+	if err != nil {
+		return err
+	}
+	if err := os.Remove(p); err != nil {
+		return wrap("remove", name, err)
+	}
+	return nil
+}

@@ -1,0 +1,228 @@
+package repo
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/kura-backup/kura/internal/backend"
+	"github.com/kura-backup/kura/internal/compress"
+	"github.com/kura-backup/kura/internal/crypt"
+)
+
+// packWriter accumulates sealed blobs until the pack is full.
+type packWriter struct {
+	buf      []byte
+	entries  []packEntry
+	inflight map[crypt.ID]struct{} // claimed by a caller, not yet indexed
+	unsaved  map[crypt.ID][]packEntry
+	uploads  sync.WaitGroup
+	errMu    sync.Mutex
+	err      error
+	stored   Counters
+}
+
+// Counters total what a writer stored.
+type Counters struct {
+	Blobs       int64 // blobs written
+	RawBytes    int64 // their plaintext size
+	StoredBytes int64 // their sealed size in packs
+	Packs       int64
+}
+
+func (r *Repo) pw() *packWriter {
+	if r.writer == nil {
+		r.writer = &packWriter{inflight: map[crypt.ID]struct{}{}, unsaved: map[crypt.ID][]packEntry{}}
+	}
+	return r.writer
+}
+
+// Claim reports whether the caller should store the blob id: false when it
+// is already in the index or another caller is storing it. A caller that
+// claims must call SaveBlob (or the backup fails).
+func (r *Repo) Claim(id crypt.ID) bool {
+	r.wmu.Lock()
+	defer r.wmu.Unlock()
+	if r.idx.Has(id) {
+		return false
+	}
+	w := r.pw()
+	if _, ok := w.inflight[id]; ok {
+		return false
+	}
+	w.inflight[id] = struct{}{}
+	return true
+}
+
+// Sealer compresses and seals blobs; each goroutine uses its own.
+type Sealer struct {
+	key *crypt.Key
+	enc *compress.Encoder
+	buf []byte
+}
+
+// NewSealer returns a Sealer for this repository.
+func (r *Repo) NewSealer() *Sealer {
+	return &Sealer{key: r.key, enc: compress.NewEncoder()}
+}
+
+// Seal compresses plain if worthwhile and seals it. The result is valid
+// until the next call.
+func (s *Sealer) Seal(plain []byte) (sealed []byte, compressed bool, err error) {
+	if cap(s.buf) < len(plain)+len(plain)/8+1024 {
+		s.buf = make([]byte, 0, len(plain)+len(plain)/8+1024)
+	}
+	z, err := s.enc.Compress(s.buf[:0], plain)
+	if err != nil {
+		return nil, false, err
+	}
+	payload := plain
+	if compress.Worthwhile(len(z), len(plain)) {
+		payload, compressed = z, true
+	}
+	out := s.key.Seal(make([]byte, 0, len(payload)+crypt.Overhead), payload)
+	return out, compressed, nil
+}
+
+// SaveBlob appends a sealed blob to the current pack; a full pack is
+// uploaded by the calling goroutine while others keep appending.
+func (r *Repo) SaveBlob(ctx context.Context, t BlobType, id crypt.ID, sealed []byte, compressed bool, rawLen int) error {
+	r.wmu.Lock()
+	w := r.pw()
+	if w.buf == nil {
+		w.buf = make([]byte, 0, r.cfg.PackSize+r.cfg.ChunkSize+1024)
+	}
+	w.entries = append(w.entries, packEntry{ID: id, Type: t, Compressed: compressed, Offset: uint32(len(w.buf)), Length: uint32(len(sealed)), RawLength: uint32(rawLen)})
+	w.buf = append(w.buf, sealed...)
+	w.stored.Blobs++
+	w.stored.RawBytes += int64(rawLen)
+	w.stored.StoredBytes += int64(len(sealed))
+	if len(w.buf) < r.cfg.PackSize {
+		r.wmu.Unlock()
+		return nil
+	}
+	buf, entries := w.buf, w.entries
+	w.buf, w.entries = nil, nil
+	w.uploads.Add(1)
+	r.wmu.Unlock()
+	defer w.uploads.Done()
+	return r.uploadPack(ctx, buf, entries)
+}
+
+func (r *Repo) uploadPack(ctx context.Context, buf []byte, entries []packEntry) error {
+	w := r.writer
+	hdr := r.key.Seal(nil, encodeHeader(entries))
+	buf = append(buf, hdr...)
+	buf = binary.LittleEndian.AppendUint32(buf, uint32(len(hdr)))
+	id := crypt.RandomID()
+	err := r.be.Save(ctx, packName(id), buf)
+	r.wmu.Lock()
+	defer r.wmu.Unlock()
+	if err != nil {
+		w.errMu.Lock()
+		if w.err == nil {
+			w.err = err
+		}
+		w.errMu.Unlock()
+		for _, e := range entries {
+			delete(w.inflight, e.ID)
+		}
+		return fmt.Errorf("writing pack: %w", err)
+	}
+	r.idx.add(id, entries)
+	for _, e := range entries {
+		delete(w.inflight, e.ID)
+	}
+	w.unsaved[id] = entries
+	w.stored.Packs++
+	return nil
+}
+
+// Flush uploads the partial pack, waits for every upload and writes an
+// index file for all packs written since the last Flush. After Flush
+// returns nil, every blob saved so far is durable and indexed.
+func (r *Repo) Flush(ctx context.Context) error {
+	r.wmu.Lock()
+	w := r.pw()
+	buf, entries := w.buf, w.entries
+	w.buf, w.entries = nil, nil
+	if len(entries) > 0 {
+		w.uploads.Add(1)
+	}
+	r.wmu.Unlock()
+	var err error
+	if len(entries) > 0 {
+		err = r.uploadPack(ctx, buf, entries)
+		w.uploads.Done()
+	}
+	w.uploads.Wait()
+	w.errMu.Lock()
+	if err == nil && w.err != nil {
+		err = fmt.Errorf("writing pack: %w", w.err)
+	}
+	w.errMu.Unlock()
+	if err != nil {
+		return err
+	}
+	r.wmu.Lock()
+	unsaved := w.unsaved
+	w.unsaved = map[crypt.ID][]packEntry{}
+	r.wmu.Unlock()
+	if len(unsaved) == 0 {
+		return nil
+	}
+	name, err := r.saveIndex(ctx, unsaved)
+	if err != nil {
+		return err
+	}
+	r.idx.mu.Lock()
+	r.idx.files = append(r.idx.files, name)
+	r.idx.mu.Unlock()
+	return nil
+}
+
+// Stored returns what this Repo has written so far.
+func (r *Repo) Stored() Counters {
+	r.wmu.Lock()
+	defer r.wmu.Unlock()
+	return r.pw().stored
+}
+
+// ErrBlobMissing is returned when a blob is not in the index.
+var ErrBlobMissing = errors.New("chunk is missing from the repository")
+
+// LoadBlob reads, authenticates and decompresses blob id into dst's
+// storage, and checks that its content hashes to id.
+func (r *Repo) LoadBlob(ctx context.Context, id crypt.ID, dst []byte) ([]byte, error) {
+	l, ok := r.idx.Lookup(id)
+	if !ok {
+		return nil, fmt.Errorf("chunk %s: %w", id.Short(), ErrBlobMissing)
+	}
+	sealed, err := r.be.Load(ctx, packName(l.Pack), int64(l.Offset), int64(l.Length))
+	if err != nil {
+		if errors.Is(err, backend.ErrNotFound) {
+			return nil, fmt.Errorf("chunk %s: pack %s is missing: %w", id.Short(), l.Pack.Short(), ErrDamaged)
+		}
+		return nil, fmt.Errorf("chunk %s: %w", id.Short(), err)
+	}
+	return r.openBlob(id, l, sealed, dst)
+}
+
+func (r *Repo) openBlob(id crypt.ID, l Loc, sealed, dst []byte) ([]byte, error) {
+	plain, err := r.key.Open(nil, sealed)
+	if err != nil {
+		return nil, fmt.Errorf("chunk %s in pack %s: %w: %w", id.Short(), l.Pack.Short(), err, ErrDamaged)
+	}
+	if l.Compressed {
+		plain, err = compress.Decompress(dst, plain, int(l.RawLength))
+		if err != nil {
+			return nil, fmt.Errorf("chunk %s in pack %s: %w: %w", id.Short(), l.Pack.Short(), err, ErrDamaged)
+		}
+	}
+	if len(plain) != int(l.RawLength) || r.key.Hash(plain) != id {
+		return nil, fmt.Errorf("chunk %s in pack %s: content does not match its id: %w", id.Short(), l.Pack.Short(), ErrDamaged)
+	}
+	return plain, nil
+}

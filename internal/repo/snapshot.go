@@ -1,0 +1,255 @@
+package repo
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/kura-backup/kura/internal/backend"
+	"github.com/kura-backup/kura/internal/crypt"
+)
+
+// MapEntries is how many chunk ids one map blob holds (256 KiB of ids).
+const MapEntries = 8192
+
+// Snapshot is a restore point: a "snapshots/<id>" object.
+type Snapshot struct {
+	ID       string            `json:"-"`
+	Version  int               `json:"version"`
+	Time     time.Time         `json:"time"`
+	Name     string            `json:"name"`
+	Hostname string            `json:"hostname"`
+	Source   string            `json:"source"`          // "image", "libvirt", "qmp"
+	Kind     string            `json:"kind"`            // "full" or "incremental": what was read
+	Mode     string            `json:"mode,omitempty"`  // consistency mode for live VMs
+	Parent   string            `json:"parent,omitempty"`
+	Config   *VMConfig         `json:"config,omitempty"`
+	Disks    []Disk            `json:"disks"`
+	Stats    BackupStats       `json:"stats"`
+	Tags     map[string]string `json:"tags,omitempty"`
+}
+
+// VMConfig is the machine's configuration saved with a snapshot.
+type VMConfig struct {
+	Type string `json:"type"` // "libvirt-xml", "qemu-cmdline", "qmp-json"
+	Data string `json:"data"`
+}
+
+// Disk is one disk of a snapshot.
+type Disk struct {
+	Name       string     `json:"name"`
+	Size       int64      `json:"size"`
+	Format     string     `json:"format"`
+	SourcePath string     `json:"source_path,omitempty"`
+	ChunkSize  int        `json:"chunk_size"`
+	Maps       []crypt.ID `json:"maps"`        // map blobs, MapEntries chunk ids each
+	DataChunks int64      `json:"data_chunks"` // positions holding data
+	DataBytes  int64      `json:"data_bytes"`  // their bytes (logical, non-zero)
+	Read       string     `json:"read,omitempty"` // "full", "changed", "full (reason)"
+}
+
+// BackupStats records what a backup did.
+type BackupStats struct {
+	Start        time.Time `json:"start"`
+	End          time.Time `json:"end"`
+	BytesRead    int64     `json:"bytes_read"`
+	BytesNew     int64     `json:"bytes_new"`    // plaintext bytes of new chunks
+	BytesStored  int64     `json:"bytes_stored"` // their size in packs
+	ChunksNew    int64     `json:"chunks_new"`
+	ChunksReused int64     `json:"chunks_reused"`
+	FreezeMillis float64   `json:"freeze_ms,omitempty"`
+	PauseMillis  float64   `json:"pause_ms,omitempty"`
+	Note         string    `json:"note,omitempty"`
+}
+
+// LogicalSize sums the disks' sizes.
+func (s *Snapshot) LogicalSize() int64 {
+	var n int64
+	for _, d := range s.Disks {
+		n += d.Size
+	}
+	return n
+}
+
+// Chunks returns the number of chunk positions of d.
+func (d Disk) Chunks() int64 { return (d.Size + int64(d.ChunkSize) - 1) / int64(d.ChunkSize) }
+
+// SaveMap stores a disk's chunk list as map blobs and returns their ids.
+// ids[i] is the chunk at position i, zero for an all-zero chunk.
+func (r *Repo) SaveMap(ctx context.Context, ids []crypt.ID) ([]crypt.ID, error) {
+	s := r.NewSealer()
+	var maps []crypt.ID
+	for start := 0; start < len(ids); start += MapEntries {
+		end := min(start+MapEntries, len(ids))
+		plain := make([]byte, 0, (end-start)*crypt.IDSize)
+		for _, id := range ids[start:end] {
+			plain = append(plain, id[:]...)
+		}
+		mid := r.key.Hash(plain)
+		maps = append(maps, mid)
+		if !r.Claim(mid) {
+			continue
+		}
+		sealed, comp, err := s.Seal(plain)
+		if err != nil {
+			return nil, err
+		}
+		if err := r.SaveBlob(ctx, MapBlob, mid, sealed, comp, len(plain)); err != nil {
+			return nil, err
+		}
+	}
+	return maps, nil
+}
+
+// LoadMap returns a disk's chunk ids by position.
+func (r *Repo) LoadMap(ctx context.Context, d Disk) ([]crypt.ID, error) {
+	n := d.Chunks()
+	if int64(len(d.Maps)) != (n+MapEntries-1)/MapEntries {
+		return nil, fmt.Errorf("disk %s: %d map blobs for %d chunks: %w", d.Name, len(d.Maps), n, ErrDamaged)
+	}
+	ids := make([]crypt.ID, 0, n)
+	for _, m := range d.Maps {
+		plain, err := r.LoadBlob(ctx, m, nil)
+		if err != nil {
+			return nil, fmt.Errorf("disk %s map: %w", d.Name, err)
+		}
+		if len(plain)%crypt.IDSize != 0 {
+			return nil, fmt.Errorf("disk %s map %s: bad length: %w", d.Name, m.Short(), ErrDamaged)
+		}
+		for p := 0; p < len(plain); p += crypt.IDSize {
+			var id crypt.ID
+			copy(id[:], plain[p:])
+			ids = append(ids, id)
+		}
+	}
+	if int64(len(ids)) != n {
+		return nil, fmt.Errorf("disk %s: map holds %d chunks, want %d: %w", d.Name, len(ids), n, ErrDamaged)
+	}
+	return ids, nil
+}
+
+// SaveSnapshot writes the manifest. Call Flush first: data, then index,
+// then snapshot.
+func (r *Repo) SaveSnapshot(ctx context.Context, s *Snapshot) (string, error) {
+	s.Version = FormatVersion
+	plain, err := json.Marshal(s)
+	if err != nil {
+		return "", err
+	}
+	sealed, err := r.sealObject(plain)
+	if err != nil {
+		return "", err
+	}
+	id := crypt.RandomID().String()
+	if err := r.be.Save(ctx, "snapshots/"+id, sealed); err != nil {
+		return "", fmt.Errorf("writing snapshot: %w", err)
+	}
+	s.ID = id
+	return id, nil
+}
+
+// LoadSnapshot reads one snapshot by full id.
+func (r *Repo) LoadSnapshot(ctx context.Context, id string) (*Snapshot, error) {
+	plain, err := r.loadObject(ctx, "snapshots/"+id)
+	if err != nil {
+		if errors.Is(err, backend.ErrNotFound) {
+			return nil, fmt.Errorf("snapshot %s: %w", id, ErrNoSnapshot)
+		}
+		return nil, err
+	}
+	var s Snapshot
+	if err := json.Unmarshal(plain, &s); err != nil {
+		return nil, fmt.Errorf("snapshot %s is damaged (%v): %w", id, err, ErrDamaged)
+	}
+	if s.Version > FormatVersion {
+		return nil, fmt.Errorf("snapshot %s has format %d: %w", id, s.Version, ErrNewerFormat)
+	}
+	s.ID = id
+	return &s, nil
+}
+
+// SnapshotIDs lists the ids of all snapshots.
+func (r *Repo) SnapshotIDs(ctx context.Context) ([]string, error) {
+	var ids []string
+	err := r.be.List(ctx, "snapshots/", func(oi backend.ObjectInfo) error {
+		ids = append(ids, strings.TrimPrefix(oi.Name, "snapshots/"))
+		return nil
+	})
+	return ids, err
+}
+
+// Snapshots loads every snapshot, oldest first. A damaged snapshot fails
+// the call; use SnapshotIDs and LoadSnapshot to skip it.
+func (r *Repo) Snapshots(ctx context.Context) ([]*Snapshot, error) {
+	ids, err := r.SnapshotIDs(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*Snapshot, 0, len(ids))
+	for _, id := range ids {
+		s, err := r.LoadSnapshot(ctx, id)
+		if err != nil {
+			if errors.Is(err, ErrNoSnapshot) {
+				continue // forgotten meanwhile
+			}
+			return nil, err
+		}
+		out = append(out, s)
+	}
+	SortSnapshots(out)
+	return out, nil
+}
+
+// SortSnapshots orders by time, oldest first.
+func SortSnapshots(ss []*Snapshot) {
+	sort.SliceStable(ss, func(i, j int) bool {
+		if !ss[i].Time.Equal(ss[j].Time) {
+			return ss[i].Time.Before(ss[j].Time)
+		}
+		return ss[i].ID < ss[j].ID
+	})
+}
+
+// FindSnapshot resolves a full id, a unique id prefix, "latest" or
+// "NAME@latest" among ss (sorted oldest first).
+func FindSnapshot(ss []*Snapshot, ref string) (*Snapshot, error) {
+	if ref == "" {
+		return nil, fmt.Errorf("empty snapshot reference: %w", ErrNoSnapshot)
+	}
+	if ref == "latest" {
+		if len(ss) == 0 {
+			return nil, fmt.Errorf("latest: the repository has no snapshots: %w", ErrNoSnapshot)
+		}
+		return ss[len(ss)-1], nil
+	}
+	if name, ok := strings.CutSuffix(ref, "@latest"); ok {
+		for i := len(ss) - 1; i >= 0; i-- {
+			if ss[i].Name == name {
+				return ss[i], nil
+			}
+		}
+		return nil, fmt.Errorf("%s: no snapshot named %q (see `kura snapshots`): %w", ref, name, ErrNoSnapshot)
+	}
+	var match []*Snapshot
+	for _, s := range ss {
+		if strings.HasPrefix(s.ID, ref) {
+			match = append(match, s)
+		}
+	}
+	switch len(match) {
+	case 0:
+		return nil, fmt.Errorf("%s: see `kura snapshots`: %w", ref, ErrNoSnapshot)
+	case 1:
+		return match[0], nil
+	}
+	return nil, fmt.Errorf("%s matches %d snapshots, give more digits: %w", ref, len(match), ErrAmbiguous)
+}
+
+// RemoveSnapshot deletes a snapshot manifest (its data stays until prune).
+func (r *Repo) RemoveSnapshot(ctx context.Context, id string) error {
+	return r.be.Remove(ctx, "snapshots/"+id)
+}
