@@ -268,11 +268,11 @@ func (r *Repo) checkPack(ctx context.Context, p crypt.ID, es []packEntry) map[cr
 // Stats summarizes the repository.
 type Stats struct {
 	Snapshots        int     `json:"snapshots"`
-	LogicalBytes     int64   `json:"logical_bytes"`      // sum of disk sizes over snapshots
-	DataBytes        int64   `json:"data_bytes"`         // non-zero data over snapshots (what restores write)
-	UniqueBytes      int64   `json:"unique_bytes"`       // distinct chunks' plaintext
-	StoredBytes      int64   `json:"stored_bytes"`       // all pack files on storage
-	ReferencedStored int64   `json:"referenced_stored"`  // packed size of referenced blobs
+	LogicalBytes     int64   `json:"logical_bytes"`     // sum of disk sizes over snapshots
+	DataBytes        int64   `json:"data_bytes"`        // non-zero data over snapshots (what restores write)
+	UniqueBytes      int64   `json:"unique_bytes"`      // distinct chunks' plaintext
+	StoredBytes      int64   `json:"stored_bytes"`      // all pack files on storage
+	ReferencedStored int64   `json:"referenced_stored"` // packed size of referenced blobs
 	Packs            int     `json:"packs"`
 	Chunks           int     `json:"chunks"`
 	DedupRatio       float64 `json:"dedup_ratio"`       // DataBytes / UniqueBytes

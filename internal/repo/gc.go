@@ -183,7 +183,7 @@ type PruneResult struct {
 	PacksDeleted   int      `json:"packs_deleted"`
 	PacksRepacked  int      `json:"packs_repacked"`
 	BytesFreed     int64    `json:"bytes_freed"`
-	PacksPending   int      `json:"packs_pending"`          // marked, waiting for running backups
+	PacksPending   int      `json:"packs_pending"`         // marked, waiting for running backups
 	WaitingFor     []string `json:"waiting_for,omitempty"` // those backups' locks
 	IndexRewritten bool     `json:"index_rewritten"`
 }

@@ -195,7 +195,7 @@ func TestKeys(t *testing.T) {
 func TestRoundTripAndDedup(t *testing.T) {
 	r, dir := newRepo(t)
 	chunks := randomChunks(1, 20, MinChunkSize)
-	chunks[3] = nil                   // a hole
+	chunks[3] = nil                               // a hole
 	chunks[7] = append([]byte(nil), chunks[5]...) // a duplicate
 	s1 := storeChunks(t, r, "vm1", chunks)
 	st := r.Stored()

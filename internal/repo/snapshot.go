@@ -23,9 +23,9 @@ type Snapshot struct {
 	Time     time.Time         `json:"time"`
 	Name     string            `json:"name"`
 	Hostname string            `json:"hostname"`
-	Source   string            `json:"source"`          // "image", "libvirt", "qmp"
-	Kind     string            `json:"kind"`            // "full" or "incremental": what was read
-	Mode     string            `json:"mode,omitempty"`  // consistency mode for live VMs
+	Source   string            `json:"source"`         // "image", "libvirt", "qmp"
+	Kind     string            `json:"kind"`           // "full" or "incremental": what was read
+	Mode     string            `json:"mode,omitempty"` // consistency mode for live VMs
 	Parent   string            `json:"parent,omitempty"`
 	Config   *VMConfig         `json:"config,omitempty"`
 	Disks    []Disk            `json:"disks"`
@@ -46,9 +46,9 @@ type Disk struct {
 	Format     string     `json:"format"`
 	SourcePath string     `json:"source_path,omitempty"`
 	ChunkSize  int        `json:"chunk_size"`
-	Maps       []crypt.ID `json:"maps"`        // map blobs, MapEntries chunk ids each
-	DataChunks int64      `json:"data_chunks"` // positions holding data
-	DataBytes  int64      `json:"data_bytes"`  // their bytes (logical, non-zero)
+	Maps       []crypt.ID `json:"maps"`           // map blobs, MapEntries chunk ids each
+	DataChunks int64      `json:"data_chunks"`    // positions holding data
+	DataBytes  int64      `json:"data_bytes"`     // their bytes (logical, non-zero)
 	Read       string     `json:"read,omitempty"` // "full", "changed", "full (reason)"
 }
 
