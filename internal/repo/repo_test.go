@@ -322,3 +322,13 @@ func TestLoadDamagedObjects(t *testing.T) {
 		t.Errorf("truncated snapshot: %v", err)
 	}
 }
+
+// newRepoAt builds an unlocked Repo over dir without key files (fuzzing).
+func newRepoAt(dir string, key *crypt.Key) (*Repo, error) {
+	be, err := local.Open(dir)
+	if err != nil {
+		return nil, err
+	}
+	r := &Repo{be: be, key: key, idx: newIndex(), loaded: true, cfg: Config{Version: 1, ChunkSize: MinChunkSize, PackSize: 1 << 20}}
+	return r, nil
+}

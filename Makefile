@@ -1,0 +1,33 @@
+# Kura: the two commands a newcomer needs are `make demo` and `make test`.
+export PATH := $(PATH):/usr/local/go/bin
+GO ?= go
+
+.PHONY: all build deps demo test test-short bench vet clean
+
+all: build
+
+deps:
+	@bash scripts/deps.sh
+
+build:
+	$(GO) build -o bin/kura ./cmd/kura
+
+# Installs what is missing, builds, and runs the main job end to end.
+demo: deps build
+	@bash scripts/demo.sh
+
+# Installs what is missing and runs every test, integration tests included.
+test: deps
+	$(GO) vet ./...
+	@test -z "$$(gofmt -l cmd internal bench)" || { echo "gofmt needed:"; gofmt -l cmd internal bench; exit 1; }
+	$(GO) test -timeout 60m -count=1 ./...
+
+# The quick tests only (no VMs, no qemu daemons where avoidable).
+test-short:
+	$(GO) test -short ./...
+
+bench: deps build
+	bash bench/run.sh
+
+clean:
+	rm -rf bin
