@@ -1,0 +1,169 @@
+package backup
+
+import (
+	"bytes"
+	"context"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/kura-backup/kura/internal/backend/local"
+	"github.com/kura-backup/kura/internal/crypt"
+	"github.com/kura-backup/kura/internal/repo"
+	"github.com/kura-backup/kura/internal/source"
+)
+
+// memDisk is an in-memory disk whose zero regions are reported as zero
+// extents in 64 KiB granules, like a sparse file.
+type memDisk struct {
+	name string
+	data []byte
+}
+
+func (m *memDisk) Info() source.DiskInfo {
+	return source.DiskInfo{Name: m.name, Size: int64(len(m.data)), Format: "raw"}
+}
+
+func (m *memDisk) Extents(ctx context.Context, off, length int64) ([]source.Extent, error) {
+	const g = 64 << 10
+	var out []source.Extent
+	for p := off; p < off+length; p += g {
+		n := min(g, off+length-p)
+		z := isZero(m.data[p : p+n])
+		if k := len(out) - 1; k >= 0 && out[k].Zero == z {
+			out[k].Length += n
+			continue
+		}
+		out = append(out, source.Extent{Offset: p, Length: n, Zero: z})
+	}
+	return out, nil
+}
+
+func (m *memDisk) ReadAt(ctx context.Context, p []byte, off int64) error {
+	copy(p, m.data[off:])
+	return nil
+}
+
+func (m *memDisk) Close() error { return nil }
+
+func testRepo(t testing.TB) *repo.Repo {
+	be, _ := local.Open(filepath.Join(t.TempDir(), "repo"))
+	r, err := repo.Init(context.Background(), be, []byte("pw"), repo.InitOptions{ChunkSize: 64 << 10, PackSize: 1 << 20,
+		KDF: &crypt.KDFParams{Time: 1, Memory: 1024, Threads: 1, Salt: []byte("saltsalt")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func fill(rng *rand.Rand, b []byte) {
+	for i := range b {
+		b[i] = byte(rng.IntN(8))
+	}
+}
+
+func restoreMem(t *testing.T, r *repo.Repo, d repo.Disk) []byte {
+	t.Helper()
+	ids, err := r.LoadMap(context.Background(), d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := make([]byte, d.Size)
+	for i, id := range ids {
+		if id.IsZero() {
+			continue
+		}
+		b, err := r.LoadBlob(context.Background(), id, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		copy(out[int64(i)*int64(d.ChunkSize):], b)
+	}
+	return out
+}
+
+func TestBackupRoundTrip(t *testing.T) {
+	ctx := context.Background()
+	r := testRepo(t)
+	rng := rand.New(rand.NewPCG(1, 2))
+	// 5 MiB + an odd tail, with holes, a duplicate region and a partial chunk.
+	a := &memDisk{name: "a", data: make([]byte, 5<<20+12345)}
+	fill(rng, a.data[100<<10:900<<10])
+	fill(rng, a.data[3<<20:4<<20])
+	copy(a.data[4<<20:], a.data[3<<20:4<<20-1000])
+	fill(rng, a.data[len(a.data)-5000:])
+	b := &memDisk{name: "b", data: make([]byte, 1<<20)}
+	fill(rng, b.data[:300])
+
+	snap, err := Run(ctx, r, []source.Disk{a, b}, Options{Name: "vm", Source: "image", Workers: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, d := range []*memDisk{a, b} {
+		if got := restoreMem(t, r, snap.Disks[i]); !bytes.Equal(got, d.data) {
+			t.Fatalf("disk %s differs after restore", d.name)
+		}
+	}
+	if snap.Stats.ChunksReused == 0 {
+		t.Error("duplicate region was not deduplicated")
+	}
+	// Change one chunk; the second backup stores only it (plus maps).
+	a.data[2<<20+5] ^= 0xff
+	snap2, err := Run(ctx, r, []source.Disk{a, b}, Options{Name: "vm", Source: "image"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if snap2.Stats.BytesNew > 64<<10+2*256<<10 {
+		t.Errorf("second backup stored %d new bytes after one changed byte", snap2.Stats.BytesNew)
+	}
+	if got := restoreMem(t, r, snap2.Disks[0]); !bytes.Equal(got, a.data) {
+		t.Fatal("changed disk differs after restore")
+	}
+}
+
+type failingDisk struct{ memDisk }
+
+func (f *failingDisk) ReadAt(ctx context.Context, p []byte, off int64) error {
+	if off > 1<<20 {
+		return os.ErrClosed
+	}
+	return f.memDisk.ReadAt(ctx, p, off)
+}
+
+func TestReadErrorLeavesNoSnapshot(t *testing.T) {
+	ctx := context.Background()
+	r := testRepo(t)
+	d := &failingDisk{memDisk{name: "x", data: bytes.Repeat([]byte{1}, 4<<20)}}
+	if _, err := Run(ctx, r, []source.Disk{d}, Options{Name: "vm"}); err == nil {
+		t.Fatal("backup succeeded on a failing disk")
+	}
+	ids, _ := r.SnapshotIDs(ctx)
+	if len(ids) != 0 {
+		t.Fatalf("%d snapshots written by a failed backup", len(ids))
+	}
+}
+
+func BenchmarkBackup(b *testing.B) {
+	// 256 MiB of compressible data in 1 MiB chunks.
+	rng := rand.New(rand.NewPCG(3, 4))
+	d := &memDisk{name: "d", data: make([]byte, 256<<20)}
+	words := []byte("the quick brown fox jumps over the lazy dog 0123456789 ")
+	for i := range d.data {
+		d.data[i] = words[rng.IntN(len(words))]
+	}
+	b.SetBytes(int64(len(d.data)))
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		be, _ := local.Open(filepath.Join(b.TempDir(), "repo"))
+		r, err := repo.Init(context.Background(), be, []byte("pw"), repo.InitOptions{KDF: &crypt.KDFParams{Time: 1, Memory: 1024, Threads: 1, Salt: []byte("saltsalt")}})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		if _, err := Run(context.Background(), r, []source.Disk{d}, Options{Name: "vm"}); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
