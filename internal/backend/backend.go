@@ -16,6 +16,10 @@ import (
 // object does not exist.
 var ErrNotFound = errors.New("object not found")
 
+// ErrTruncated is returned (wrapped) by Load when the asked range runs past
+// the end of the object.
+var ErrTruncated = errors.New("object is shorter than expected (truncated?)")
+
 // ErrNoSpace is returned (wrapped) by Save when the storage is full.
 var ErrNoSpace = errors.New("no space left on the repository's storage")
 
@@ -35,7 +39,7 @@ type ObjectInfo struct {
 //     durable. Saving an existing name replaces it atomically.
 //   - Read after write: an object is visible to Load, Stat and List as soon as
 //     Save returns.
-//   - Load of a range that runs past the end of the object returns an error.
+//   - Load of a range that runs past the end of the object returns ErrTruncated.
 //   - List calls fn once per object whose name starts with prefix, in no
 //     particular order; objects being saved (temporary files) are not listed.
 //   - All methods are safe for concurrent use.

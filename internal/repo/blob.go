@@ -205,6 +205,9 @@ func (r *Repo) LoadBlob(ctx context.Context, id crypt.ID, dst []byte) ([]byte, e
 		if errors.Is(err, backend.ErrNotFound) {
 			return nil, fmt.Errorf("chunk %s: pack %s is missing: %w", id.Short(), l.Pack.Short(), ErrDamaged)
 		}
+		if errors.Is(err, backend.ErrTruncated) {
+			return nil, fmt.Errorf("chunk %s: pack %s is truncated: %w", id.Short(), l.Pack.Short(), ErrDamaged)
+		}
 		return nil, fmt.Errorf("chunk %s: %w", id.Short(), err)
 	}
 	return r.openBlob(id, l, sealed, dst)

@@ -63,7 +63,10 @@ func (t *fileTarget) WriteAt(ctx context.Context, p []byte, off int64) error {
 		_, err := t.f.WriteAt(p, off)
 		return err
 	}
-	_, err := t.f.WriteAt(p, off)
+	err := writeSparse(p, off, 4096, func(p []byte, off int64) error {
+		_, err := t.f.WriteAt(p, off)
+		return err
+	})
 	if errors.Is(err, unix.ENOSPC) {
 		return fmt.Errorf("%w: free space on the restore target's filesystem", err)
 	}

@@ -64,7 +64,10 @@ func NewQcow2(ctx context.Context, path string, size int64, overwrite bool) (Tar
 }
 
 func (t *qcow2Target) WriteAt(ctx context.Context, p []byte, off int64) error {
-	return t.client.WriteAt(ctx, p, off)
+	// qcow2 clusters are 64 KiB: writing zeros would allocate them.
+	return writeSparse(p, off, 65536, func(p []byte, off int64) error {
+		return t.client.WriteAt(ctx, p, off)
+	})
 }
 
 func (t *qcow2Target) NeedsZeroes() bool { return false }

@@ -8,6 +8,7 @@
 package restore
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -148,3 +149,28 @@ feed:
 // ErrExists is returned when the restore target exists and overwriting was
 // not asked for.
 var ErrExists = errors.New("target exists")
+
+// writeSparse writes only the blocks of p (blk bytes each, aligned to off)
+// that hold non-zero bytes, so a fresh target keeps holes where the disk
+// had zeros.
+func writeSparse(p []byte, off int64, blk int, write func(p []byte, off int64) error) error {
+	zero := make([]byte, blk)
+	start := -1 // start of the current run of non-zero blocks
+	for i := 0; i < len(p); i += blk {
+		end := min(i+blk, len(p))
+		isZero := bytes.Equal(p[i:end], zero[:end-i])
+		switch {
+		case !isZero && start < 0:
+			start = i
+		case isZero && start >= 0:
+			if err := write(p[start:i], off+int64(start)); err != nil {
+				return err
+			}
+			start = -1
+		}
+	}
+	if start >= 0 {
+		return write(p[start:], off+int64(start))
+	}
+	return nil
+}

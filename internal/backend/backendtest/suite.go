@@ -42,8 +42,8 @@ func Run(t *testing.T, newBackend func(t *testing.T) backend.Backend) {
 		if err := b.Save(ctx, "x", []byte("short")); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := b.Load(ctx, "x", 2, 10); err == nil {
-			t.Fatal("Load past the end succeeded")
+		if _, err := b.Load(ctx, "x", 2, 10); !errors.Is(err, backend.ErrTruncated) {
+			t.Fatalf("Load past the end: %v, want ErrTruncated", err)
 		}
 	})
 	t.Run("NotFound", func(t *testing.T) {

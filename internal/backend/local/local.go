@@ -131,7 +131,7 @@ func (b *Backend) Load(ctx context.Context, name string, offset, length int64) (
 		}
 		length = st.Size() - offset
 		if length < 0 {
-			return nil, fmt.Errorf("load %s: offset %d beyond size %d", name, offset, st.Size())
+			return nil, fmt.Errorf("load %s: offset %d beyond size %d: %w", name, offset, st.Size(), backend.ErrTruncated)
 		}
 	}
 	buf := make([]byte, length)
@@ -141,7 +141,7 @@ func (b *Backend) Load(ctx context.Context, name string, offset, length int64) (
 	}
 	if err != nil {
 		if err == io.EOF {
-			return nil, fmt.Errorf("load %s: range %d+%d runs past the end (object truncated?)", name, offset, length)
+			return nil, fmt.Errorf("load %s: range %d+%d: %w", name, offset, length, backend.ErrTruncated)
 		}
 		return nil, wrap("load", name, err)
 	}
