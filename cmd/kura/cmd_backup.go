@@ -1,0 +1,171 @@
+package main
+
+import (
+	"fmt"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/kura-backup/kura/internal/backup"
+	"github.com/kura-backup/kura/internal/repo"
+	"github.com/kura-backup/kura/internal/restore"
+	"github.com/kura-backup/kura/internal/source"
+	"github.com/kura-backup/kura/internal/source/image"
+)
+
+func (a *app) backupCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "backup", Short: "Back up disk images or virtual machines"}
+	var name string
+	var workers int
+	img := &cobra.Command{
+		Use:   "image PATH...",
+		Short: "Back up disk images (raw, qcow2, vmdk, vhdx, vdi) or block devices as one restore point",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			if name == "" {
+				name = strings.TrimSuffix(filepath.Base(args[0]), filepath.Ext(args[0]))
+			}
+			r, err := a.open(ctx)
+			if err != nil {
+				return err
+			}
+			var disks []source.Disk
+			defer func() {
+				for _, d := range disks {
+					d.Close()
+				}
+			}()
+			seen := map[string]bool{}
+			for _, p := range args {
+				d, err := image.Open(ctx, p, image.Options{})
+				if err != nil {
+					return err
+				}
+				disks = append(disks, d)
+				if seen[d.Info().Name] {
+					return fmt.Errorf("two disks are named %q: give images distinct file names", d.Info().Name)
+				}
+				seen[d.Info().Name] = true
+			}
+			prog := &backup.Progress{Started: time.Now()}
+			stop := progressLine(a.stderr, a.progressOn(), func() string {
+				return rateLine("backup", prog.Done.Load(), prog.Total.Load(), prog.Started)
+			})
+			snap, err := backup.Run(ctx, r, disks, backup.Options{Name: name, Source: "image", Workers: workers, Progress: prog, Logger: a.log})
+			stop()
+			if err != nil {
+				return err
+			}
+			a.printBackup(snap)
+			return nil
+		},
+	}
+	img.Flags().StringVar(&name, "name", "", "restore point `name` (default: the first image's base name)")
+	img.Flags().IntVar(&workers, "workers", 0, "parallel workers (default 2 per CPU)")
+	cmd.AddCommand(img)
+	return cmd
+}
+
+func (a *app) printBackup(s *repo.Snapshot) {
+	el := s.Stats.End.Sub(s.Stats.Start)
+	fmt.Fprintf(a.stdout, "snapshot %s saved: %s, %d disks, %s\n", s.ID[:8], s.Name, len(s.Disks), humanBytes(s.LogicalSize()))
+	for _, d := range s.Disks {
+		fmt.Fprintf(a.stdout, "  disk %-10s %s %s, %s of data, read: %s\n", d.Name, d.Format, humanBytes(d.Size), humanBytes(d.DataBytes), d.Read)
+	}
+	rate := 0.0
+	if el > 0 {
+		rate = float64(s.Stats.BytesRead) / el.Seconds()
+	}
+	fmt.Fprintf(a.stdout, "  read %s in %s (%s/s); %d new chunks (%s, %s stored), %d reused\n",
+		humanBytes(s.Stats.BytesRead), el.Round(10*time.Millisecond), humanBytes(int64(rate)),
+		s.Stats.ChunksNew, humanBytes(s.Stats.BytesNew), humanBytes(s.Stats.BytesStored), s.Stats.ChunksReused)
+}
+
+func (a *app) restoreCmd() *cobra.Command {
+	var to, format, disk string
+	var overwrite bool
+	var workers int
+	cmd := &cobra.Command{
+		Use:   "restore SNAPSHOT --to DIR",
+		Short: "Restore the disks of a restore point (id, id prefix, NAME@latest or latest)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			if to == "" {
+				return fmt.Errorf("say where to restore to with --to DIR")
+			}
+			if format != "raw" && format != "qcow2" {
+				return fmt.Errorf("--format %q: use raw or qcow2", format)
+			}
+			r, err := a.open(ctx)
+			if err != nil {
+				return err
+			}
+			ss, err := r.Snapshots(ctx)
+			if err != nil {
+				return err
+			}
+			snap, err := repo.FindSnapshot(ss, args[0])
+			if err != nil {
+				return err
+			}
+			disks := snap.Disks
+			if disk != "" {
+				disks = nil
+				for i, d := range snap.Disks {
+					if d.Name == disk || strconv.Itoa(i) == disk {
+						disks = append(disks, d)
+					}
+				}
+				if len(disks) == 0 {
+					var names []string
+					for i, d := range snap.Disks {
+						names = append(names, fmt.Sprintf("%d=%s", i, d.Name))
+					}
+					return fmt.Errorf("snapshot %s has no disk %q (disks: %s)", snap.ID[:8], disk, strings.Join(names, ", "))
+				}
+			}
+			// --to is a file when it names one disk with an image extension.
+			toFile := len(disks) == 1 && (strings.HasSuffix(to, ".raw") || strings.HasSuffix(to, ".img") || strings.HasSuffix(to, ".qcow2"))
+			if toFile && strings.HasSuffix(to, ".qcow2") {
+				format = "qcow2"
+			}
+			prog := &restore.Progress{Started: time.Now()}
+			stop := progressLine(a.stderr, a.progressOn(), func() string {
+				return rateLine("restore", prog.Done.Load(), prog.Total.Load(), prog.Started)
+			})
+			defer stop()
+			for _, d := range disks {
+				path := to
+				if !toFile {
+					path = filepath.Join(to, d.Name+"."+format)
+				}
+				var t restore.Target
+				if format == "qcow2" {
+					t, err = restore.NewQcow2(ctx, path, d.Size, overwrite)
+				} else {
+					t, err = restore.NewRawFile(path, d.Size, overwrite)
+				}
+				if err != nil {
+					return err
+				}
+				start := time.Now()
+				if err := restore.Disk(ctx, r, d, t, restore.Options{Workers: workers, Progress: prog}); err != nil {
+					return err
+				}
+				fmt.Fprintf(a.stdout, "restored disk %s (%s, %s of data) to %s in %s, every chunk verified\n", d.Name, humanBytes(d.Size), humanBytes(d.DataBytes), path, time.Since(start).Round(10*time.Millisecond))
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&to, "to", "", "target `directory` (or a file name when restoring one disk)")
+	cmd.Flags().StringVar(&format, "format", "raw", "image `format`: raw (sparse) or qcow2")
+	cmd.Flags().StringVar(&disk, "disk", "", "restore only this disk (`name or index`)")
+	cmd.Flags().BoolVar(&overwrite, "overwrite", false, "replace existing files")
+	cmd.Flags().IntVar(&workers, "workers", 0, "parallel workers (default 2 per CPU)")
+	return cmd
+}

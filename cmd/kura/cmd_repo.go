@@ -1,0 +1,496 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"sort"
+	"strings"
+	"sync/atomic"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/kura-backup/kura/internal/repo"
+	"github.com/kura-backup/kura/internal/retention"
+)
+
+func (a *app) printJSON(v any) error {
+	enc := json.NewEncoder(a.stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func (a *app) initCmd() *cobra.Command {
+	var chunkSize string
+	cmd := &cobra.Command{
+		Use:   "init",
+		Short: "Create an encrypted repository",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			be, err := a.backend()
+			if err != nil {
+				return err
+			}
+			cs, err := parseSize(chunkSize)
+			if err != nil {
+				return fmt.Errorf("--chunk-size: %w", err)
+			}
+			pw, err := a.password("new repository password: ", true)
+			if err != nil {
+				return err
+			}
+			r, err := repo.Init(cmd.Context(), be, pw, repo.InitOptions{ChunkSize: int(cs)})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(a.stdout, "created repository %s at %s (chunk size %s)\n", r.Config().ID[:8], be.Location(), humanBytes(int64(r.Config().ChunkSize)))
+			fmt.Fprintln(a.stdout, "keep the password safe: without it the data cannot be read")
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&chunkSize, "chunk-size", "1M", "chunk `size`, a power of two from 64K to 16M")
+	return cmd
+}
+
+func parseSize(s string) (int64, error) {
+	s = strings.TrimSpace(strings.ToUpper(s))
+	mult := int64(1)
+	for _, u := range []struct {
+		suffix string
+		mult   int64
+	}{{"KIB", 1 << 10}, {"MIB", 1 << 20}, {"GIB", 1 << 30}, {"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}} {
+		if strings.HasSuffix(s, u.suffix) {
+			s, mult = strings.TrimSuffix(s, u.suffix), u.mult
+			break
+		}
+	}
+	var n int64
+	if _, err := fmt.Sscan(s, &n); err != nil || n <= 0 {
+		return 0, fmt.Errorf("%q is not a size (like 1M or 512K)", s)
+	}
+	return n * mult, nil
+}
+
+func (a *app) snapshotsCmd() *cobra.Command {
+	var name string
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "snapshots",
+		Short: "List restore points, newest last",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			r, err := a.open(cmd.Context())
+			if err != nil {
+				return err
+			}
+			ss, err := r.Snapshots(cmd.Context())
+			if err != nil {
+				return err
+			}
+			var out []*repo.Snapshot
+			for _, s := range ss {
+				if name == "" || s.Name == name {
+					out = append(out, s)
+				}
+			}
+			if asJSON {
+				type js struct {
+					ID string `json:"id"`
+					*repo.Snapshot
+				}
+				list := make([]js, 0, len(out))
+				for _, s := range out {
+					list = append(list, js{s.ID, s})
+				}
+				return a.printJSON(list)
+			}
+			tw := tabwriter.NewWriter(a.stdout, 0, 2, 2, ' ', 0)
+			fmt.Fprintln(tw, "ID\tTIME\tNAME\tSOURCE\tKIND\tMODE\tDISKS\tSIZE\tREAD\tNEW\tDURATION")
+			for _, s := range out {
+				mode := s.Mode
+				if mode == "" {
+					mode = "-"
+				}
+				if s.Stats.FreezeMillis > 0 {
+					mode += fmt.Sprintf(" (frozen %.0fms)", s.Stats.FreezeMillis)
+				} else if s.Stats.PauseMillis > 0 {
+					mode += fmt.Sprintf(" (paused %.0fms)", s.Stats.PauseMillis)
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", s.ID[:8], s.Time.Local().Format("2006-01-02 15:04:05"), s.Name, s.Source, s.Kind, mode,
+					len(s.Disks), humanBytes(s.LogicalSize()), humanBytes(s.Stats.BytesRead), humanBytes(s.Stats.BytesNew), s.Stats.End.Sub(s.Stats.Start).Round(10*time.Millisecond))
+			}
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			fmt.Fprintf(a.stdout, "%d snapshots\n", len(out))
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&name, "name", "", "only restore points of this `name`")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "machine-readable output")
+	return cmd
+}
+
+func (a *app) verifyCmd() *cobra.Command {
+	var readData, asJSON bool
+	cmd := &cobra.Command{
+		Use:   "verify",
+		Short: "Check the repository's structure; --read-data authenticates every chunk",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			r, err := a.open(cmd.Context())
+			if err != nil {
+				return err
+			}
+			var packs atomic.Int64
+			started := time.Now()
+			stop := progressLine(a.stderr, readData && a.progressOn(), func() string {
+				return fmt.Sprintf("verify: %d packs read in %s", packs.Load(), time.Since(started).Round(time.Second))
+			})
+			res, err := r.Check(cmd.Context(), repo.CheckOptions{ReadData: readData, PacksDone: &packs})
+			stop()
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				if err := a.printJSON(res); err != nil {
+					return err
+				}
+			} else {
+				fmt.Fprintf(a.stdout, "%d snapshots, %d packs, %d chunks", res.Snapshots, res.Packs, res.Blobs)
+				if readData {
+					fmt.Fprintf(a.stdout, ", %d packs read and authenticated", res.PacksRead)
+				}
+				fmt.Fprintln(a.stdout)
+				if res.UnindexedPacks > 0 {
+					fmt.Fprintf(a.stdout, "%d packs left by interrupted backups (harmless; `kura prune` removes them)\n", res.UnindexedPacks)
+				}
+				for _, p := range res.Problems {
+					fmt.Fprintf(a.stdout, "PROBLEM %s: %s", p.Object, p.Error)
+					if len(p.Snapshots) > 0 {
+						fmt.Fprintf(a.stdout, " [affects snapshots: %s]", strings.Join(p.Snapshots, ", "))
+					}
+					fmt.Fprintln(a.stdout)
+				}
+				if res.OK() {
+					fmt.Fprintln(a.stdout, "no problems found")
+				}
+			}
+			if !res.OK() {
+				return damageFound{len(res.Problems)}
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&readData, "read-data", false, "read and authenticate every chunk")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "machine-readable output")
+	return cmd
+}
+
+func (a *app) forgetCmd() *cobra.Command {
+	var p retention.Policy
+	var name string
+	var prune, dryRun, asJSON bool
+	cmd := &cobra.Command{
+		Use:   "forget [SNAPSHOT...]",
+		Short: "Remove restore points by id or by a retention policy",
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			if len(args) == 0 && p.Empty() {
+				return fmt.Errorf("nothing to forget: name snapshots, or give a policy such as --keep-last 3")
+			}
+			r, err := a.open(ctx)
+			if err != nil {
+				return err
+			}
+			ss, err := r.Snapshots(ctx)
+			if err != nil {
+				return err
+			}
+			type verdict struct {
+				ID      string   `json:"id"`
+				Name    string   `json:"name"`
+				Time    string   `json:"time"`
+				Keep    bool     `json:"keep"`
+				Reasons []string `json:"reasons,omitempty"`
+			}
+			var verdicts []verdict
+			var remove []*repo.Snapshot
+			for _, ref := range args {
+				s, err := repo.FindSnapshot(ss, ref)
+				if err != nil {
+					return err
+				}
+				remove = append(remove, s)
+				verdicts = append(verdicts, verdict{ID: s.ID[:8], Name: s.Name, Time: s.Time.Local().Format(time.DateTime)})
+			}
+			if !p.Empty() {
+				groups := map[string][]*repo.Snapshot{}
+				for _, s := range ss {
+					if name == "" || s.Name == name {
+						groups[s.Name] = append(groups[s.Name], s)
+					}
+				}
+				names := make([]string, 0, len(groups))
+				for n := range groups {
+					names = append(names, n)
+				}
+				sort.Strings(names)
+				for _, n := range names {
+					byID := map[string]*repo.Snapshot{}
+					var items []retention.Item
+					for _, s := range groups[n] {
+						byID[s.ID] = s
+						items = append(items, retention.Item{ID: s.ID, Time: s.Time})
+					}
+					for _, d := range retention.Apply(items, p, time.Local) {
+						verdicts = append(verdicts, verdict{ID: d.ID[:8], Name: n, Time: d.Time.Local().Format(time.DateTime), Keep: d.Keep, Reasons: d.Reasons})
+						if !d.Keep {
+							remove = append(remove, byID[d.ID])
+						}
+					}
+				}
+			}
+			if !dryRun {
+				for _, s := range remove {
+					if err := r.RemoveSnapshot(ctx, s.ID); err != nil {
+						return err
+					}
+				}
+			}
+			var pres *repo.PruneResult
+			if prune && !dryRun {
+				res, err := r.Prune(ctx, repo.PruneOptions{RepackBelow: 0.5})
+				if err != nil {
+					return fmt.Errorf("snapshots forgotten, but prune failed: %w", err)
+				}
+				pres = &res
+			}
+			if asJSON {
+				return a.printJSON(map[string]any{"snapshots": verdicts, "removed": len(remove), "dry_run": dryRun, "prune": pres})
+			}
+			tw := tabwriter.NewWriter(a.stdout, 0, 2, 2, ' ', 0)
+			fmt.Fprintln(tw, "ID\tTIME\tNAME\tACTION\tREASONS")
+			for _, v := range verdicts {
+				act := "forget"
+				if v.Keep {
+					act = "keep"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", v.ID, v.Time, v.Name, act, strings.Join(v.Reasons, ", "))
+			}
+			tw.Flush()
+			verb := "removed"
+			if dryRun {
+				verb = "would remove"
+			}
+			fmt.Fprintf(a.stdout, "%s %d snapshots\n", verb, len(remove))
+			if pres != nil {
+				a.printPrune(*pres)
+			}
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&name, "name", "", "apply the policy only to restore points of this `name`")
+	f.IntVar(&p.Last, "keep-last", 0, "keep the last `n` restore points")
+	f.IntVar(&p.Hourly, "keep-hourly", 0, "keep the newest of each of the last `n` hours")
+	f.IntVar(&p.Daily, "keep-daily", 0, "keep the newest of each of the last `n` days")
+	f.IntVar(&p.Weekly, "keep-weekly", 0, "keep the newest of each of the last `n` weeks")
+	f.IntVar(&p.Monthly, "keep-monthly", 0, "keep the newest of each of the last `n` months")
+	f.IntVar(&p.Yearly, "keep-yearly", 0, "keep the newest of each of the last `n` years")
+	f.BoolVar(&prune, "prune", false, "prune afterwards")
+	f.BoolVarP(&dryRun, "dry-run", "n", false, "only show what would be removed")
+	f.BoolVar(&asJSON, "json", false, "machine-readable output")
+	return cmd
+}
+
+func (a *app) printPrune(res repo.PruneResult) {
+	fmt.Fprintf(a.stdout, "prune: %d packs deleted (%s freed), %d repacked\n", res.PacksDeleted, humanBytes(res.BytesFreed), res.PacksRepacked)
+	if res.PacksPending > 0 {
+		fmt.Fprintf(a.stdout, "prune: %d packs marked for deletion wait for %d running backups; the next prune after they finish deletes them\n", res.PacksPending, len(res.WaitingFor))
+	}
+}
+
+func (a *app) pruneCmd() *cobra.Command {
+	var dryRun, asJSON bool
+	var repack float64
+	cmd := &cobra.Command{
+		Use:   "prune",
+		Short: "Delete data that no restore point references (safe while backups run)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			r, err := a.open(cmd.Context())
+			if err != nil {
+				return err
+			}
+			res, err := r.Prune(cmd.Context(), repo.PruneOptions{RepackBelow: repack, DryRun: dryRun})
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return a.printJSON(res)
+			}
+			if dryRun {
+				fmt.Fprintf(a.stdout, "would delete %d packs (%s), repack %d\n", res.PacksPending, humanBytes(res.BytesFreed), res.PacksRepacked)
+				return nil
+			}
+			a.printPrune(res)
+			return nil
+		},
+	}
+	cmd.Flags().BoolVarP(&dryRun, "dry-run", "n", false, "only show what would be deleted")
+	cmd.Flags().Float64Var(&repack, "repack-below", 0.5, "repack packs whose live fraction is below this")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "machine-readable output")
+	return cmd
+}
+
+func (a *app) statsCmd() *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "stats",
+		Short: "Logical size, stored size, dedup and compression ratios",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			r, err := a.open(cmd.Context())
+			if err != nil {
+				return err
+			}
+			st, err := r.Stats(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return a.printJSON(st)
+			}
+			tw := tabwriter.NewWriter(a.stdout, 0, 2, 2, ' ', 0)
+			fmt.Fprintf(tw, "snapshots\t%d\n", st.Snapshots)
+			fmt.Fprintf(tw, "logical size (disks)\t%s\n", humanBytes(st.LogicalBytes))
+			fmt.Fprintf(tw, "data (non-zero)\t%s\n", humanBytes(st.DataBytes))
+			fmt.Fprintf(tw, "unique data\t%s in %d chunks\n", humanBytes(st.UniqueBytes), st.Chunks)
+			fmt.Fprintf(tw, "stored\t%s in %d packs\n", humanBytes(st.StoredBytes), st.Packs)
+			fmt.Fprintf(tw, "dedup ratio\t%.2fx\n", st.DedupRatio)
+			fmt.Fprintf(tw, "compression ratio\t%.2fx\n", st.CompressionRatio)
+			fmt.Fprintf(tw, "data / stored\t%.2fx\n", st.TotalRatio)
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "machine-readable output")
+	return cmd
+}
+
+func (a *app) keyCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "key", Short: "Manage the passwords that unlock the repository"}
+	var newPwFile string
+	add := &cobra.Command{
+		Use:   "add",
+		Short: "Add a password (from --new-password-file, KURA_NEW_PASSWORD or a prompt)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			r, err := a.open(cmd.Context())
+			if err != nil {
+				return err
+			}
+			var pw []byte
+			switch {
+			case newPwFile != "":
+				data, err := os.ReadFile(newPwFile)
+				if err != nil {
+					return err
+				}
+				pw = []byte(strings.TrimRight(string(data), "\r\n"))
+			case os.Getenv("KURA_NEW_PASSWORD") != "":
+				pw = []byte(os.Getenv("KURA_NEW_PASSWORD"))
+			default:
+				saved, had := os.LookupEnv("KURA_PASSWORD")
+				os.Unsetenv("KURA_PASSWORD")
+				pf := a.passwordFile
+				a.passwordFile = ""
+				pw, err = a.password("new password: ", true)
+				a.passwordFile = pf
+				if had {
+					os.Setenv("KURA_PASSWORD", saved)
+				}
+				if err != nil {
+					return err
+				}
+			}
+			id, err := r.AddKey(cmd.Context(), pw)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(a.stdout, "added key %s\n", id[:8])
+			return nil
+		},
+	}
+	add.Flags().StringVar(&newPwFile, "new-password-file", "", "read the new password from `file`")
+	var asJSON bool
+	list := &cobra.Command{
+		Use:   "list",
+		Short: "List keys",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			r, err := a.open(cmd.Context())
+			if err != nil {
+				return err
+			}
+			keys, err := r.ListKeys(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return a.printJSON(keys)
+			}
+			tw := tabwriter.NewWriter(a.stdout, 0, 2, 2, ' ', 0)
+			fmt.Fprintln(tw, " ID\tCREATED\tUSER\tHOST")
+			for _, k := range keys {
+				cur := " "
+				if k.Current {
+					cur = "*"
+				}
+				fmt.Fprintf(tw, "%s%s\t%s\t%s\t%s\n", cur, k.ID[:8], k.Created.Local().Format(time.DateTime), k.Username, k.Hostname)
+			}
+			return tw.Flush()
+		},
+	}
+	list.Flags().BoolVar(&asJSON, "json", false, "machine-readable output")
+	remove := &cobra.Command{
+		Use:   "remove ID",
+		Short: "Remove a key (not the one in use, not the last)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			r, err := a.open(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if err := r.RemoveKey(cmd.Context(), args[0]); err != nil {
+				return err
+			}
+			fmt.Fprintf(a.stdout, "removed key %s\n", args[0])
+			return nil
+		},
+	}
+	cmd.AddCommand(add, list, remove)
+	return cmd
+}
+
+func (a *app) unlockCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "unlock",
+		Short: "Remove locks left by processes that died",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			r, err := a.open(cmd.Context())
+			if err != nil {
+				return err
+			}
+			removed, err := r.RemoveStaleLocks(cmd.Context())
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(a.stdout, "removed %d stale locks\n", len(removed))
+			return nil
+		},
+	}
+}

@@ -1,0 +1,175 @@
+// Command kura backs up and restores virtual machine disks into an
+// encrypted, deduplicating repository.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+
+	"github.com/kura-backup/kura/internal/backend"
+	"github.com/kura-backup/kura/internal/backend/local"
+	"github.com/kura-backup/kura/internal/repo"
+	"github.com/kura-backup/kura/internal/restore"
+	"github.com/kura-backup/kura/internal/source"
+)
+
+// app holds the global flags and I/O of one invocation.
+type app struct {
+	repoPath     string
+	passwordFile string
+	quiet        bool
+	verbose      bool
+	stdout       io.Writer
+	stderr       io.Writer
+	log          *slog.Logger
+}
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	a := &app{stdout: os.Stdout, stderr: os.Stderr}
+	root := a.rootCmd()
+	if err := root.ExecuteContext(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, "kura: "+explain(err))
+		os.Exit(exitCode(err))
+	}
+}
+
+func (a *app) rootCmd() *cobra.Command {
+	root := &cobra.Command{
+		Use:           "kura",
+		Short:         "Back up and restore virtual machines",
+		Long:          "kura backs up virtual machine disks (live through libvirt or QMP, or image files) into an encrypted, deduplicating repository, and restores them.",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		PersistentPreRun: func(cmd *cobra.Command, args []string) {
+			level := slog.LevelWarn
+			if a.verbose {
+				level = slog.LevelDebug
+			}
+			a.log = slog.New(slog.NewTextHandler(a.stderr, &slog.HandlerOptions{Level: level}))
+		},
+	}
+	root.PersistentFlags().StringVarP(&a.repoPath, "repo", "r", os.Getenv("KURA_REPO"), "repository `path` (env KURA_REPO)")
+	root.PersistentFlags().StringVar(&a.passwordFile, "password-file", os.Getenv("KURA_PASSWORD_FILE"), "read the password from `file` (env KURA_PASSWORD_FILE; or set KURA_PASSWORD)")
+	root.PersistentFlags().BoolVarP(&a.quiet, "quiet", "q", false, "no progress output")
+	root.PersistentFlags().BoolVarP(&a.verbose, "verbose", "v", false, "debug logging")
+	root.AddCommand(a.initCmd(), a.backupCmd(), a.snapshotsCmd(), a.restoreCmd(), a.verifyCmd(),
+		a.forgetCmd(), a.pruneCmd(), a.statsCmd(), a.keyCmd(), a.unlockCmd())
+	return root
+}
+
+func (a *app) backend() (backend.Backend, error) {
+	if a.repoPath == "" {
+		return nil, errors.New("no repository given: set KURA_REPO or pass --repo")
+	}
+	return local.Open(a.repoPath)
+}
+
+// password returns the repository password from KURA_PASSWORD, the
+// password file, or a terminal prompt.
+func (a *app) password(prompt string, confirm bool) ([]byte, error) {
+	if a.passwordFile != "" {
+		data, err := os.ReadFile(a.passwordFile)
+		if err != nil {
+			return nil, fmt.Errorf("reading password file: %w", err)
+		}
+		return []byte(strings.TrimRight(string(data), "\r\n")), nil
+	}
+	if p, ok := os.LookupEnv("KURA_PASSWORD"); ok {
+		return []byte(p), nil
+	}
+	if !term.IsTerminal(int(os.Stdin.Fd())) {
+		return nil, errors.New("no password: set KURA_PASSWORD or pass --password-file")
+	}
+	fmt.Fprint(a.stderr, prompt)
+	p, err := term.ReadPassword(int(os.Stdin.Fd()))
+	fmt.Fprintln(a.stderr)
+	if err != nil {
+		return nil, err
+	}
+	if confirm {
+		fmt.Fprint(a.stderr, "enter the password again: ")
+		q, err := term.ReadPassword(int(os.Stdin.Fd()))
+		fmt.Fprintln(a.stderr)
+		if err != nil {
+			return nil, err
+		}
+		if string(p) != string(q) {
+			return nil, errors.New("the passwords do not match")
+		}
+	}
+	return p, nil
+}
+
+func (a *app) open(ctx context.Context) (*repo.Repo, error) {
+	be, err := a.backend()
+	if err != nil {
+		return nil, err
+	}
+	if _, err := repo.ReadConfig(ctx, be); err != nil {
+		return nil, err
+	}
+	pw, err := a.password("repository password: ", false)
+	if err != nil {
+		return nil, err
+	}
+	return repo.Open(ctx, be, pw)
+}
+
+// progressOn reports whether progress should be drawn.
+func (a *app) progressOn() bool {
+	if a.quiet {
+		return false
+	}
+	f, ok := a.stderr.(*os.File)
+	return ok && term.IsTerminal(int(f.Fd()))
+}
+
+// explain turns an error into one line a user can act on.
+func explain(err error) string {
+	switch {
+	case errors.Is(err, repo.ErrWrongPassword):
+		return err.Error() + ": try another password or --password-file, or see `kura key list`"
+	case errors.Is(err, backend.ErrNoSpace):
+		return err.Error() + ": free space on the repository's disk; the repository is unchanged except for unreferenced data that `kura prune` removes"
+	case errors.Is(err, repo.ErrDamaged):
+		s := err.Error()
+		if !strings.Contains(s, "kura verify") {
+			s += ": run `kura verify --read-data` to see what is affected"
+		}
+		return s
+	case errors.Is(err, context.Canceled):
+		return "interrupted; the repository is consistent (run `kura prune` to remove partial data)"
+	case errors.Is(err, source.ErrNotFound):
+		return err.Error()
+	case errors.Is(err, restore.ErrExists):
+		return err.Error()
+	}
+	return err.Error()
+}
+
+// exitCode: 1 for errors, 3 when verify found damage.
+func exitCode(err error) int {
+	var d damageFound
+	if errors.As(err, &d) {
+		return 3
+	}
+	return 1
+}
+
+type damageFound struct{ n int }
+
+func (d damageFound) Error() string {
+	return fmt.Sprintf("verify found %d problems", d.n)
+}
