@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"strings"
 	"syscall"
 
@@ -29,6 +30,7 @@ type app struct {
 	passwordFile string
 	quiet        bool
 	verbose      bool
+	cpuProfile   string
 	stdout       io.Writer
 	stderr       io.Writer
 	log          *slog.Logger
@@ -52,18 +54,33 @@ func (a *app) rootCmd() *cobra.Command {
 		Long:          "kura backs up virtual machine disks (live through libvirt or QMP, or image files) into an encrypted, deduplicating repository, and restores them.",
 		SilenceUsage:  true,
 		SilenceErrors: true,
-		PersistentPreRun: func(cmd *cobra.Command, args []string) {
+		PersistentPostRun: func(cmd *cobra.Command, args []string) {
+			pprof.StopCPUProfile()
+		},
+		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
+			if a.cpuProfile != "" {
+				f, err := os.Create(a.cpuProfile)
+				if err != nil {
+					return err
+				}
+				if err := pprof.StartCPUProfile(f); err != nil {
+					return err
+				}
+			}
 			level := slog.LevelWarn
 			if a.verbose {
 				level = slog.LevelDebug
 			}
 			a.log = slog.New(slog.NewTextHandler(a.stderr, &slog.HandlerOptions{Level: level}))
+			return nil
 		},
 	}
 	root.PersistentFlags().StringVarP(&a.repoPath, "repo", "r", os.Getenv("KURA_REPO"), "repository `path` (env KURA_REPO)")
 	root.PersistentFlags().StringVar(&a.passwordFile, "password-file", os.Getenv("KURA_PASSWORD_FILE"), "read the password from `file` (env KURA_PASSWORD_FILE; or set KURA_PASSWORD)")
 	root.PersistentFlags().BoolVarP(&a.quiet, "quiet", "q", false, "no progress output")
 	root.PersistentFlags().BoolVarP(&a.verbose, "verbose", "v", false, "debug logging")
+	root.PersistentFlags().StringVar(&a.cpuProfile, "cpuprofile", "", "write a CPU profile to `file`")
+	_ = root.PersistentFlags().MarkHidden("cpuprofile")
 	root.AddCommand(a.initCmd(), a.backupCmd(), a.snapshotsCmd(), a.restoreCmd(), a.verifyCmd(),
 		a.forgetCmd(), a.pruneCmd(), a.statsCmd(), a.keyCmd(), a.unlockCmd())
 	return root

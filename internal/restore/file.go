@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
@@ -18,7 +19,13 @@ type fileTarget struct {
 	tmp    string // "" for a device
 	final  string
 	device bool
+
+	written atomic.Int64 // bytes written since writeback was last started
 }
+
+// writebackEvery is how much dirty data may pile up before writeback is
+// started in the background, so the final fsync has little left to do.
+const writebackEvery = 64 << 20
 
 // NewRawFile opens path as a raw restore target for a disk of size bytes.
 // An existing regular file is replaced only if overwrite is set; a block
@@ -67,6 +74,11 @@ func (t *fileTarget) WriteAt(ctx context.Context, p []byte, off int64) error {
 		_, err := t.f.WriteAt(p, off)
 		return err
 	})
+	if t.written.Add(int64(len(p))) >= writebackEvery {
+		t.written.Store(0)
+		// Start writeback of everything dirty without waiting for it.
+		_ = unix.SyncFileRange(int(t.f.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WRITE)
+	}
 	if errors.Is(err, unix.ENOSPC) {
 		return fmt.Errorf("%w: free space on the restore target's filesystem", err)
 	}
