@@ -9,6 +9,7 @@ package source
 import (
 	"context"
 	"errors"
+	"time"
 )
 
 // ErrNotFound is returned (wrapped) when a named disk or image does not exist.
@@ -50,4 +51,74 @@ type Disk interface {
 	ReadAt(ctx context.Context, p []byte, off int64) error
 	// Close releases the disk (and any helper process exporting it).
 	Close() error
+}
+
+// ChangeTracker is implemented by disks that know which ranges changed
+// since the checkpoint a capture was based on (changed-block tracking:
+// QEMU dirty bitmaps). A backup reads only changed ranges of such a disk
+// and takes the rest from the previous restore point.
+type ChangeTracker interface {
+	// Changed describes [off, off+length) as ordered extents covering it
+	// exactly; Zero=false marks ranges that changed (must be read), Zero=true
+	// ranges that did not change since the base checkpoint.
+	Changed(ctx context.Context, off, length int64) ([]Extent, error)
+}
+
+// Consistency modes of a live capture.
+const (
+	ModeApp      = "app"      // guest filesystems frozen through the guest agent around the instant
+	ModeCrash    = "crash"    // no agent: one instant across all disks, like a power cut
+	ModeSuspend  = "suspend"  // the VM is paused around the instant only
+	ModeShutdown = "shutdown" // clean shutdown, offline copy, start again
+)
+
+// CaptureOptions say how to take a point-in-time view of a VM.
+type CaptureOptions struct {
+	// Mode is one of the Mode constants; "" means app when the guest agent
+	// answers, else crash.
+	Mode string
+	// Since names the checkpoint of the previous backup; the capture's
+	// disks then implement ChangeTracker relative to it when they can.
+	// "" (or Full) reads everything.
+	Since string
+	Full  bool
+}
+
+// DiskNote explains how one disk of a capture must be read.
+type DiskNote struct {
+	Disk string
+	// Read is "changed" when only changed blocks need reading, else "full"
+	// with the reason in Reason ("no checkpoint", "raw file: no persistent
+	// bitmap", "checkpoint X missing", ...).
+	Read   string
+	Reason string
+}
+
+// Capture is a point-in-time view of all disks of a VM, taken at one
+// instant. End must be called to release it (it ends the backup job and
+// removes temporary images).
+type Capture interface {
+	Disks() []Disk
+	// Checkpoint names the checkpoint created at this instant; the next
+	// backup passes it as Since. "" when the VM cannot track changes.
+	Checkpoint() string
+	Notes() []DiskNote
+	// Mode is the consistency mode actually used; FreezeWindow and Pause
+	// are measured from the freeze call to the thaw call and from pause to
+	// resume (zero when not applicable).
+	Mode() string
+	FreezeWindow() time.Duration
+	Pause() time.Duration
+	// End releases the capture. ok says whether the backup that read it
+	// succeeded (a driver may then delete checkpoints older than this one).
+	End(ctx context.Context, ok bool) error
+}
+
+// VM is a virtual machine that a driver (libvirt, QMP) can capture.
+type VM interface {
+	Name() string
+	// Config returns the VM's configuration to save with the snapshot
+	// (configType is "libvirt-xml", "qemu-cmdline", ...).
+	Config(ctx context.Context) (configType, data string, err error)
+	Capture(ctx context.Context, opts CaptureOptions) (Capture, error)
 }
