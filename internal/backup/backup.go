@@ -38,6 +38,13 @@ type Options struct {
 	Logger   *slog.Logger
 	// Stats to merge into the snapshot (freeze window, pause time).
 	Stats repo.BackupStats
+	// Parent is the previous restore point of this VM. Disks that implement
+	// source.ChangeTracker take unchanged chunks from it instead of reading.
+	Parent *repo.Snapshot
+	// Checkpoint is saved in the snapshot for the next incremental backup.
+	Checkpoint string
+	// Notes say per disk why it was read in full; keyed by disk name.
+	Notes map[string]string
 }
 
 // Progress is updated while a backup runs; read it with Snapshot.
@@ -83,26 +90,34 @@ func Run(ctx context.Context, r *repo.Repo, disks []source.Disk, opts Options) (
 		Kind: opts.Kind, Mode: opts.Mode, Config: opts.Config, Tags: opts.Tags, Stats: opts.Stats,
 	}
 	snap.Stats.Start = opts.Progress.Started.UTC()
-	plans := make([][]source.Extent, len(disks))
+	cs := int64(r.Config().ChunkSize)
+	plans := make([]*diskPlan, len(disks))
 	for i, d := range disks {
-		plans[i], err = plan(ctx, d, int64(r.Config().ChunkSize))
+		plans[i], err = makePlan(ctx, r, d, cs, opts)
 		if err != nil {
 			return nil, err
 		}
-		for _, e := range plans[i] {
-			opts.Progress.Total.Add(e.Length)
-		}
+		opts.Progress.Total.Add(plans[i].readBytes)
 	}
 	before := r.Stored()
+	incremental := false
 	for i, d := range disks {
 		rd, st, err := backupDisk(ctx, r, d, plans[i], opts)
 		if err != nil {
 			return nil, err
 		}
+		incremental = incremental || plans[i].parent != nil
 		snap.Disks = append(snap.Disks, rd)
 		snap.Stats.BytesRead += st.read
 		snap.Stats.ChunksReused += st.reused
 	}
+	if incremental {
+		snap.Kind = "incremental"
+		if opts.Parent != nil {
+			snap.Parent = opts.Parent.ID
+		}
+	}
+	snap.Checkpoint = opts.Checkpoint
 	// Data, then index, then snapshot.
 	if err := r.Flush(ctx); err != nil {
 		return nil, err
@@ -119,17 +134,108 @@ func Run(ctx context.Context, r *repo.Repo, disks []source.Disk, opts Options) (
 	return snap, nil
 }
 
-// plan returns the data extents of d (zero extents dropped, adjacent ones
-// merged).
-func plan(ctx context.Context, d source.Disk, chunk int64) ([]source.Extent, error) {
+// diskPlan says which chunk positions of a disk to read.
+type diskPlan struct {
+	data      []source.Extent // data extents, zero ones dropped, merged
+	read      []bool          // chunk positions to read
+	parent    []crypt.ID      // chunk ids of the parent's disk (incremental only)
+	readBytes int64           // data bytes in the positions to read
+	how       string          // "full", "changed", or "full (reason)"
+}
+
+// makePlan lists d's data extents and, when d tracks changes and the
+// parent has the same disk, marks only changed chunks (and chunks whose
+// parent data is no longer in the repository) for reading.
+func makePlan(ctx context.Context, r *repo.Repo, d source.Disk, cs int64, opts Options) (*diskPlan, error) {
 	info := d.Info()
+	n := (info.Size + cs - 1) / cs
+	p := &diskPlan{read: make([]bool, n), how: "full"}
+	if note := opts.Notes[info.Name]; note != "" {
+		p.how = "full (" + note + ")"
+	}
+	var err error
+	if p.data, err = extents(ctx, info, d.Extents); err != nil {
+		return nil, fmt.Errorf("disk %s: listing allocated extents: %w", info.Name, err)
+	}
+	if ct, ok := d.(source.ChangeTracker); ok && opts.Parent != nil {
+		p.parent, err = parentMap(ctx, r, opts.Parent, info, cs)
+		if err != nil {
+			opts.Logger.Warn("reading the whole disk: the previous restore point cannot be used", "disk", info.Name, "err", err)
+			p.how = "full (previous restore point unusable)"
+		}
+		if p.parent != nil {
+			changed, err := extents(ctx, info, ct.Changed)
+			if err != nil {
+				return nil, fmt.Errorf("disk %s: reading the changed-block map: %w", info.Name, err)
+			}
+			for _, e := range changed {
+				for pos := e.Offset / cs; pos*cs < e.Offset+e.Length; pos++ {
+					p.read[pos] = true
+				}
+			}
+			missing := 0
+			for pos, id := range p.parent {
+				if !p.read[pos] && !id.IsZero() && !r.Index().Has(id) {
+					p.read[pos] = true // pruned meanwhile: read again
+					missing++
+				}
+			}
+			p.how = "changed"
+			if missing > 0 {
+				opts.Logger.Info("re-reading chunks the repository no longer has", "disk", info.Name, "chunks", missing)
+			}
+		}
+	}
+	if p.parent == nil {
+		for _, e := range p.data {
+			for pos := e.Offset / cs; pos*cs < e.Offset+e.Length; pos++ {
+				p.read[pos] = true
+			}
+		}
+	}
+	p.each(cs, info.Size, func(pos int64, ranges []source.Extent) bool {
+		for _, rg := range ranges {
+			p.readBytes += rg.Length
+		}
+		return true
+	})
+	return p, nil
+}
+
+// each calls fn for every position to read with the data ranges in it
+// (possibly none), in disk order, until fn returns false.
+func (p *diskPlan) each(cs, size int64, fn func(pos int64, ranges []source.Extent) bool) {
+	k := 0
+	var ranges []source.Extent
+	for pos := int64(0); pos < int64(len(p.read)); pos++ {
+		if !p.read[pos] {
+			continue
+		}
+		start, end := pos*cs, min((pos+1)*cs, size)
+		for k < len(p.data) && p.data[k].Offset+p.data[k].Length <= start {
+			k++
+		}
+		ranges = ranges[:0]
+		for j := k; j < len(p.data) && p.data[j].Offset < end; j++ {
+			a, b := max(p.data[j].Offset, start), min(p.data[j].Offset+p.data[j].Length, end)
+			ranges = append(ranges, source.Extent{Offset: a, Length: b - a})
+		}
+		if !fn(pos, ranges) {
+			return
+		}
+	}
+}
+
+// extents walks [0, size) through list in windows and returns the non-zero
+// extents, merged.
+func extents(ctx context.Context, info source.DiskInfo, list func(context.Context, int64, int64) ([]source.Extent, error)) ([]source.Extent, error) {
 	var out []source.Extent
 	const window = 1 << 30
 	for off := int64(0); off < info.Size; off += window {
 		n := min(window, info.Size-off)
-		exts, err := d.Extents(ctx, off, n)
+		exts, err := list(ctx, off, n)
 		if err != nil {
-			return nil, fmt.Errorf("disk %s: listing allocated extents: %w", info.Name, err)
+			return nil, err
 		}
 		for _, e := range exts {
 			if e.Zero || e.Length <= 0 {
@@ -145,6 +251,21 @@ func plan(ctx context.Context, d source.Disk, chunk int64) ([]source.Extent, err
 	return out, nil
 }
 
+// parentMap returns the parent's chunk ids for the disk named like info,
+// or nil when the parent has no such disk of the same geometry.
+func parentMap(ctx context.Context, r *repo.Repo, parent *repo.Snapshot, info source.DiskInfo, cs int64) ([]crypt.ID, error) {
+	for _, pd := range parent.Disks {
+		if pd.Name != info.Name {
+			continue
+		}
+		if pd.Size != info.Size || int64(pd.ChunkSize) != cs {
+			return nil, fmt.Errorf("disk %s changed size (%d to %d bytes)", info.Name, pd.Size, info.Size)
+		}
+		return r.LoadMap(ctx, pd)
+	}
+	return nil, fmt.Errorf("previous restore point %s has no disk %s", parent.ID[:8], info.Name)
+}
+
 // job is one chunk position to read: the data ranges inside it.
 type job struct {
 	pos    int64
@@ -153,17 +274,19 @@ type job struct {
 
 type diskStats struct{ read, reused int64 }
 
-func backupDisk(ctx context.Context, r *repo.Repo, d source.Disk, exts []source.Extent, opts Options) (repo.Disk, diskStats, error) {
+func backupDisk(ctx context.Context, r *repo.Repo, d source.Disk, p *diskPlan, opts Options) (repo.Disk, diskStats, error) {
 	info := d.Info()
 	cs := int64(r.Config().ChunkSize)
 	n := (info.Size + cs - 1) / cs
 	ids := make([]crypt.ID, n)
+	if p.parent != nil {
+		copy(ids, p.parent) // positions read below are overwritten
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
 	jobs := make(chan job, opts.Workers*2)
 	var st diskStats
-	var dataChunks, dataBytes atomic.Int64
 	var read, reused atomic.Int64
 	var once sync.Once
 	var firstErr error
@@ -194,7 +317,11 @@ func backupDisk(ctx context.Context, r *repo.Repo, d source.Disk, exts []source.
 					read.Add(e.Length)
 					opts.Progress.Done.Add(e.Length)
 				}
-				if ctx.Err() != nil || isZero(b) {
+				if ctx.Err() != nil {
+					continue
+				}
+				if isZero(b) {
+					ids[j.pos] = crypt.ID{}
 					continue
 				}
 				hasher.Reset()
@@ -202,8 +329,6 @@ func backupDisk(ctx context.Context, r *repo.Repo, d source.Disk, exts []source.
 				var id crypt.ID
 				hasher.Sum(id[:0])
 				ids[j.pos] = id
-				dataChunks.Add(1)
-				dataBytes.Add(size)
 				if !r.Claim(id) {
 					reused.Add(1)
 					opts.Progress.Reused.Add(1)
@@ -222,37 +347,18 @@ func backupDisk(ctx context.Context, r *repo.Repo, d source.Disk, exts []source.
 		}()
 	}
 	// Feed chunk positions in disk order.
-	var cur *job
-	feed := func() bool {
-		if cur == nil {
+	p.each(cs, info.Size, func(pos int64, ranges []source.Extent) bool {
+		if len(ranges) == 0 {
+			ids[pos] = crypt.ID{} // changed to all zeros (trimmed)
 			return true
 		}
 		select {
-		case jobs <- *cur:
-			cur = nil
+		case jobs <- job{pos: pos, ranges: append([]source.Extent(nil), ranges...)}:
 			return true
 		case <-ctx.Done():
 			return false
 		}
-	}
-outer:
-	for _, e := range exts {
-		for off := e.Offset; off < e.Offset+e.Length; {
-			pos := off / cs
-			end := min((pos+1)*cs, e.Offset+e.Length)
-			if cur != nil && cur.pos != pos {
-				if !feed() {
-					break outer
-				}
-			}
-			if cur == nil {
-				cur = &job{pos: pos}
-			}
-			cur.ranges = append(cur.ranges, source.Extent{Offset: off, Length: end - off})
-			off = end
-		}
-	}
-	feed()
+	})
 	close(jobs)
 	wg.Wait()
 	if firstErr == nil && ctx.Err() != nil {
@@ -266,10 +372,17 @@ outer:
 		return repo.Disk{}, st, err
 	}
 	st.read, st.reused = read.Load(), reused.Load()
+	// Count data positions (read or taken from the parent).
+	var dc int64
+	for _, id := range ids {
+		if !id.IsZero() {
+			dc++
+		}
+	}
 	return repo.Disk{
 		Name: info.Name, Size: info.Size, Format: info.Format, SourcePath: info.Path,
-		ChunkSize: int(cs), Maps: maps, DataChunks: dataChunks.Load(), DataBytes: dataBytes.Load(),
-		Read: "full",
+		ChunkSize: int(cs), Maps: maps, DataChunks: dc, DataBytes: dataBytesOf(ids, cs, info.Size),
+		Read: p.how,
 	}, st, nil
 }
 
@@ -284,4 +397,15 @@ func isZero(b []byte) bool {
 		b = b[n:]
 	}
 	return true
+}
+
+// dataBytesOf sums the sizes of the data positions of ids.
+func dataBytesOf(ids []crypt.ID, cs, size int64) int64 {
+	var n int64
+	for pos, id := range ids {
+		if !id.IsZero() {
+			n += min(cs, size-int64(pos)*cs)
+		}
+	}
+	return n
 }

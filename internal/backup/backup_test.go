@@ -167,3 +167,71 @@ func BenchmarkBackup(b *testing.B) {
 		}
 	}
 }
+
+// trackedDisk is a memDisk that knows which 64 KiB granules changed.
+type trackedDisk struct {
+	memDisk
+	dirty map[int64]bool // granule index
+	reads int64
+}
+
+func (d *trackedDisk) ReadAt(ctx context.Context, p []byte, off int64) error {
+	d.reads += int64(len(p))
+	return d.memDisk.ReadAt(ctx, p, off)
+}
+
+func (d *trackedDisk) Changed(ctx context.Context, off, length int64) ([]source.Extent, error) {
+	const g = 64 << 10
+	var out []source.Extent
+	for p := off; p < off+length; p += g {
+		n := min(g, off+length-p)
+		out = append(out, source.Extent{Offset: p, Length: n, Zero: !d.dirty[p/g]})
+	}
+	return out, nil
+}
+
+func TestIncrementalReadsOnlyChanges(t *testing.T) {
+	ctx := context.Background()
+	r := testRepo(t)
+	rng := rand.New(rand.NewPCG(5, 6))
+	d := &trackedDisk{memDisk: memDisk{name: "vda", data: make([]byte, 8<<20)}}
+	fill(rng, d.data[:6<<20])
+	full, err := Run(ctx, r, []source.Disk{d}, Options{Name: "vm", Source: "libvirt", Checkpoint: "cp1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if full.Kind != "full" || full.Checkpoint != "cp1" {
+		t.Fatalf("first backup: kind %q checkpoint %q", full.Kind, full.Checkpoint)
+	}
+	// Change two granules (one of them zeroed) and back up incrementally.
+	d.reads = 0
+	fill(rng, d.data[1<<20:1<<20+100])
+	clear(d.data[5<<20 : 5<<20+64<<10])
+	d.dirty = map[int64]bool{(1 << 20) / (64 << 10): true, (5 << 20) / (64 << 10): true}
+	inc, err := Run(ctx, r, []source.Disk{d}, Options{Name: "vm", Source: "libvirt", Parent: full, Checkpoint: "cp2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if inc.Kind != "incremental" || inc.Parent != full.ID || inc.Disks[0].Read != "changed" {
+		t.Fatalf("incremental: kind %q parent %q read %q", inc.Kind, inc.Parent, inc.Disks[0].Read)
+	}
+	if d.reads > 2*64<<10 {
+		t.Fatalf("incremental read %d bytes for two changed chunks", d.reads)
+	}
+	if got := restoreMem(t, r, inc.Disks[0]); !bytes.Equal(got, d.data) {
+		t.Fatal("incremental restore point differs from the disk")
+	}
+	// The parent is still intact.
+	if full.Disks[0].DataBytes != 6<<20 {
+		t.Fatalf("full data bytes %d", full.Disks[0].DataBytes)
+	}
+	// A parent without this disk means a full read, and says so.
+	d.reads = 0
+	other, err := Run(ctx, r, []source.Disk{&trackedDisk{memDisk: memDisk{name: "vdb", data: d.data}}}, Options{Name: "vm2", Parent: inc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if other.Kind != "full" || other.Disks[0].Read == "changed" {
+		t.Fatalf("disk missing from parent: kind %q read %q", other.Kind, other.Disks[0].Read)
+	}
+}

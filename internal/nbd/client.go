@@ -550,6 +550,15 @@ func (c *Client) readReply(r *bufio.Reader) error {
 }
 
 func (c *Client) serverError(cl *call, errno uint32, msg string, errOff int64) error {
+	err := c.serverError1(cl, errno, msg, errOff)
+	if errnoFromWire(errno) == syscall.ESHUTDOWN {
+		// The server is going away (we or its owner closed the session).
+		return fmt.Errorf("%w: %w", ErrClosed, err)
+	}
+	return err
+}
+
+func (c *Client) serverError1(cl *call, errno uint32, msg string, errOff int64) error {
 	op := cmdName(cl.typ)
 	if cl.typ == cmdFlush {
 		return &Error{Op: op, ErrOffset: errOff, Errno: errnoFromWire(errno), Message: msg}

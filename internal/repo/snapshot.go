@@ -18,19 +18,22 @@ const MapEntries = 8192
 
 // Snapshot is a restore point: a "snapshots/<id>" object.
 type Snapshot struct {
-	ID       string            `json:"-"`
-	Version  int               `json:"version"`
-	Time     time.Time         `json:"time"`
-	Name     string            `json:"name"`
-	Hostname string            `json:"hostname"`
-	Source   string            `json:"source"`         // "image", "libvirt", "qmp"
-	Kind     string            `json:"kind"`           // "full" or "incremental": what was read
-	Mode     string            `json:"mode,omitempty"` // consistency mode for live VMs
-	Parent   string            `json:"parent,omitempty"`
-	Config   *VMConfig         `json:"config,omitempty"`
-	Disks    []Disk            `json:"disks"`
-	Stats    BackupStats       `json:"stats"`
-	Tags     map[string]string `json:"tags,omitempty"`
+	ID       string    `json:"-"`
+	Version  int       `json:"version"`
+	Time     time.Time `json:"time"`
+	Name     string    `json:"name"`
+	Hostname string    `json:"hostname"`
+	Source   string    `json:"source"`         // "image", "libvirt", "qmp"
+	Kind     string    `json:"kind"`           // "full" or "incremental": what was read
+	Mode     string    `json:"mode,omitempty"` // consistency mode for live VMs
+	Parent   string    `json:"parent,omitempty"`
+	// Checkpoint names the hypervisor checkpoint taken at this restore
+	// point's instant; the next incremental backup reads changes since it.
+	Checkpoint string            `json:"checkpoint,omitempty"`
+	Config     *VMConfig         `json:"config,omitempty"`
+	Disks      []Disk            `json:"disks"`
+	Stats      BackupStats       `json:"stats"`
+	Tags       map[string]string `json:"tags,omitempty"`
 }
 
 // VMConfig is the machine's configuration saved with a snapshot.
