@@ -12,7 +12,7 @@ import (
 func TestWriteSparseSkipsZeroBlocks(t *testing.T) {
 	p := make([]byte, 10*4096)
 	copy(p[4096:], bytes.Repeat([]byte{1}, 5000)) // blocks 1 and 2
-	p[9*4096+7] = 9                                // block 9
+	p[9*4096+7] = 9                               // block 9
 	type w struct{ off, n int64 }
 	var got []w
 	err := writeSparse(p, 1<<20, 4096, func(b []byte, off int64) error {
