@@ -157,7 +157,7 @@ func makePlan(ctx context.Context, r *repo.Repo, d source.Disk, cs int64, opts O
 	if p.data, err = extents(ctx, info, d.Extents); err != nil {
 		return nil, fmt.Errorf("disk %s: listing allocated extents: %w", info.Name, err)
 	}
-	if ct, ok := d.(source.ChangeTracker); ok && opts.Parent != nil {
+	if ct, ok := d.(source.ChangeTracker); ok && opts.Parent != nil && opts.Notes[info.Name] == "" {
 		p.parent, err = parentMap(ctx, r, opts.Parent, info, cs)
 		if err != nil {
 			opts.Logger.Warn("reading the whole disk: the previous restore point cannot be used", "disk", info.Name, "err", err)

@@ -1,0 +1,101 @@
+package backup
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/kura-backup/kura/internal/repo"
+	"github.com/kura-backup/kura/internal/source"
+)
+
+// VMOptions describe a backup of a live VM.
+type VMOptions struct {
+	Mode     string // source.Mode*; "" = app if the agent answers, else crash
+	Full     bool   // ignore changed-block tracking once
+	Source   string // "libvirt" or "qmp"
+	Workers  int
+	Progress *Progress
+	Options  Options // Logger, Tags
+}
+
+// RunVM captures all disks of vm at one instant, backs them up (reading
+// only changes since the VM's latest restore point when the driver tracks
+// them), saves the VM's configuration with the snapshot, and releases the
+// capture whatever happens.
+func RunVM(ctx context.Context, r *repo.Repo, vm source.VM, o VMOptions) (snap *repo.Snapshot, err error) {
+	opts := o.Options
+	opts.Name, opts.Source, opts.Workers, opts.Progress = vm.Name(), o.Source, o.Workers, o.Progress
+	if opts.Progress == nil {
+		opts.Progress = &Progress{}
+	}
+	opts.Progress.Started = time.Now()
+	ss, err := r.Snapshots(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var parent *repo.Snapshot
+	for i := len(ss) - 1; i >= 0; i-- {
+		if ss[i].Name == vm.Name() && ss[i].Source == o.Source {
+			parent = ss[i]
+			break
+		}
+	}
+	co := source.CaptureOptions{Mode: o.Mode, Full: o.Full}
+	if parent != nil && !o.Full {
+		co.Since = parent.Checkpoint
+	}
+	cfgType, cfg, err := vm.Config(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("reading the configuration of %s: %w", vm.Name(), err)
+	}
+	capture, err := vm.Capture(ctx, co)
+	if err != nil {
+		return nil, fmt.Errorf("capturing %s: %w", vm.Name(), err)
+	}
+	defer func() {
+		endCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
+		defer cancel()
+		if endErr := capture.End(endCtx, err == nil); endErr != nil {
+			if err == nil {
+				err = fmt.Errorf("backup saved, but releasing the capture of %s failed: %w", vm.Name(), endErr)
+			} else {
+				err = errors.Join(err, endErr)
+			}
+		}
+	}()
+	opts.Mode = capture.Mode()
+	opts.Config = &repo.VMConfig{Type: cfgType, Data: cfg}
+	opts.Checkpoint = capture.Checkpoint()
+	opts.Stats.FreezeMillis = float64(capture.FreezeWindow().Microseconds()) / 1000
+	opts.Stats.PauseMillis = float64(capture.Pause().Microseconds()) / 1000
+	opts.Notes = map[string]string{}
+	for _, n := range capture.Notes() {
+		if n.Read != "changed" {
+			reason := n.Reason
+			if reason == "" {
+				reason = "no change tracking"
+			}
+			opts.Notes[n.Disk] = reason
+		}
+	}
+	if co.Since != "" {
+		opts.Parent = parent
+	} else if o.Full {
+		for _, d := range capture.Disks() {
+			opts.Notes[d.Info().Name] = "--full"
+		}
+	} else {
+		why := "first backup"
+		if parent != nil {
+			why = "previous restore point has no checkpoint"
+		}
+		for _, d := range capture.Disks() {
+			if opts.Notes[d.Info().Name] == "" {
+				opts.Notes[d.Info().Name] = why
+			}
+		}
+	}
+	return Run(ctx, r, capture.Disks(), opts)
+}

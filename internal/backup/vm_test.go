@@ -1,0 +1,105 @@
+package backup
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/kura-backup/kura/internal/source"
+)
+
+// fakeVM stands in for a driver in this unit test of RunVM's bookkeeping;
+// the drivers themselves are tested against real VMs in their packages.
+type fakeVM struct {
+	disk      *trackedDisk
+	captures  []source.CaptureOptions
+	ended     []bool
+	seq       int
+	failRead  bool
+	lastSince string
+}
+
+func (v *fakeVM) Name() string { return "web01" }
+func (v *fakeVM) Config(ctx context.Context) (string, string, error) {
+	return "libvirt-xml", "<domain><name>web01</name></domain>", nil
+}
+func (v *fakeVM) Capture(ctx context.Context, o source.CaptureOptions) (source.Capture, error) {
+	v.captures = append(v.captures, o)
+	v.seq++
+	return &fakeCapture{vm: v, cp: fmt.Sprintf("kura-%d", v.seq), since: o.Since}, nil
+}
+
+type fakeCapture struct {
+	vm    *fakeVM
+	cp    string
+	since string
+}
+
+func (c *fakeCapture) Disks() []source.Disk {
+	if c.vm.failRead {
+		return []source.Disk{&failingDisk{c.vm.disk.memDisk}}
+	}
+	return []source.Disk{c.vm.disk}
+}
+func (c *fakeCapture) Checkpoint() string { return c.cp }
+func (c *fakeCapture) Notes() []source.DiskNote {
+	if c.since == "" {
+		return []source.DiskNote{{Disk: "vda", Read: "full", Reason: "no checkpoint"}}
+	}
+	return []source.DiskNote{{Disk: "vda", Read: "changed"}}
+}
+func (c *fakeCapture) Mode() string                { return source.ModeApp }
+func (c *fakeCapture) FreezeWindow() time.Duration { return 42 * time.Millisecond }
+func (c *fakeCapture) Pause() time.Duration        { return 0 }
+func (c *fakeCapture) End(ctx context.Context, ok bool) error {
+	c.vm.ended = append(c.vm.ended, ok)
+	return nil
+}
+
+func TestRunVMChainsCheckpoints(t *testing.T) {
+	ctx := context.Background()
+	r := testRepo(t)
+	d := &trackedDisk{memDisk: memDisk{name: "vda", data: bytes.Repeat([]byte("web01 "), 1<<20)}}
+	vm := &fakeVM{disk: d}
+
+	s1, err := RunVM(ctx, r, vm, VMOptions{Source: "libvirt"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s1.Kind != "full" || s1.Checkpoint != "kura-1" || s1.Mode != "app" || s1.Stats.FreezeMillis != 42 || s1.Config == nil || s1.Disks[0].Read != "full (no checkpoint)" {
+		t.Fatalf("first: %+v", s1)
+	}
+	d.dirty = map[int64]bool{3: true}
+	d.data[3*64<<10] = 'X'
+	s2, err := RunVM(ctx, r, vm, VMOptions{Source: "libvirt"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if vm.captures[1].Since != "kura-1" || s2.Kind != "incremental" || s2.Parent != s1.ID {
+		t.Fatalf("second: since %q kind %q", vm.captures[1].Since, s2.Kind)
+	}
+	if got := restoreMem(t, r, s2.Disks[0]); !bytes.Equal(got, d.data) {
+		t.Fatal("incremental restore point differs")
+	}
+	// --full ignores tracking once.
+	s3, err := RunVM(ctx, r, vm, VMOptions{Source: "libvirt", Full: true})
+	if err != nil || vm.captures[2].Since != "" || s3.Kind != "full" {
+		t.Fatalf("full: %v since %q kind %q", err, vm.captures[2].Since, s3.Kind)
+	}
+	// A failed read ends the capture with ok=false and writes no snapshot.
+	vm.failRead = true
+	before, _ := r.SnapshotIDs(ctx)
+	if _, err := RunVM(ctx, r, vm, VMOptions{Source: "libvirt"}); err == nil {
+		t.Fatal("backup of a failing disk succeeded")
+	}
+	after, _ := r.SnapshotIDs(ctx)
+	if len(after) != len(before) {
+		t.Fatal("failed backup wrote a snapshot")
+	}
+	want := []bool{true, true, true, false}
+	if fmt.Sprint(vm.ended) != fmt.Sprint(want) {
+		t.Fatalf("End calls %v, want %v", vm.ended, want)
+	}
+}
