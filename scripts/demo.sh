@@ -22,7 +22,7 @@ rm -f "$work/disk.raw"
 qemu-img info "$work/vm1-disk0.qcow2" | grep -E 'virtual size|disk size'
 
 step "kura init"
-$KURA init --chunk-size 1M
+$KURA init
 
 step "kura backup image vm1-disk0.qcow2 --name vm1   (first, full)"
 $KURA backup image "$work/vm1-disk0.qcow2" --name vm1

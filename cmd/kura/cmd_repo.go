@@ -50,7 +50,7 @@ func (a *app) initCmd() *cobra.Command {
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&chunkSize, "chunk-size", "1M", "chunk `size`, a power of two from 64K to 16M")
+	cmd.Flags().StringVar(&chunkSize, "chunk-size", "256K", "chunk `size`, a power of two from 64K to 16M")
 	return cmd
 }
 

@@ -26,7 +26,7 @@ import (
 const FormatVersion = 1
 
 // DefaultChunkSize is the chunk size chosen by benchmark (docs/BENCHMARKS.md).
-const DefaultChunkSize = 1 << 20
+const DefaultChunkSize = 256 << 10
 
 // Chunk sizes a repository may use.
 const (
