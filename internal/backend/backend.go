@@ -10,6 +10,7 @@ import (
 	"context"
 	"errors"
 	"time"
+	"unsafe"
 )
 
 // ErrNotFound is returned (wrapped) by Load, Stat and Remove when the named
@@ -58,4 +59,22 @@ type Backend interface {
 	Remove(ctx context.Context, name string) error
 	// Location describes the backend for messages ("local:/srv/kura").
 	Location() string
+}
+
+// PageSize is the alignment of buffers from AlignedBuffer.
+const PageSize = 4096
+
+// AlignedBuffer returns an empty slice with capacity at least n (rounded up
+// to PageSize) whose storage starts on a page boundary. A backend that
+// writes with direct I/O can then write the caller's bytes without copying.
+func AlignedBuffer(n int) []byte {
+	n = (n + PageSize - 1) &^ (PageSize - 1)
+	raw := make([]byte, n+PageSize)
+	off := int(PageSize-uintptr(unsafe.Pointer(&raw[0]))%PageSize) % PageSize
+	return raw[off : off : off+n]
+}
+
+// IsAligned reports whether b starts on a page boundary.
+func IsAligned(b []byte) bool {
+	return cap(b) > 0 && uintptr(unsafe.Pointer(unsafe.SliceData(b)))%PageSize == 0
 }

@@ -308,7 +308,9 @@ func backupDisk(ctx context.Context, r *repo.Repo, d source.Disk, p *diskPlan, o
 				start := j.pos * cs
 				size := min(cs, info.Size-start)
 				b := buf[:size]
-				clear(b)
+				if covered(j.ranges) != size {
+					clear(b) // holes inside the chunk read as zeros
+				}
 				for _, e := range j.ranges {
 					if err := d.ReadAt(ctx, b[e.Offset-start:e.Offset-start+e.Length], e.Offset); err != nil {
 						fail(fmt.Errorf("disk %s: reading %d bytes at offset %d: %w", info.Name, e.Length, e.Offset, err))
@@ -334,11 +336,7 @@ func backupDisk(ctx context.Context, r *repo.Repo, d source.Disk, p *diskPlan, o
 					opts.Progress.Reused.Add(1)
 					continue
 				}
-				sealed, comp, err := sealer.Seal(b)
-				if err == nil {
-					err = r.SaveBlob(ctx, repo.DataBlob, id, sealed, comp, len(b))
-				}
-				if err != nil {
+				if err := r.StoreBlob(ctx, sealer, repo.DataBlob, id, b); err != nil {
 					fail(fmt.Errorf("disk %s: storing chunk at offset %d: %w", info.Name, start, err))
 					continue
 				}
@@ -406,6 +404,14 @@ func dataBytesOf(ids []crypt.ID, cs, size int64) int64 {
 		if !id.IsZero() {
 			n += min(cs, size-int64(pos)*cs)
 		}
+	}
+	return n
+}
+
+func covered(rs []source.Extent) int64 {
+	var n int64
+	for _, r := range rs {
+		n += r.Length
 	}
 	return n
 }

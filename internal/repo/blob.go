@@ -68,8 +68,23 @@ func (r *Repo) NewSealer() *Sealer {
 	return &Sealer{key: r.key, enc: compress.NewEncoder()}
 }
 
-// Seal compresses plain if worthwhile and seals it. The result is valid
-// until the next call.
+// payload compresses plain if worthwhile; the result is valid until the
+// next call.
+func (s *Sealer) payload(plain []byte) ([]byte, bool, error) {
+	if cap(s.buf) < len(plain)+len(plain)/8+1024 {
+		s.buf = make([]byte, 0, len(plain)+len(plain)/8+1024)
+	}
+	z, err := s.enc.Compress(s.buf[:0], plain)
+	if err != nil {
+		return nil, false, err
+	}
+	if compress.Worthwhile(len(z), len(plain)) {
+		return z, true, nil
+	}
+	return plain, false, nil
+}
+
+// Seal compresses plain if worthwhile and seals it into a new slice.
 func (s *Sealer) Seal(plain []byte) (sealed []byte, compressed bool, err error) {
 	if cap(s.buf) < len(plain)+len(plain)/8+1024 {
 		s.buf = make([]byte, 0, len(plain)+len(plain)/8+1024)
@@ -86,19 +101,41 @@ func (s *Sealer) Seal(plain []byte) (sealed []byte, compressed bool, err error) 
 	return out, compressed, nil
 }
 
-// SaveBlob appends a sealed blob to the current pack; a full pack is
-// uploaded by the calling goroutine while others keep appending.
+// SaveBlob appends an already sealed blob to the current pack (used to
+// copy blobs between packs).
 func (r *Repo) SaveBlob(ctx context.Context, t BlobType, id crypt.ID, sealed []byte, compressed bool, rawLen int) error {
+	return r.appendBlob(ctx, t, id, compressed, rawLen, len(sealed), func(buf []byte) []byte { return append(buf, sealed...) })
+}
+
+// StoreBlob compresses (in the caller's goroutine) and seals plain
+// straight into the current pack. The caller must have claimed id.
+func (r *Repo) StoreBlob(ctx context.Context, s *Sealer, t BlobType, id crypt.ID, plain []byte) error {
+	payload, comp, err := s.payload(plain)
+	if err != nil {
+		return err
+	}
+	return r.appendBlob(ctx, t, id, comp, len(plain), len(payload)+crypt.Overhead, func(buf []byte) []byte { return r.key.Seal(buf, payload) })
+}
+
+// appendBlob appends one blob (written by put, n bytes) to the current
+// pack; a full pack is uploaded by the calling goroutine while others keep
+// appending to a fresh one.
+func (r *Repo) appendBlob(ctx context.Context, t BlobType, id crypt.ID, compressed bool, rawLen, n int, put func([]byte) []byte) error {
 	r.wmu.Lock()
 	w := r.pw()
 	if w.buf == nil {
-		w.buf = make([]byte, 0, r.cfg.PackSize+r.cfg.ChunkSize+1024)
+		w.buf = r.packBuffer()
 	}
-	w.entries = append(w.entries, packEntry{ID: id, Type: t, Compressed: compressed, Offset: uint32(len(w.buf)), Length: uint32(len(sealed)), RawLength: uint32(rawLen)})
-	w.buf = append(w.buf, sealed...)
+	off := len(w.buf)
+	w.buf = put(w.buf)
+	if len(w.buf)-off != n {
+		r.wmu.Unlock()
+		return fmt.Errorf("internal error: blob of %d bytes, expected %d", len(w.buf)-off, n)
+	}
+	w.entries = append(w.entries, packEntry{ID: id, Type: t, Compressed: compressed, Offset: uint32(off), Length: uint32(n), RawLength: uint32(rawLen)})
 	w.stored.Blobs++
 	w.stored.RawBytes += int64(rawLen)
-	w.stored.StoredBytes += int64(len(sealed))
+	w.stored.StoredBytes += int64(n)
 	if len(w.buf) < r.cfg.PackSize {
 		r.wmu.Unlock()
 		return nil
@@ -111,6 +148,15 @@ func (r *Repo) SaveBlob(ctx context.Context, t BlobType, id crypt.ID, sealed []b
 	return r.uploadPack(ctx, buf, entries)
 }
 
+// packBuffer returns an empty, page-aligned pack buffer with room for a
+// full pack, one more blob and the header.
+func (r *Repo) packBuffer() []byte {
+	if b, ok := r.packs.Get().(*[]byte); ok {
+		return (*b)[:0]
+	}
+	return backend.AlignedBuffer(r.cfg.PackSize + r.cfg.ChunkSize + 256<<10)
+}
+
 func (r *Repo) uploadPack(ctx context.Context, buf []byte, entries []packEntry) error {
 	w := r.writer
 	hdr := r.key.Seal(nil, encodeHeader(entries))
@@ -118,6 +164,9 @@ func (r *Repo) uploadPack(ctx context.Context, buf []byte, entries []packEntry) 
 	buf = binary.LittleEndian.AppendUint32(buf, uint32(len(hdr)))
 	id := crypt.RandomID()
 	err := r.be.Save(ctx, packName(id), buf)
+	if cap(buf) >= r.cfg.PackSize+r.cfg.ChunkSize && backend.IsAligned(buf) {
+		r.packs.Put(&buf)
+	}
 	r.wmu.Lock()
 	defer r.wmu.Unlock()
 	if err != nil {

@@ -89,6 +89,7 @@ type Repo struct {
 
 	wmu    sync.Mutex
 	writer *packWriter
+	packs  sync.Pool // *[]byte: pack buffers, reused after upload
 }
 
 // Backend returns the storage the repository lives on.

@@ -97,11 +97,7 @@ func (r *Repo) SaveMap(ctx context.Context, ids []crypt.ID) ([]crypt.ID, error) 
 		if !r.Claim(mid) {
 			continue
 		}
-		sealed, comp, err := s.Seal(plain)
-		if err != nil {
-			return nil, err
-		}
-		if err := r.SaveBlob(ctx, MapBlob, mid, sealed, comp, len(plain)); err != nil {
+		if err := r.StoreBlob(ctx, s, MapBlob, mid, plain); err != nil {
 			return nil, err
 		}
 	}
