@@ -66,13 +66,23 @@ func (a *app) backupCmd() *cobra.Command {
 	}
 	img.Flags().StringVar(&name, "name", "", "restore point `name` (default: the first image's base name)")
 	img.Flags().IntVar(&workers, "workers", 0, "parallel workers (default 2 per CPU)")
-	cmd.AddCommand(img)
+	cmd.AddCommand(img, a.vmBackupCmd(), a.qmpBackupCmd())
 	return cmd
 }
 
 func (a *app) printBackup(s *repo.Snapshot) {
 	el := s.Stats.End.Sub(s.Stats.Start)
-	fmt.Fprintf(a.stdout, "snapshot %s saved: %s, %d disks, %s\n", s.ID[:8], s.Name, len(s.Disks), humanBytes(s.LogicalSize()))
+	fmt.Fprintf(a.stdout, "snapshot %s saved: %s, %d disks, %s, %s backup", s.ID[:8], s.Name, len(s.Disks), humanBytes(s.LogicalSize()), s.Kind)
+	if s.Mode != "" {
+		fmt.Fprintf(a.stdout, ", mode %s", s.Mode)
+		if s.Stats.FreezeMillis > 0 {
+			fmt.Fprintf(a.stdout, " (guest frozen %.0f ms)", s.Stats.FreezeMillis)
+		}
+		if s.Stats.PauseMillis > 0 {
+			fmt.Fprintf(a.stdout, " (VM paused %.0f ms)", s.Stats.PauseMillis)
+		}
+	}
+	fmt.Fprintln(a.stdout)
 	for _, d := range s.Disks {
 		fmt.Fprintf(a.stdout, "  disk %-10s %s %s, %s of data, read: %s\n", d.Name, d.Format, humanBytes(d.Size), humanBytes(d.DataBytes), d.Read)
 	}

@@ -19,6 +19,7 @@ import (
 
 	"github.com/kura-backup/kura/internal/backend"
 	"github.com/kura-backup/kura/internal/backend/local"
+	"github.com/kura-backup/kura/internal/guest"
 	"github.com/kura-backup/kura/internal/repo"
 	"github.com/kura-backup/kura/internal/restore"
 	"github.com/kura-backup/kura/internal/source"
@@ -37,6 +38,10 @@ type app struct {
 }
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "__thaw-watchdog" {
+		// A separate process that thaws a frozen guest if kura dies.
+		os.Exit(guest.WatchdogMain(os.Args[2:]))
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	a := &app{stdout: os.Stdout, stderr: os.Stderr}

@@ -1,0 +1,162 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/kura-backup/kura/internal/backup"
+	"github.com/kura-backup/kura/internal/repo"
+	"github.com/kura-backup/kura/internal/source"
+	"github.com/kura-backup/kura/internal/source/libvirt"
+	"github.com/kura-backup/kura/internal/source/qmp"
+)
+
+// modes are the consistency modes a user may ask for.
+var modes = []string{source.ModeApp, source.ModeCrash, source.ModeSuspend, source.ModeShutdown}
+
+func checkMode(m string) error {
+	if m == "" {
+		return nil
+	}
+	for _, x := range modes {
+		if m == x {
+			return nil
+		}
+	}
+	return fmt.Errorf("--mode %q: use one of %s", m, strings.Join(modes, ", "))
+}
+
+func (a *app) vmBackupCmd() *cobra.Command {
+	var connect, mode string
+	var all, full bool
+	var parallel, workers int
+	cmd := &cobra.Command{
+		Use:   "vm [NAME...]",
+		Short: "Back up running or defined libvirt domains live (app-consistent when the guest agent answers)",
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			if err := checkMode(mode); err != nil {
+				return err
+			}
+			if len(args) == 0 && !all {
+				return errors.New("name the VMs to back up, or pass --all")
+			}
+			r, err := a.open(ctx)
+			if err != nil {
+				return err
+			}
+			conn, err := libvirt.Connect(ctx, connect)
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			names := args
+			if all {
+				if names, err = conn.List(ctx); err != nil {
+					return err
+				}
+				sort.Strings(names)
+			}
+			if parallel < 1 {
+				parallel = 1
+			}
+			return a.backupVMs(ctx, r, names, parallel, func(ctx context.Context, name string) (source.VM, error) {
+				return conn.VM(ctx, name)
+			}, backup.VMOptions{Mode: mode, Full: full, Source: "libvirt", Workers: workers})
+		},
+	}
+	f := cmd.Flags()
+	f.StringVarP(&connect, "connect", "c", "qemu:///system", "libvirt `URI` or socket path")
+	f.StringVar(&mode, "mode", "", "consistency: app (default when the guest agent answers), crash, suspend or shutdown")
+	f.BoolVar(&all, "all", false, "every running and defined domain")
+	f.BoolVar(&full, "full", false, "read every disk in full once, ignoring changed-block tracking")
+	f.IntVar(&parallel, "parallel", 1, "back up this many VMs at once")
+	f.IntVar(&workers, "workers", 0, "parallel workers per VM (default 2 per CPU)")
+	return cmd
+}
+
+func (a *app) qmpBackupCmd() *cobra.Command {
+	var socket, name, mode string
+	var full bool
+	var workers int
+	cmd := &cobra.Command{
+		Use:   "qmp --socket PATH --name NAME",
+		Short: "Back up a plain QEMU VM (no libvirt) through its QMP socket",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			if socket == "" || name == "" {
+				return errors.New("give the VM's QMP socket with --socket and a name with --name")
+			}
+			if err := checkMode(mode); err != nil {
+				return err
+			}
+			r, err := a.open(ctx)
+			if err != nil {
+				return err
+			}
+			return a.backupVMs(ctx, r, []string{name}, 1, func(ctx context.Context, name string) (source.VM, error) {
+				return qmp.Open(ctx, socket, name)
+			}, backup.VMOptions{Mode: mode, Full: full, Source: "qmp", Workers: workers})
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&socket, "socket", "", "the VM's QMP unix socket `path`")
+	f.StringVar(&name, "name", "", "restore point `name` for the VM")
+	f.StringVar(&mode, "mode", "", "consistency: app (default when the guest agent answers), crash or suspend")
+	f.BoolVar(&full, "full", false, "read every disk in full once, ignoring changed-block tracking")
+	f.IntVar(&workers, "workers", 0, "parallel workers (default 2 per CPU)")
+	return cmd
+}
+
+// backupVMs backs up each named VM, up to parallel at once, printing each
+// result; it fails if any VM failed, after trying them all.
+func (a *app) backupVMs(ctx context.Context, r *repo.Repo, names []string, parallel int, open func(context.Context, string) (source.VM, error), o backup.VMOptions) error {
+	var mu sync.Mutex
+	var failed []string
+	sem := make(chan struct{}, parallel)
+	var wg sync.WaitGroup
+	prog := &backup.Progress{Started: time.Now()}
+	stop := progressLine(a.stderr, a.progressOn(), func() string {
+		return rateLine("backup", prog.Done.Load(), prog.Total.Load(), prog.Started)
+	})
+	for _, name := range names {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			opts := o
+			opts.Progress = prog
+			opts.Options.Logger = a.log
+			snap, err := func() (*repo.Snapshot, error) {
+				vm, err := open(ctx, name)
+				if err != nil {
+					return nil, err
+				}
+				return backup.RunVM(ctx, r, vm, opts)
+			}()
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				failed = append(failed, name)
+				fmt.Fprintf(a.stderr, "kura: %s: %s\n", name, explain(err))
+				return
+			}
+			a.printBackup(snap)
+		}()
+	}
+	wg.Wait()
+	stop()
+	if len(failed) > 0 {
+		return fmt.Errorf("%d of %d VMs failed: %s", len(failed), len(names), strings.Join(failed, ", "))
+	}
+	return nil
+}

@@ -1,0 +1,917 @@
+package libvirt
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	golibvirt "github.com/digitalocean/go-libvirt"
+	"github.com/kura-backup/kura/internal/guest"
+	"github.com/kura-backup/kura/internal/nbd"
+	"github.com/kura-backup/kura/internal/source"
+	"github.com/kura-backup/kura/internal/source/image"
+)
+
+// CheckpointPrefix starts the name of every checkpoint Kura creates. Kura
+// deletes only checkpoints with this prefix.
+const CheckpointPrefix = "kura-"
+
+// Reasons given in source.DiskNote.
+const (
+	readChanged = "changed"
+	readFull    = "full"
+)
+
+// endCallTimeout bounds each libvirt call while a capture ends, so that End
+// returns even when libvirtd or the VM is in trouble.
+const endCallTimeout = 15 * time.Second
+
+// capture is a point-in-time view of a VM's disks: a pull-mode backup job
+// (live) or the disk files of a shut-down VM (offline).
+type capture struct {
+	vm   *VM
+	mode string
+
+	dir        string // private directory: NBD socket and scratch files
+	disks      []source.Disk
+	notes      []source.DiskNote
+	checkpoint string // created with the backup job; "" if none
+	jobStarted bool
+
+	freeze time.Duration
+	// How long the backup job took to begin (for tests and diagnostics).
+	beginTime time.Duration
+	// Scratch images made ahead of the begin (VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL):
+	// the attempt they were made for, 0 if none.
+	scratchAttempt int
+	owner          struct {
+		uid, gid int
+		ok       bool
+	}
+
+	// Offline captures.
+	restart   bool // start the domain at End (shutdown mode shut it down)
+	downSince time.Time
+
+	mu    sync.Mutex
+	pause time.Duration
+	ended bool
+}
+
+var _ source.Capture = (*capture)(nil)
+
+func (c *capture) Disks() []source.Disk        { return c.disks }
+func (c *capture) Checkpoint() string          { return c.checkpoint }
+func (c *capture) Notes() []source.DiskNote    { return c.notes }
+func (c *capture) Mode() string                { return c.mode }
+func (c *capture) FreezeWindow() time.Duration { return c.freeze }
+
+// Pause is how long the VM was paused (suspend mode) or down (shutdown
+// mode: from the shutdown request until it was started again at End; before
+// End, the downtime so far).
+func (c *capture) Pause() time.Duration {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.restart && !c.ended {
+		return time.Since(c.downSince)
+	}
+	return c.pause
+}
+
+// Capture takes a point-in-time view of all the VM's disks (see the
+// package doc for the modes). opts.Since names the checkpoint of the
+// previous backup: disks whose bitmap for it is intact are then read
+// incrementally; the others, and raw disks (which cannot hold a bitmap),
+// are read in full, and Notes says why. A capture of a running VM always
+// creates a new checkpoint (when at least one disk is qcow2), which End
+// keeps or drops.
+//
+// If the guest cannot be frozen in app mode, Capture fails, thaws the
+// guest and leaves the VM running without a backup job or new checkpoint.
+func (v *VM) Capture(ctx context.Context, opts source.CaptureOptions) (source.Capture, error) {
+	switch opts.Mode {
+	case "", source.ModeApp, source.ModeCrash, source.ModeSuspend, source.ModeShutdown:
+	default:
+		return nil, fmt.Errorf("VM %s: unknown capture mode %q: use %s, %s, %s or %s", v.dom.Name, opts.Mode,
+			source.ModeApp, source.ModeCrash, source.ModeSuspend, source.ModeShutdown)
+	}
+	state, err := v.state(ctx)
+	if err != nil {
+		return nil, err
+	}
+	liveXML, err := rpc(ctx, v.c, func() (string, error) { return v.c.l.DomainGetXMLDesc(v.dom, 0) })
+	if err != nil {
+		return nil, v.errorf(err, "reading the domain XML")
+	}
+	def, err := parseDomain(liveXML)
+	if err != nil {
+		return nil, fmt.Errorf("VM %s: %w", v.dom.Name, err)
+	}
+	disks := def.backupDisks()
+	if len(disks) == 0 {
+		return nil, fmt.Errorf("VM %s has no disks to back up (CD-ROMs and read-only disks are left out)", v.dom.Name)
+	}
+
+	switch state {
+	case golibvirt.DomainRunning, golibvirt.DomainPaused, golibvirt.DomainBlocked, golibvirt.DomainPmsuspended:
+	default:
+		// Shut off, crashed or shutting down: its files are at rest.
+		if state == golibvirt.DomainShutdown {
+			return nil, fmt.Errorf("VM %s is shutting down: wait until it is off, then back it up", v.dom.Name)
+		}
+		return v.captureOffline(ctx, def, disks, false, "the VM is shut off: read offline")
+	}
+	mode := opts.Mode
+	switch mode {
+	case source.ModeShutdown:
+		return v.captureOffline(ctx, def, disks, true, "shutdown mode: read offline while the VM is down")
+	case "":
+		mode = source.ModeCrash
+		if present, _ := def.agentChannel(); present && state == golibvirt.DomainRunning {
+			if v.freezer().Ping(ctx) == nil {
+				mode = source.ModeApp
+			}
+		}
+	case source.ModeApp:
+		if state != golibvirt.DomainRunning {
+			return nil, fmt.Errorf("VM %s is paused: its guest agent cannot freeze filesystems; resume it, or use crash mode", v.dom.Name)
+		}
+		if present, _ := def.agentChannel(); !present {
+			return nil, fmt.Errorf("VM %s: app-consistent capture needs the guest agent, but the domain has no org.qemu.guest_agent.0 channel: add one and install qemu-guest-agent in the guest, or use crash mode", v.dom.Name)
+		}
+		if err := v.freezer().Ping(ctx); err != nil {
+			return nil, fmt.Errorf("VM %s: app-consistent capture needs the guest agent: %w; install and start qemu-guest-agent in the guest, or use crash mode", v.dom.Name, err)
+		}
+	}
+	return v.captureLive(ctx, def, disks, mode, state == golibvirt.DomainPaused, opts)
+}
+
+func (v *VM) freezer() guest.Freezer {
+	return guest.NewLibvirt(v.c.l, v.dom, v.c.opts.Agent)
+}
+
+// diskPlan is how one disk is read: incrementally from since, or in full.
+type diskPlan struct {
+	disk   diskDef
+	since  string // checkpoint to read changes from; "" reads in full
+	bitmap bool   // the new checkpoint gets a bitmap for this disk
+	reason string // why the disk is read in full
+}
+
+func (v *VM) captureLive(ctx context.Context, def *domainDef, disks []diskDef, mode string, paused bool, opts source.CaptureOptions) (_ source.Capture, err error) {
+	c := &capture{vm: v, mode: mode}
+	defer func() {
+		if err != nil {
+			c.End(context.WithoutCancel(ctx), false)
+		}
+	}()
+	if err := v.clearStaleJob(ctx); err != nil {
+		return nil, err
+	}
+	plans, err := v.plan(ctx, disks, opts)
+	if err != nil {
+		return nil, err
+	}
+	if c.dir, err = v.privateDir(def); err != nil {
+		return nil, err
+	}
+	c.owner.uid, c.owner.gid, c.owner.ok = def.qemuOwner()
+	// Creating the scratch images now, rather than letting libvirt create
+	// them when the job begins, halves the time the guest stays frozen.
+	if err := c.prepareScratch(ctx, plans, 1); err != nil {
+		return nil, err
+	}
+	switch mode {
+	case source.ModeApp:
+		err = c.frozen(ctx, def, plans)
+	case source.ModeSuspend:
+		if paused {
+			// Someone else paused it: the instant is consistent as it is,
+			// and it stays paused.
+			err = c.begin(ctx, def, plans)
+			break
+		}
+		err = c.paused(ctx, def, plans)
+	default:
+		err = c.begin(ctx, def, plans)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := c.openExports(ctx, plans); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// plan decides per disk whether it can be read incrementally.
+func (v *VM) plan(ctx context.Context, disks []diskDef, opts source.CaptureOptions) ([]*diskPlan, error) {
+	plans := make([]*diskPlan, len(disks))
+	for i, d := range disks {
+		plans[i] = &diskPlan{disk: d, bitmap: d.format() == "qcow2"}
+	}
+	var cp *checkpointDef
+	reason := ""
+	switch {
+	case opts.Full:
+		reason = "full backup requested"
+	case opts.Since == "":
+		reason = "no checkpoint to start from (first backup)"
+	default:
+		x, err := rpc(ctx, v.c, func() (string, error) {
+			c, err := v.c.l.DomainCheckpointLookupByName(v.dom, opts.Since, 0)
+			if err != nil {
+				return "", err
+			}
+			// XML_SIZE makes libvirt ask QEMU for each bitmap: a disk whose
+			// bitmap is missing or broken gets no size.
+			return v.c.l.DomainCheckpointGetXMLDesc(c, uint32(golibvirt.DomainCheckpointXMLNoDomain|golibvirt.DomainCheckpointXMLSize))
+		})
+		switch {
+		case libvirtCode(err) == golibvirt.ErrNoDomainCheckpoint:
+			reason = fmt.Sprintf("checkpoint %s missing (VM recreated, or checkpoint deleted)", opts.Since)
+		case err != nil:
+			return nil, v.errorf(err, "reading checkpoint %s", opts.Since)
+		default:
+			if cp, err = parseCheckpoint(x); err != nil {
+				return nil, fmt.Errorf("VM %s: checkpoint %s: %w", v.dom.Name, opts.Since, err)
+			}
+		}
+	}
+	for _, p := range plans {
+		switch {
+		case !p.bitmap:
+			p.reason = fmt.Sprintf("%s disk: no persistent bitmap, so no change tracking", p.disk.format())
+		case cp == nil:
+			p.reason = reason
+		default:
+			cd, ok := cp.disk(p.disk.Target.Dev)
+			switch {
+			case !ok:
+				p.reason = fmt.Sprintf("disk not in checkpoint %s (added since)", opts.Since)
+			case cd.Checkpoint != "bitmap":
+				p.reason = fmt.Sprintf("checkpoint %s has no bitmap for this disk", opts.Since)
+			case cd.Size == nil:
+				p.reason = fmt.Sprintf("the bitmap of checkpoint %s is missing or broken (disk replaced?)", opts.Since)
+			default:
+				p.since = opts.Since
+			}
+		}
+	}
+	return plans, nil
+}
+
+// privateDir makes the capture's directory, owned by the user QEMU runs as
+// (it creates the NBD socket and the scratch files there) and closed to
+// everyone else. The name carries Kura's pid so that a later run can tell
+// a job whose Kura died (clearStaleJob).
+func (v *VM) privateDir(def *domainDef) (string, error) {
+	var rnd [4]byte
+	rand.Read(rnd[:])
+	dir := filepath.Join(v.c.opts.ScratchDir, fmt.Sprintf("kura-%d-%s", os.Getpid(), hex.EncodeToString(rnd[:])))
+	if n := len(filepath.Join(dir, "nbd.sock")); n > 100 {
+		return "", fmt.Errorf("scratch directory %s: path too long for a unix socket (%d bytes): choose a shorter one", v.c.opts.ScratchDir, n)
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return "", fmt.Errorf("creating the scratch directory for VM %s: %w (choose another one with enough space)", v.dom.Name, err)
+	}
+	if uid, gid, ok := def.qemuOwner(); ok && (uid != os.Geteuid() || gid != os.Getegid()) {
+		if err := os.Chown(dir, uid, gid); err != nil {
+			os.Remove(dir)
+			return "", fmt.Errorf("handing the scratch directory %s to QEMU's user %d:%d: %w (run kura as root)", dir, uid, gid, err)
+		}
+	}
+	return dir, nil
+}
+
+var staleDirPattern = regexp.MustCompile(`^kura-(\d+)-[0-9a-f]+$`)
+
+// clearStaleJob ends a backup job a Kura process left behind when it died
+// (its private directory names its pid), and refuses to run beside any
+// other backup job.
+func (v *VM) clearStaleJob(ctx context.Context) error {
+	x, err := rpc(ctx, v.c, func() (string, error) { return v.c.l.DomainBackupGetXMLDesc(v.dom, 0) })
+	if libvirtCode(err) == golibvirt.ErrNoDomainBackup {
+		return nil
+	}
+	if err != nil {
+		return nil // the begin will say what is wrong
+	}
+	b, err := parseBackup(x)
+	if err != nil {
+		return fmt.Errorf("VM %s: %w", v.dom.Name, err)
+	}
+	dir := filepath.Dir(b.Server.Socket)
+	m := staleDirPattern.FindStringSubmatch(filepath.Base(dir))
+	if m != nil {
+		pid, _ := strconv.Atoi(m[1])
+		if pid != os.Getpid() && syscall.Kill(pid, 0) == syscall.ESRCH {
+			if err := rpc0(ctx, v.c, func() error { return v.c.l.DomainAbortJob(v.dom) }); err != nil {
+				return v.errorf(err, "ending the backup job of a Kura process (pid %d) that died", pid)
+			}
+			os.RemoveAll(dir)
+			return nil
+		}
+	}
+	return fmt.Errorf("VM %s already has a backup job (NBD socket %s): another backup is running; wait for it, or end it with `virsh domjobabort %s`", v.dom.Name, b.Server.Socket, v.dom.Name)
+}
+
+// newCheckpointName is "kura-" and the UTC time, so that names sort by age.
+func newCheckpointName() string {
+	return CheckpointPrefix + time.Now().UTC().Format("20060102T150405.000000Z")
+}
+
+// refusesIncremental reports whether libvirt refused a backup because of
+// its incremental part.
+func refusesIncremental(err error) bool {
+	switch libvirtCode(err) {
+	case golibvirt.ErrCheckpointInconsistent, golibvirt.ErrNoDomainCheckpoint, golibvirt.ErrInvalidDomainCheckpoint:
+		return true
+	}
+	return false
+}
+
+var diskInMessage = regexp.MustCompile(`disk '([^']+)'`)
+
+// begin starts the pull-mode backup job and the new checkpoint. When
+// libvirt refuses to read a disk incrementally it reads that disk (or all,
+// if it does not say which) in full instead.
+func (c *capture) begin(ctx context.Context, def *domainDef, plans []*diskPlan) error {
+	v := c.vm
+	socket := filepath.Join(c.dir, "nbd.sock")
+	for attempt := 1; ; attempt++ {
+		b := backupDef{Mode: "pull"}
+		b.Server.Transport, b.Server.Socket = "unix", socket
+		cpDisks := map[string]bool{}
+		selected := map[string]*diskPlan{}
+		for _, p := range plans {
+			selected[p.disk.Target.Dev] = p
+		}
+		for _, d := range def.Devices.Disks {
+			p := selected[d.Target.Dev]
+			if p == nil {
+				if d.Target.Dev != "" {
+					b.Disks = append(b.Disks, backupDisk{Name: d.Target.Dev, Backup: "no"})
+				}
+				continue
+			}
+			bd := backupDisk{Name: d.Target.Dev, Backup: "yes", Type: "file", BackupMode: "full"}
+			if p.since != "" {
+				bd.BackupMode, bd.Incremental = "incremental", p.since
+			}
+			bd.Scratch = &struct {
+				File string `xml:"file,attr"`
+			}{c.scratchPath(d.Target.Dev, attempt)}
+			b.Disks = append(b.Disks, bd)
+			cpDisks[d.Target.Dev] = p.bitmap
+		}
+		var cpXML golibvirt.OptString
+		name := ""
+		if slices.ContainsFunc(plans, func(p *diskPlan) bool { return p.bitmap }) {
+			name = newCheckpointName()
+			var all []diskDef
+			for _, d := range def.Devices.Disks {
+				if d.Target.Dev != "" {
+					all = append(all, d)
+				}
+			}
+			cpXML = golibvirt.OptString{checkpointXML(name, all, cpDisks)}
+		}
+		var flags golibvirt.DomainBackupBeginFlags
+		if attempt > 1 && c.scratchAttempt != 0 {
+			// Retrying after a refusal, inside the freeze: make new scratch
+			// images only if the first ones were made by Kura too.
+			if err := c.prepareScratch(ctx, plans, attempt); err != nil {
+				return err
+			}
+		}
+		if c.scratchAttempt == attempt {
+			flags = golibvirt.DomainBackupBeginReuseExternal
+		}
+		began := time.Now()
+		err := rpc0(ctx, v.c, func() error { return v.c.l.DomainBackupBegin(v.dom, b.String(), cpXML, flags) })
+		c.beginTime += time.Since(began)
+		if err == nil {
+			c.jobStarted, c.checkpoint = true, name
+			return nil
+		}
+		incremental := slices.ContainsFunc(plans, func(p *diskPlan) bool { return p.since != "" })
+		if !incremental || !refusesIncremental(err) {
+			return v.errorf(err, "starting the backup job")
+		}
+		why := "libvirt refused to read it incrementally: " + err.Error()
+		if m := diskInMessage.FindStringSubmatch(err.Error()); m != nil && selected[m[1]] != nil && selected[m[1]].since != "" {
+			selected[m[1]].since, selected[m[1]].reason = "", why
+			continue
+		}
+		for _, p := range plans {
+			if p.since != "" {
+				p.since, p.reason = "", why
+			}
+		}
+	}
+}
+
+func (c *capture) scratchPath(target string, attempt int) string {
+	return filepath.Join(c.dir, fmt.Sprintf("%s.%d.scratch", target, attempt))
+}
+
+// prepareScratch makes empty qcow2 scratch images of each disk's size for
+// the given attempt to begin the job. Without qemu-img it leaves that to
+// libvirt (which is slower, and does it while the guest is frozen).
+func (c *capture) prepareScratch(ctx context.Context, plans []*diskPlan, attempt int) error {
+	v := c.vm
+	qemuImg, err := exec.LookPath("qemu-img")
+	if err != nil {
+		return nil
+	}
+	for _, p := range plans {
+		target := p.disk.Target.Dev
+		var capacity uint64
+		err := rpc0(ctx, v.c, func() (err error) {
+			_, capacity, _, err = v.c.l.DomainGetBlockInfo(v.dom, target, 0)
+			return err
+		})
+		if err != nil {
+			return v.errorf(err, "reading the size of disk %s", target)
+		}
+		path := c.scratchPath(target, attempt)
+		out, err := exec.CommandContext(ctx, qemuImg, "create", "-q", "-f", "qcow2", path, strconv.FormatUint(capacity, 10)).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("VM %s: creating the scratch image %s: %w: %s", v.dom.Name, path, err, strings.TrimSpace(string(out)))
+		}
+		if c.owner.ok && (c.owner.uid != os.Geteuid() || c.owner.gid != os.Getegid()) {
+			if err := os.Chown(path, c.owner.uid, c.owner.gid); err != nil {
+				return fmt.Errorf("VM %s: handing the scratch image %s to QEMU's user: %w", v.dom.Name, path, err)
+			}
+		}
+	}
+	c.scratchAttempt = attempt
+	return nil
+}
+
+// frozen begins the backup with the guest's filesystems frozen, guarded by
+// the thaw watchdog.
+func (c *capture) frozen(ctx context.Context, def *domainDef, plans []*diskPlan) error {
+	v := c.vm
+	wd, err := guest.StartWatchdog(ctx, v.watchdogSpec(true, false))
+	if err != nil {
+		return fmt.Errorf("VM %s: app-consistent capture: %w (the guest was not frozen)", v.dom.Name, err)
+	}
+	f := v.freezer()
+	start := time.Now()
+	if _, ferr := f.Freeze(ctx); ferr != nil {
+		// A freeze that failed or timed out may still take effect: thaw, and
+		// have the watchdog make sure the agent says "thawed".
+		f.Thaw(context.WithoutCancel(ctx))
+		wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		if werr := wd.Fire(wctx); werr != nil {
+			return fmt.Errorf("VM %s: freezing the guest's filesystems: %w; making sure it is thawed: %w", v.dom.Name, ferr, werr)
+		}
+		return fmt.Errorf("VM %s: freezing the guest's filesystems: %w; the guest was thawed and runs on, nothing was captured: retry, or use crash mode", v.dom.Name, ferr)
+	}
+	berr := c.begin(ctx, def, plans)
+	_, terr := f.Thaw(context.WithoutCancel(ctx))
+	c.freeze = time.Since(start)
+	if terr != nil {
+		wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		if werr := wd.Fire(wctx); werr != nil {
+			return fmt.Errorf("VM %s: thawing the guest's filesystems: %w; the watchdog could not thaw them either: %w: the guest may still be frozen: run `virsh domfsthaw %s`", v.dom.Name, terr, werr, v.dom.Name)
+		}
+	} else if derr := wd.Disarm(context.WithoutCancel(ctx)); errors.Is(derr, guest.ErrWatchdogFired) {
+		return errors.Join(berr, fmt.Errorf("VM %s: %w: the capture is not application-consistent; retry, or raise the watchdog deadline", v.dom.Name, derr))
+	}
+	// Other Disarm failures do not matter: Kura thawed the guest itself.
+	return berr
+}
+
+// paused begins the backup with the VM paused, guarded by the watchdog,
+// which resumes it if Kura dies.
+func (c *capture) paused(ctx context.Context, def *domainDef, plans []*diskPlan) error {
+	v := c.vm
+	wd, err := guest.StartWatchdog(ctx, v.watchdogSpec(false, true))
+	if err != nil {
+		return fmt.Errorf("VM %s: suspend-mode capture: %w (the VM was not paused)", v.dom.Name, err)
+	}
+	start := time.Now()
+	if err := rpc0(ctx, v.c, func() error { return v.c.l.DomainSuspend(v.dom) }); err != nil {
+		wd.Disarm(context.WithoutCancel(ctx))
+		return v.errorf(err, "pausing")
+	}
+	berr := c.begin(ctx, def, plans)
+	rerr := rpc0(context.WithoutCancel(ctx), v.c, func() error { return v.c.l.DomainResume(v.dom) })
+	c.mu.Lock()
+	c.pause = time.Since(start)
+	c.mu.Unlock()
+	if rerr != nil {
+		wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		if werr := wd.Fire(wctx); werr != nil {
+			return errors.Join(berr, v.errorf(rerr, "resuming after the capture (the watchdog failed too: %v): the VM may still be paused: run `virsh resume %s`", werr, v.dom.Name))
+		}
+	} else if derr := wd.Disarm(context.WithoutCancel(ctx)); errors.Is(derr, guest.ErrWatchdogFired) {
+		return errors.Join(berr, fmt.Errorf("VM %s: %w: the watchdog resumed the VM before the backup began; retry, or raise the watchdog deadline", v.dom.Name, derr))
+	}
+	return berr
+}
+
+func (v *VM) watchdogSpec(thaw, resume bool) guest.WatchdogSpec {
+	return guest.WatchdogSpec{
+		Libvirt: &guest.LibvirtTarget{
+			Socket: v.c.socket,
+			URI:    v.c.uri,
+			Domain: v.dom.Name,
+			UUID:   v.UUID(),
+		},
+		Thaw:     thaw,
+		Resume:   resume,
+		Deadline: v.c.opts.WatchdogDeadline,
+		Timeouts: v.c.opts.Agent,
+	}
+}
+
+// openExports connects to the job's NBD export of each disk.
+func (c *capture) openExports(ctx context.Context, plans []*diskPlan) error {
+	v := c.vm
+	x, err := rpc(ctx, v.c, func() (string, error) { return v.c.l.DomainBackupGetXMLDesc(v.dom, 0) })
+	if err != nil {
+		return v.errorf(err, "reading the backup job's description")
+	}
+	job, err := parseBackup(x)
+	if err != nil {
+		return fmt.Errorf("VM %s: %w", v.dom.Name, err)
+	}
+	socket := job.Server.Socket
+	for _, p := range plans {
+		target := p.disk.Target.Dev
+		export, bitmap := target, "backup-"+target
+		for _, d := range job.Disks {
+			if d.Name == target {
+				if d.ExportName != "" {
+					export = d.ExportName
+				}
+				if d.ExportBitmap != "" {
+					bitmap = d.ExportBitmap
+				}
+			}
+		}
+		metas := []string{nbd.MetaBaseAllocation}
+		if p.since != "" {
+			metas = append(metas, nbd.MetaDirtyBitmapPrefix+bitmap)
+		}
+		client, err := nbd.Dial(ctx, "unix", socket, nbd.Options{ExportName: export, MetaContexts: metas})
+		if err != nil {
+			return fmt.Errorf("VM %s: connecting to the backup export of disk %s: %w", v.dom.Name, target, err)
+		}
+		granted := map[string]bool{}
+		for _, mc := range client.MetaContexts() {
+			granted[mc.Name] = true
+		}
+		if !granted[nbd.MetaBaseAllocation] {
+			client.Close()
+			return fmt.Errorf("VM %s: the backup export of disk %s offers no %s", v.dom.Name, target, nbd.MetaBaseAllocation)
+		}
+		d := &exportDisk{
+			info: source.DiskInfo{
+				Name:   target,
+				Size:   client.Size(),
+				Format: p.disk.format(),
+				Path:   p.disk.path(),
+			},
+			client:  client,
+			explain: c.explain,
+		}
+		note := source.DiskNote{Disk: target, Read: readFull, Reason: p.reason}
+		switch {
+		case p.since != "" && granted[nbd.MetaDirtyBitmapPrefix+bitmap]:
+			c.disks = append(c.disks, &trackedDisk{exportDisk: d, bitmap: nbd.MetaDirtyBitmapPrefix + bitmap})
+			note = source.DiskNote{Disk: target, Read: readChanged, Reason: "changes since checkpoint " + p.since}
+		case p.since != "":
+			note.Reason = fmt.Sprintf("libvirt did not export the bitmap %s", bitmap)
+			fallthrough
+		default:
+			c.disks = append(c.disks, d)
+		}
+		c.notes = append(c.notes, note)
+	}
+	return nil
+}
+
+// explain adds to a failed read what became of the VM.
+func (c *capture) explain(ctx context.Context, err error) error {
+	v := c.vm
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 3*time.Second)
+	defer cancel()
+	st, serr := v.state(ctx)
+	switch {
+	case errors.Is(serr, source.ErrNotFound):
+		return fmt.Errorf("VM %s no longer exists: %w", v.dom.Name, err)
+	case serr == nil && st != golibvirt.DomainRunning && st != golibvirt.DomainPaused:
+		return fmt.Errorf("VM %s is no longer running (%s): %w", v.dom.Name, stateName(st), err)
+	}
+	return fmt.Errorf("VM %s: %w", v.dom.Name, err)
+}
+
+func stateName(s golibvirt.DomainState) string {
+	switch s {
+	case golibvirt.DomainRunning:
+		return "running"
+	case golibvirt.DomainBlocked:
+		return "blocked"
+	case golibvirt.DomainPaused:
+		return "paused"
+	case golibvirt.DomainShutdown:
+		return "shutting down"
+	case golibvirt.DomainShutoff:
+		return "shut off"
+	case golibvirt.DomainCrashed:
+		return "crashed"
+	case golibvirt.DomainPmsuspended:
+		return "suspended by guest power management"
+	}
+	return fmt.Sprintf("state %d", s)
+}
+
+// captureOffline reads the disk files of a VM that is off, shutting it down
+// first (and starting it again at End) when shutdown is set.
+func (v *VM) captureOffline(ctx context.Context, def *domainDef, disks []diskDef, shutdown bool, why string) (_ source.Capture, err error) {
+	c := &capture{vm: v, mode: source.ModeShutdown}
+	for _, d := range disks {
+		if d.path() == "" {
+			return nil, fmt.Errorf("VM %s: disk %s is a %s disk, not a local file or device: it can only be read while the VM runs (use app, crash or suspend mode)", v.dom.Name, d.Target.Dev, d.Type)
+		}
+	}
+	if shutdown {
+		requested := time.Now()
+		if err := v.shutdown(ctx); err != nil {
+			return nil, err
+		}
+		c.restart, c.downSince = true, requested
+	}
+	defer func() {
+		if err != nil {
+			c.End(context.WithoutCancel(ctx), false)
+		}
+	}()
+	for _, d := range disks {
+		disk, err := image.Open(ctx, d.path(), image.Options{Format: d.format()})
+		if err != nil {
+			return nil, fmt.Errorf("VM %s: opening disk %s offline: %w", v.dom.Name, d.Target.Dev, err)
+		}
+		c.disks = append(c.disks, &offlineDisk{Disk: disk, name: d.Target.Dev})
+		c.notes = append(c.notes, source.DiskNote{Disk: d.Target.Dev, Read: readFull, Reason: why})
+	}
+	return c, nil
+}
+
+// shutdown asks the guest to shut down and waits until it is off.
+func (v *VM) shutdown(ctx context.Context) error {
+	persistent, err := rpc(ctx, v.c, func() (int32, error) { return v.c.l.DomainIsPersistent(v.dom) })
+	if err != nil {
+		return v.errorf(err, "checking that it is defined")
+	}
+	if persistent == 0 {
+		return fmt.Errorf("VM %s is transient (not defined): shutdown mode could not start it again; define it, or use another mode", v.dom.Name)
+	}
+	start := time.Now()
+	// Through the guest agent when it answers, else the ACPI power button.
+	// The agent's shutdown command often "fails" because the guest kills
+	// the agent while it shuts down: an error only shortens the wait.
+	reqErr := rpc0(ctx, v.c, func() error {
+		return v.c.l.DomainShutdownFlags(v.dom, golibvirt.DomainShutdownGuestAgent|golibvirt.DomainShutdownAcpiPowerBtn)
+	})
+	timeout := v.c.opts.ShutdownTimeout
+	if reqErr != nil {
+		timeout = min(timeout, 30*time.Second)
+	}
+	for {
+		st, err := v.state(ctx)
+		if err != nil {
+			return err
+		}
+		if st == golibvirt.DomainShutoff {
+			return nil
+		}
+		if time.Since(start) > timeout {
+			why := ""
+			if reqErr != nil {
+				why = fmt.Sprintf(" (the request failed: %v)", reqErr)
+			}
+			return fmt.Errorf("VM %s did not shut down within %s%s; it is %s, nothing was captured, and the guest may still act on the request and shut down (start it with `virsh start %s`): check that it runs qemu-guest-agent or handles the ACPI power button, or use another mode", v.dom.Name, timeout, why, stateName(st), v.dom.Name)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("VM %s: waiting for the guest to shut down: %w (the shutdown request stands)", v.dom.Name, ctx.Err())
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+}
+
+// End releases the capture: it disconnects from the exports, ends the
+// backup job, keeps or drops checkpoints (ok: the new checkpoint stays and
+// Kura's older ones go; not ok: the new one goes, so the previous one still
+// covers every change since it), removes the private directory and, in
+// shutdown mode, starts the VM again. It does what it can when the VM is
+// gone, and each libvirt call is bounded, so it never hangs.
+func (c *capture) End(ctx context.Context, ok bool) error {
+	c.mu.Lock()
+	if c.ended {
+		c.mu.Unlock()
+		return nil
+	}
+	c.ended = true
+	c.mu.Unlock()
+	v := c.vm
+	var errs []error
+	for _, d := range c.disks {
+		if err := d.Close(); err != nil && !errors.Is(err, nbd.ErrClosed) {
+			errs = append(errs, fmt.Errorf("VM %s: closing disk %s: %w", v.dom.Name, d.Info().Name, err))
+		}
+	}
+	gone := false
+	if c.jobStarted {
+		err := c.endCall(ctx, func() error { return v.c.l.DomainAbortJob(v.dom) })
+		switch {
+		case err == nil:
+		case golibvirt.IsNotFound(err):
+			gone = true
+		case libvirtCode(err) == golibvirt.ErrOperationInvalid:
+			// "domain is not running" or "no job is active": nothing to end.
+			if st, serr := v.state(ctx); serr != nil || st == golibvirt.DomainShutoff {
+				gone = true
+			}
+		default:
+			errs = append(errs, v.errorf(err, "ending the backup job (end it with `virsh domjobabort %s`)", v.dom.Name))
+		}
+		if !gone && err == nil {
+			if err := c.waitJobGone(ctx); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if c.checkpoint != "" && !gone {
+		var err error
+		if ok {
+			err = c.dropOlderCheckpoints(ctx)
+		} else {
+			err = c.deleteCheckpoint(ctx, c.checkpoint)
+		}
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if c.dir != "" {
+		if err := os.RemoveAll(c.dir); err != nil {
+			errs = append(errs, fmt.Errorf("VM %s: removing the scratch directory: %w", v.dom.Name, err))
+		}
+	}
+	if c.restart {
+		err := c.endCall(ctx, func() error { return v.c.l.DomainCreate(v.dom) })
+		c.mu.Lock()
+		c.pause = time.Since(c.downSince)
+		c.mu.Unlock()
+		if err != nil {
+			errs = append(errs, v.errorf(err, "starting it again after the shutdown-mode capture (start it with `virsh start %s`)", v.dom.Name))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// waitJobGone waits until libvirt has torn the aborted backup job down
+// (virDomainAbortJob only starts that: QEMU cancels the block jobs
+// asynchronously).
+func (c *capture) waitJobGone(ctx context.Context) error {
+	v := c.vm
+	for deadline := time.Now().Add(endCallTimeout); ; {
+		err := c.endCall(ctx, func() error {
+			_, err := v.c.l.DomainBackupGetXMLDesc(v.dom, 0)
+			return err
+		})
+		switch {
+		case libvirtCode(err) == golibvirt.ErrNoDomainBackup, golibvirt.IsNotFound(err), libvirtCode(err) == golibvirt.ErrOperationInvalid:
+			return nil
+		case time.Now().After(deadline) || ctx.Err() != nil:
+			return fmt.Errorf("VM %s: the backup job was still ending %s after it was aborted: %v", v.dom.Name, endCallTimeout, err)
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// endCall runs one libvirt call during End with its own bound.
+func (c *capture) endCall(ctx context.Context, f func() error) error {
+	ctx, cancel := context.WithTimeout(ctx, endCallTimeout)
+	defer cancel()
+	return rpc0(ctx, c.vm.c, f)
+}
+
+// deleteCheckpoint deletes one checkpoint; libvirt merges its bitmap into
+// its parent's as needed. A checkpoint whose bitmap is gone from a disk
+// cannot be deleted that way: then only its metadata is.
+func (c *capture) deleteCheckpoint(ctx context.Context, name string) error {
+	v := c.vm
+	cp := golibvirt.DomainCheckpoint{Name: name, Dom: v.dom}
+	var err error
+	// Right after the job ends libvirt may still hold the domain's job lock.
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		err = c.endCall(ctx, func() error { return v.c.l.DomainCheckpointDelete(cp, 0) })
+		if err == nil || libvirtCode(err) == golibvirt.ErrNoDomainCheckpoint || golibvirt.IsNotFound(err) {
+			return nil
+		}
+		if libvirtCode(err) != golibvirt.ErrOperationInvalid && libvirtCode(err) != golibvirt.ErrOperationTimeout || time.Now().After(deadline) || ctx.Err() != nil {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if code := libvirtCode(err); code == golibvirt.ErrCheckpointInconsistent ||
+		(code == golibvirt.ErrInternalError && strings.Contains(err.Error(), "bitmap")) {
+		merr := c.endCall(ctx, func() error {
+			return v.c.l.DomainCheckpointDelete(cp, golibvirt.DomainCheckpointDeleteMetadataOnly)
+		})
+		if merr == nil {
+			return nil
+		}
+		err = errors.Join(err, merr)
+	}
+	return v.errorf(err, "deleting checkpoint %s", name)
+}
+
+// dropOlderCheckpoints deletes Kura's checkpoints created before the new
+// one, oldest first.
+func (c *capture) dropOlderCheckpoints(ctx context.Context) error {
+	v := c.vm
+	var cps []golibvirt.DomainCheckpoint
+	err := c.endCall(ctx, func() (err error) {
+		cps, _, err = v.c.l.DomainListAllCheckpoints(v.dom, 1, 0)
+		return err
+	})
+	if err != nil {
+		return v.errorf(err, "listing checkpoints")
+	}
+	type aged struct {
+		name string
+		time int64
+	}
+	var mine *aged
+	var kura []aged
+	for _, cp := range cps {
+		if !strings.HasPrefix(cp.Name, CheckpointPrefix) {
+			continue
+		}
+		var x string
+		err := c.endCall(ctx, func() (err error) {
+			x, err = v.c.l.DomainCheckpointGetXMLDesc(cp, uint32(golibvirt.DomainCheckpointXMLNoDomain))
+			return err
+		})
+		if err != nil {
+			return v.errorf(err, "reading checkpoint %s", cp.Name)
+		}
+		def, err := parseCheckpoint(x)
+		if err != nil {
+			return fmt.Errorf("VM %s: checkpoint %s: %w", v.dom.Name, cp.Name, err)
+		}
+		a := aged{cp.Name, def.CreationTime}
+		if cp.Name == c.checkpoint {
+			mine = &a
+			continue
+		}
+		kura = append(kura, a)
+	}
+	if mine == nil {
+		return fmt.Errorf("VM %s: the new checkpoint %s is gone", v.dom.Name, c.checkpoint)
+	}
+	older := func(a aged) bool {
+		return a.time < mine.time || (a.time == mine.time && a.name < mine.name)
+	}
+	slices.SortFunc(kura, func(a, b aged) int {
+		if a.time != b.time {
+			return int(a.time - b.time)
+		}
+		return strings.Compare(a.name, b.name)
+	})
+	var errs []error
+	for _, a := range kura {
+		if older(a) {
+			if err := c.deleteCheckpoint(ctx, a.name); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,565 @@
+package libvirt
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	golibvirt "github.com/digitalocean/go-libvirt"
+	"github.com/kura-backup/kura/internal/nbd"
+	"github.com/kura-backup/kura/internal/source"
+	"github.com/kura-backup/kura/internal/testvm"
+)
+
+// hangHook is an fsfreeze hook for qemu-ga that stalls a freeze for as many
+// seconds as /run/kura-hang-freeze says, so a test can make the agent hang
+// in the middle of guest-fsfreeze-freeze while it still answers pings.
+const hangHook = `#!/bin/sh
+if [ "$1" = freeze ] && [ -f /run/kura-hang-freeze ]; then sleep "$(cat /run/kura-hang-freeze)"; fi
+exit 0
+`
+
+// installHangHook restarts the guest agent with hangHook.
+func installHangHook(t *testing.T, ctx context.Context, g *testvm.Guest) {
+	t.Helper()
+	script := fmt.Sprintf(`set -e
+cat >/usr/local/bin/kura-test-hook <<'EOF'
+%sEOF
+chmod 755 /usr/local/bin/kura-test-hook
+cat >/etc/systemd/system/qemu-guest-agent.service.d/zz-kura-test.conf <<'EOF'
+[Service]
+ExecStart=
+ExecStart=/usr/sbin/qemu-ga --method=virtio-serial --path=/dev/virtio-ports/org.qemu.guest_agent.0 -F/usr/local/bin/kura-test-hook
+EOF
+systemctl daemon-reload`, hangHook)
+	guestSh(t, ctx, g, script)
+	// systemd restarts the agent (which kills the agent's own children).
+	g.ExecFull(ctx, nil, "/usr/bin/systemd-run", "--no-block", "/bin/systemctl", "restart", "qemu-guest-agent")
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(time.Second) {
+		r, err := g.ExecFull(ctx, nil, "/bin/sh", "-c", "cat /proc/$(pidof qemu-ga)/cmdline")
+		if err == nil && strings.Contains(r.Stdout, "kura-test-hook") {
+			return
+		}
+		if time.Now().After(deadline) {
+			j, _ := g.ExecFull(ctx, nil, "/bin/sh", "-c", "journalctl -n 30 --no-pager; systemctl cat qemu-guest-agent")
+			t.Fatalf("qemu-ga did not restart with the hook: %q, %v\n%s", r.Stdout, err, j.Stdout)
+		}
+	}
+}
+
+// checkpoints lists the domain's checkpoints.
+func checkpoints(t *testing.T, v *VM) []string {
+	t.Helper()
+	cps, _, err := v.c.l.DomainListAllCheckpoints(v.dom, 1, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, cp := range cps {
+		names = append(names, cp.Name)
+	}
+	slices.Sort(names)
+	return names
+}
+
+func noBackupJob(t *testing.T, v *VM) {
+	t.Helper()
+	if x, err := v.c.l.DomainBackupGetXMLDesc(v.dom, 0); libvirtCode(err) != golibvirt.ErrNoDomainBackup {
+		t.Errorf("a backup job is still there: %v %s", err, x)
+	}
+}
+
+func agentStatus(t *testing.T, ctx context.Context, g *testvm.Guest) string {
+	t.Helper()
+	var st string
+	if err := g.Agent(ctx, "guest-fsfreeze-status", nil, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+func endCapture(t *testing.T, ctx context.Context, c source.Capture, ok bool) {
+	t.Helper()
+	dir := ""
+	if lc, live := c.(*capture); live {
+		dir = lc.dir
+	}
+	start := time.Now()
+	if err := c.End(ctx, ok); err != nil {
+		t.Fatalf("End(%v): %v", ok, err)
+	}
+	t.Logf("End(%v) took %s", ok, time.Since(start).Round(time.Millisecond))
+	if dir != "" {
+		if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("scratch directory %s still there after End: %v", dir, err)
+		}
+	}
+}
+
+// TestLibvirtCapture is the driver's conformance test against a real
+// libvirt guest: full and incremental captures in every mode, the
+// checkpoint chain, and the failures a user meets.
+func TestLibvirtCapture(t *testing.T) {
+	needLibvirt(t)
+	testStart := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), 12*time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+
+	// A raw data disk: 64 MiB, 1 MiB of random data at 8 MiB, the rest a hole.
+	rawPath := filepath.Join(dir, "vdd.raw")
+	rawData := make([]byte, 1<<20)
+	rand.Read(rawData)
+	if err := os.WriteFile(rawPath, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(rawPath, 64<<20); err != nil {
+		t.Fatal(err)
+	}
+	if f, err := os.OpenFile(rawPath, os.O_WRONLY, 0); err == nil {
+		f.WriteAt(rawData, 8<<20)
+		f.Close()
+	}
+
+	g, err := testvm.StartLibvirt(ctx, testvm.Options{Dir: dir, Disks: []testvm.DiskSpec{
+		{FS: "ext4", Mount: "/data"},
+		{FS: "xfs", Mount: "/data2"},
+		{Source: rawPath, Format: "raw"},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { g.Destroy(context.Background()) })
+	if _, err := g.WaitAgent(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("guest %s booted in %s (%s)", g.Name, g.BootTime.Round(time.Second), g.Accel)
+	installHangHook(t, ctx, g)
+
+	conn, err := Connect(ctx, "qemu:///system")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	sv, err := conn.VM(ctx, g.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vm := sv.(*VM)
+
+	t.Run("list, lookup and config", func(t *testing.T) {
+		names, err := conn.List(ctx)
+		if err != nil || !slices.Contains(names, g.Name) {
+			t.Fatalf("List = %v, %v; want it to contain %s", names, err, g.Name)
+		}
+		if _, err := conn.VM(ctx, "kura-no-such-vm"); !isNotFound(err) || !strings.Contains(err.Error(), "kura-no-such-vm") {
+			t.Errorf("VM of a missing domain: %v; want ErrNotFound naming it", err)
+		}
+		typ, x, err := vm.Config(ctx)
+		if err != nil || typ != "libvirt-xml" || !strings.Contains(x, "<name>"+g.Name+"</name>") || !strings.Contains(x, "vdb.qcow2") {
+			t.Fatalf("Config = %q, %d bytes, %v", typ, len(x), err)
+		}
+	})
+
+	guestSh(t, ctx, g, "kura-workload write /data 8 1 && kura-workload write /data2 8 2")
+
+	// Full capture, default mode: the agent answers, so app.
+	vdbBase := filepath.Join(dir, "vdb-base.raw") // vdb as of the last capture
+	var cp1 string
+	if !t.Run("full app capture", func(t *testing.T) {
+		start := time.Now()
+		c, err := vm.Capture(ctx, source.CaptureOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.End(ctx, false)
+		t.Logf("Capture took %s; freeze window %s, of which the backup job's start %s", time.Since(start).Round(time.Millisecond), c.FreezeWindow().Round(time.Microsecond), c.(*capture).beginTime.Round(time.Microsecond))
+		if c.Mode() != source.ModeApp {
+			t.Errorf("Mode = %q; want app", c.Mode())
+		}
+		if w := c.FreezeWindow(); w <= 0 || w > 3*time.Second {
+			t.Errorf("FreezeWindow = %s", w)
+		}
+		if c.Pause() != 0 {
+			t.Errorf("Pause = %s in app mode", c.Pause())
+		}
+		if st := agentStatus(t, ctx, g); st != "thawed" {
+			t.Errorf("guest %s after Capture", st)
+		}
+		cp1 = c.Checkpoint()
+		if !strings.HasPrefix(cp1, CheckpointPrefix) {
+			t.Fatalf("Checkpoint = %q", cp1)
+		}
+		for _, n := range c.Notes() {
+			t.Logf("note %+v", n)
+			if n.Read != "full" {
+				t.Errorf("note %+v; want full for a first backup", n)
+			}
+		}
+		if n := noteFor(c, "vdd"); !strings.Contains(n.Reason, "raw") {
+			t.Errorf("raw disk note %+v; want it to say raw", n)
+		}
+		var names []string
+		for _, d := range c.Disks() {
+			names = append(names, d.Info().Name)
+			if _, ok := d.(source.ChangeTracker); ok {
+				t.Errorf("disk %s of a full capture tracks changes", d.Info().Name)
+			}
+		}
+		if !slices.Equal(names, []string{"vda", "vdb", "vdc", "vdd"}) {
+			t.Fatalf("disks %v", names)
+		}
+		if info := diskByName(t, c, "vdb").Info(); info.Format != "qcow2" || info.Size != 256<<20 || !strings.HasSuffix(info.Path, "vdb.qcow2") {
+			t.Errorf("vdb info %+v", info)
+		}
+		if info := diskByName(t, c, "vdd").Info(); info.Format != "raw" || info.Path != rawPath {
+			t.Errorf("vdd info %+v", info)
+		}
+
+		// QEMU answers base:allocation for the whole backing chain: a hole
+		// is always zero too (the root disk is an overlay over a base image).
+		cl, err := nbd.Dial(ctx, "unix", capSocket(c), nbd.Options{ExportName: "vda", MetaContexts: []string{nbd.MetaBaseAllocation}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		st, err := cl.BlockStatus(ctx, nbd.MetaBaseAllocation, 0, cl.Size())
+		cl.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range st {
+			if e.Flags&nbd.StateHole != 0 && e.Flags&nbd.StateZero == 0 {
+				t.Errorf("vda export: hole without zero at %d+%d", e.Offset, e.Length)
+			}
+		}
+
+		images := map[string]string{"vda": filepath.Join(dir, "vda.raw"), "vdb": vdbBase, "vdc": filepath.Join(dir, "vdc.raw"), "vdd": filepath.Join(dir, "vdd-copy.raw")}
+		for _, d := range c.Disks() {
+			name := d.Info().Name
+			start := time.Now()
+			sum, read := copyDisk(t, ctx, d, images[name])
+			took := time.Since(start)
+			if want := exportHash(t, capSocket(c), name); sum != want {
+				t.Errorf("disk %s read through the capture: sha256 %s; nbdcopy of the export: %s", name, sum, want)
+			}
+			t.Logf("disk %s: read %d MiB of %d MiB in %s, equal to nbdcopy", name, read>>20, d.Info().Size>>20, took.Round(time.Millisecond))
+		}
+		if n := verifyExt4(t, vdbBase); n != 8 {
+			t.Errorf("%d files in /data; want 8", n)
+		}
+		if n := verifyXFS(t, images["vdc"]); n != 8 && n != 0 {
+			t.Errorf("%d files in /data2; want 8", n)
+		}
+		if out, err := exec.Command("fsck.ext4", "-fn", images["vda"]).CombinedOutput(); err != nil {
+			t.Errorf("the root filesystem of the app-consistent capture: fsck.ext4 -fn: %v\n%s", err, out)
+		}
+		raw, err := os.ReadFile(images["vdd"])
+		if err != nil || string(raw[8<<20:9<<20]) != string(rawData) {
+			t.Errorf("raw disk vdd: data at 8 MiB differs from what was written (%v)", err)
+		}
+		endCapture(t, ctx, c, true)
+		noBackupJob(t, vm)
+		if cps := checkpoints(t, vm); !slices.Equal(cps, []string{cp1}) {
+			t.Errorf("checkpoints %v; want [%s]", cps, cp1)
+		}
+	}) {
+		return
+	}
+
+	// Incremental: 2 MiB more in /data, then only the changes are read, and
+	// applied to the previous image they give the new one.
+	guestSh(t, ctx, g, "kura-workload write /data 2 3")
+	var cp2 string
+	if !t.Run("incremental crash capture", func(t *testing.T) {
+		c, err := vm.Capture(ctx, source.CaptureOptions{Mode: source.ModeCrash, Since: cp1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.End(ctx, false)
+		if c.Mode() != source.ModeCrash || c.FreezeWindow() != 0 || c.Pause() != 0 {
+			t.Errorf("Mode %q, FreezeWindow %s, Pause %s; want crash, 0, 0", c.Mode(), c.FreezeWindow(), c.Pause())
+		}
+		for _, n := range c.Notes() {
+			t.Logf("note %+v", n)
+		}
+		for _, name := range []string{"vda", "vdb", "vdc"} {
+			if n := noteFor(c, name); n.Read != "changed" {
+				t.Errorf("disk %s: note %+v; want changed", name, n)
+			}
+		}
+		if n := noteFor(c, "vdd"); n.Read != "full" || !strings.Contains(n.Reason, "raw") {
+			t.Errorf("raw disk: note %+v; want full because raw", n)
+		}
+		vdb := diskByName(t, c, "vdb")
+		changed := applyChanges(t, ctx, vdb, vdbBase)
+		t.Logf("vdb: %d KiB changed of %d MiB", changed>>10, vdb.Info().Size>>20)
+		if changed < 2<<20 || changed > vdb.Info().Size/10 {
+			t.Errorf("vdb: %d bytes changed after writing 2 MiB; want at least 2 MiB and under a tenth of the disk", changed)
+		}
+		if got, want := fileHash(t, vdbBase), exportHash(t, capSocket(c), "vdb"); got != want {
+			t.Fatalf("previous image + changed ranges: sha256 %s; the export now: %s", got, want)
+		}
+		cp2 = c.Checkpoint()
+		endCapture(t, ctx, c, true)
+		if cps := checkpoints(t, vm); !slices.Equal(cps, []string{cp2}) {
+			t.Errorf("checkpoints %v; want [%s]: older kura checkpoints go after a good backup", cps, cp2)
+		}
+	}) {
+		return
+	}
+
+	// A failed backup (End(false)) drops its checkpoint; the next capture,
+	// from the last good checkpoint, still sees every change since it.
+	guestSh(t, ctx, g, "kura-workload write /data 1 4")
+	if !t.Run("failed suspend capture keeps the chain", func(t *testing.T) {
+		c, err := vm.Capture(ctx, source.CaptureOptions{Mode: source.ModeSuspend, Since: cp2})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("suspend mode: paused for %s", c.Pause().Round(time.Microsecond))
+		if c.Mode() != source.ModeSuspend || c.Pause() <= 0 || c.Pause() > 5*time.Second || c.FreezeWindow() != 0 {
+			t.Errorf("Mode %q, Pause %s, FreezeWindow %s", c.Mode(), c.Pause(), c.FreezeWindow())
+		}
+		if st, err := vm.state(ctx); err != nil || st != golibvirt.DomainRunning {
+			t.Errorf("VM state after a suspend capture: %s, %v; want running", stateName(st), err)
+		}
+		if c.Checkpoint() == "" || c.Checkpoint() == cp2 {
+			t.Errorf("Checkpoint %q", c.Checkpoint())
+		}
+		endCapture(t, ctx, c, false)
+		if cps := checkpoints(t, vm); !slices.Equal(cps, []string{cp2}) {
+			t.Errorf("checkpoints %v; want [%s]: a failed backup's checkpoint goes", cps, cp2)
+		}
+		guestSh(t, ctx, g, "kura-workload write /data 1 5")
+		c, err = vm.Capture(ctx, source.CaptureOptions{Mode: source.ModeCrash, Since: cp2})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.End(ctx, false)
+		changed := applyChanges(t, ctx, diskByName(t, c, "vdb"), vdbBase)
+		if got, want := fileHash(t, vdbBase), exportHash(t, capSocket(c), "vdb"); got != want {
+			t.Fatalf("image at %s + changes since: sha256 %s; the export now: %s", cp2, got, want)
+		}
+		t.Logf("changes since %s across the failed backup: %d KiB, image matches", cp2, changed>>10)
+		endCapture(t, ctx, c, true)
+	}) {
+		return
+	}
+
+	t.Run("missing checkpoint reads in full", func(t *testing.T) {
+		const gone = "kura-19990101T000000.000000Z"
+		c, err := vm.Capture(ctx, source.CaptureOptions{Mode: source.ModeCrash, Since: gone})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.End(ctx, false)
+		for _, d := range c.Disks() {
+			if _, ok := d.(source.ChangeTracker); ok {
+				t.Errorf("disk %s tracks changes since a missing checkpoint", d.Info().Name)
+			}
+		}
+		for _, name := range []string{"vda", "vdb", "vdc"} {
+			if n := noteFor(c, name); n.Read != "full" || !strings.Contains(n.Reason, gone) || !strings.Contains(n.Reason, "missing") {
+				t.Errorf("disk %s: note %+v; want full because %s is missing", name, n, gone)
+			}
+		}
+		if c.Checkpoint() == "" {
+			t.Error("no new checkpoint after a full read")
+		}
+		endCapture(t, ctx, c, true)
+		if cps := checkpoints(t, vm); !slices.Equal(cps, []string{c.Checkpoint()}) {
+			t.Errorf("checkpoints %v; want [%s]", cps, c.Checkpoint())
+		}
+	})
+
+	t.Run("broken bitmap reads that disk in full", func(t *testing.T) {
+		cps := checkpoints(t, vm)
+		if len(cps) != 1 {
+			t.Fatalf("checkpoints %v", cps)
+		}
+		since := cps[0]
+		// Remove vdb's bitmap behind libvirt's back, as a replaced disk
+		// image would lose it.
+		x, _ := vm.c.l.DomainGetXMLDesc(vm.dom, 0)
+		m := regexp.MustCompile(`(?s)<source file='[^']*vdb\.qcow2' index='(\d+)'/>`).FindStringSubmatch(x)
+		if m == nil {
+			t.Fatalf("no index for vdb in the domain XML")
+		}
+		run(t, "virsh", "-c", "qemu:///system", "qemu-monitor-command", g.Name,
+			fmt.Sprintf(`{"execute":"block-dirty-bitmap-remove","arguments":{"node":"libvirt-%s-format","name":%q}}`, m[1], since))
+		c, err := vm.Capture(ctx, source.CaptureOptions{Mode: source.ModeCrash, Since: since})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.End(ctx, false)
+		if n := noteFor(c, "vdb"); n.Read != "full" || !strings.Contains(n.Reason, "missing or broken") {
+			t.Errorf("vdb: note %+v; want full because its bitmap is gone", n)
+		}
+		if n := noteFor(c, "vda"); n.Read != "changed" {
+			t.Errorf("vda: note %+v; want changed", n)
+		}
+		endCapture(t, ctx, c, true) // deletes the broken checkpoint too
+		if cps := checkpoints(t, vm); !slices.Equal(cps, []string{c.Checkpoint()}) {
+			t.Errorf("checkpoints %v; want [%s]", cps, c.Checkpoint())
+		}
+	})
+
+	t.Run("hung freeze fails the capture and leaves the VM untouched", func(t *testing.T) {
+		conn2, err := ConnectWithOptions(ctx, "qemu:///system", Options{Agent: guestTimeouts(3 * time.Second)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn2.Close()
+		v2, err := conn2.VM(ctx, g.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		before := checkpoints(t, vm)
+		guestSh(t, ctx, g, "echo 8 >/run/kura-hang-freeze")
+		defer guestSh(t, ctx, g, "rm -f /run/kura-hang-freeze")
+		start := time.Now()
+		c, err := v2.Capture(ctx, source.CaptureOptions{Mode: source.ModeApp})
+		took := time.Since(start)
+		if err == nil {
+			c.End(ctx, false)
+			t.Fatal("Capture succeeded with a freeze that hangs")
+		}
+		t.Logf("Capture failed after %s: %v", took.Round(time.Millisecond), err)
+		if !strings.Contains(err.Error(), "freezing") || !strings.Contains(err.Error(), g.Name) {
+			t.Errorf("error %q does not say that freezing VM %s failed", err, g.Name)
+		}
+		if took > 45*time.Second {
+			t.Errorf("took %s", took)
+		}
+		if st := agentStatus(t, ctx, g); st != "thawed" {
+			t.Errorf("guest %s after the failed capture", st)
+		}
+		if st, err := vm.state(ctx); err != nil || st != golibvirt.DomainRunning {
+			t.Errorf("VM %s, %v; want running", stateName(st), err)
+		}
+		noBackupJob(t, vm)
+		if cps := checkpoints(t, vm); !slices.Equal(cps, before) {
+			t.Errorf("checkpoints %v; want %v unchanged", cps, before)
+		}
+	})
+
+	t.Run("backup job of a killed kura is cleared", func(t *testing.T) {
+		cmd := exec.Command(os.Args[0], "-test.run=^$")
+		cmd.Env = append(os.Environ(), childEnv+"="+g.Name)
+		out, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		line, _ := bufio.NewReader(out).ReadString('\n')
+		if !strings.HasPrefix(line, "captured ") {
+			cmd.Process.Kill()
+			cmd.Wait()
+			t.Fatalf("child: %q", line)
+		}
+		cmd.Process.Kill()
+		cmd.Wait()
+		if _, err := vm.c.l.DomainBackupGetXMLDesc(vm.dom, 0); err != nil {
+			t.Fatalf("no backup job left by the killed child: %v", err)
+		}
+		c, err := vm.Capture(ctx, source.CaptureOptions{Mode: source.ModeCrash})
+		if err != nil {
+			t.Fatalf("Capture after a kura died mid-backup: %v", err)
+		}
+		endCapture(t, ctx, c, true)
+		if cps := checkpoints(t, vm); !slices.Equal(cps, []string{c.Checkpoint()}) {
+			t.Errorf("checkpoints %v; want [%s]: the dead run's checkpoint goes too", cps, c.Checkpoint())
+		}
+		if m, _ := filepath.Glob(fmt.Sprintf("/var/tmp/kura-%d-*", cmd.Process.Pid)); len(m) != 0 {
+			t.Errorf("the dead run's scratch directory is still there: %v", m)
+		}
+	})
+
+	t.Run("shutdown mode", func(t *testing.T) {
+		// The test guest has no D-Bus, hence no logind: it ignores the ACPI
+		// power button, and qemu-ga's guest-shutdown (shutdown -P +0)
+		// fails. A direct poweroff works.
+		guestSh(t, ctx, g, `rm -f /sbin/shutdown && printf '#!/bin/sh\nexec /bin/systemctl poweroff\n' >/sbin/shutdown && chmod 755 /sbin/shutdown`)
+		c, err := vm.Capture(ctx, source.CaptureOptions{Mode: source.ModeShutdown, Since: checkpoints(t, vm)[0]})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.End(ctx, false)
+		if st, err := vm.state(ctx); err != nil || st != golibvirt.DomainShutoff {
+			t.Fatalf("VM %s, %v during a shutdown capture", stateName(st), err)
+		}
+		if c.Mode() != source.ModeShutdown || c.Checkpoint() != "" {
+			t.Errorf("Mode %q, Checkpoint %q", c.Mode(), c.Checkpoint())
+		}
+		img := filepath.Join(dir, "vdb-offline.raw")
+		sum, _ := copyDisk(t, ctx, diskByName(t, c, "vdb"), img)
+		if n := verifyExt4(t, img); n != 12 {
+			t.Errorf("%d files in /data; want 12", n)
+		}
+		if info := diskByName(t, c, "vdb").Info(); info.Name != "vdb" || info.Format != "qcow2" {
+			t.Errorf("vdb info %+v", info)
+		}
+		converted := filepath.Join(dir, "vdb-qemu-img.raw")
+		run(t, "qemu-img", "convert", "-U", "-O", "raw", g.Disks[1].Path, converted)
+		if want := fileHash(t, converted); sum != want {
+			t.Errorf("vdb offline: sha256 %s; qemu-img convert: %s", sum, want)
+		}
+		endCapture(t, ctx, c, true)
+		t.Logf("shutdown mode: VM down for %s", c.Pause().Round(time.Millisecond))
+		if c.Pause() <= 0 {
+			t.Errorf("Pause %s", c.Pause())
+		}
+		if st, err := vm.state(ctx); err != nil || st != golibvirt.DomainRunning {
+			t.Fatalf("VM %s, %v after End; want running", stateName(st), err)
+		}
+		if _, err := g.WaitAgent(ctx); err != nil {
+			t.Fatal(err)
+		}
+	})
+
+	t.Run("VM destroyed mid-read", func(t *testing.T) {
+		c, err := vm.Capture(ctx, source.CaptureOptions{Mode: source.ModeCrash})
+		if err != nil {
+			t.Fatal(err)
+		}
+		vda := diskByName(t, c, "vda")
+		buf := make([]byte, 1<<20)
+		var readErr error
+		for off, i := int64(0), 0; off < vda.Info().Size; off, i = off+int64(len(buf)), i+1 {
+			if i == 4 {
+				run(t, "virsh", "-c", "qemu:///system", "destroy", g.Name)
+			}
+			if readErr = vda.ReadAt(ctx, buf, off); readErr != nil {
+				break
+			}
+		}
+		t.Logf("read error: %v", readErr)
+		if readErr == nil || !strings.Contains(readErr.Error(), g.Name) || !strings.Contains(readErr.Error(), "no longer running") {
+			t.Errorf("read after the VM was destroyed: %v; want an error saying VM %s is no longer running", readErr, g.Name)
+		}
+		ectx, cancel := context.WithTimeout(ctx, 60*time.Second)
+		defer cancel()
+		start := time.Now()
+		err = c.End(ectx, false)
+		t.Logf("End after the VM was destroyed: %s, %v", time.Since(start).Round(time.Millisecond), err)
+		if time.Since(start) > 30*time.Second {
+			t.Errorf("End took %s", time.Since(start))
+		}
+		if _, serr := os.Stat(c.(*capture).dir); !errors.Is(serr, os.ErrNotExist) {
+			t.Errorf("scratch directory left behind: %v", serr)
+		}
+	})
+	t.Logf("TestLibvirtCapture: %s", time.Since(testStart).Round(time.Second))
+}
