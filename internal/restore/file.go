@@ -70,7 +70,7 @@ func (t *fileTarget) WriteAt(ctx context.Context, p []byte, off int64) error {
 		_, err := t.f.WriteAt(p, off)
 		return err
 	}
-	err := writeSparse(p, off, 4096, func(p []byte, off int64) error {
+	err := writeSparse(p, off, sparseBlock, func(p []byte, off int64) error {
 		_, err := t.f.WriteAt(p, off)
 		return err
 	})
@@ -110,3 +110,8 @@ func (t *fileTarget) Abort() {
 		os.Remove(t.tmp)
 	}
 }
+
+// sparseBlock is the granularity at which zero runs inside a chunk are
+// left as holes: small enough to keep a restored disk about as sparse as
+// its source, large enough that a chunk is written in a few calls.
+const sparseBlock = 64 << 10
