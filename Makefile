@@ -2,7 +2,7 @@
 export PATH := $(PATH):/usr/local/go/bin
 GO ?= go
 
-.PHONY: all build deps demo test test-short bench vet clean
+.PHONY: all build deps demo demo-image test test-short bench vet clean
 
 all: build
 
@@ -12,8 +12,13 @@ deps:
 build:
 	$(GO) build -o bin/kura ./cmd/kura
 
-# Installs what is missing, builds, and runs the main job end to end.
+# Installs what is missing, builds, and runs the main job end to end on a
+# live VM (the first run builds the test guest image: a few minutes).
 demo: deps build
+	$(GO) run ./cmd/kura-demo
+
+# The same on a generated disk image, without a VM.
+demo-image: deps build
 	@bash scripts/demo.sh
 
 # Installs what is missing and runs every test, integration tests included.
