@@ -2,7 +2,7 @@
 export PATH := $(PATH):/usr/local/go/bin
 GO ?= go
 
-.PHONY: all build deps demo demo-image test test-short bench vet clean
+.PHONY: all build deps guest demo demo-image test test-short bench vet clean
 
 all: build
 
@@ -11,6 +11,11 @@ deps:
 
 build:
 	$(GO) build -o bin/kura ./cmd/kura
+
+# The cached Debian test guest (built once with debootstrap, a few minutes),
+# before the tests so that no test waits on the build under its timeout.
+guest:
+	@bash scripts/mkguest.sh
 
 # Installs what is missing, builds, and runs the main job end to end on a
 # live VM (the first run builds the test guest image: a few minutes).
@@ -22,7 +27,7 @@ demo-image: deps build
 	@bash scripts/demo.sh
 
 # Installs what is missing and runs every test, integration tests included.
-test: deps
+test: deps guest
 	$(GO) vet ./...
 	@test -z "$$(gofmt -l cmd internal bench)" || { echo "gofmt needed:"; gofmt -l cmd internal bench; exit 1; }
 	$(GO) test -timeout 60m -count=1 ./...
