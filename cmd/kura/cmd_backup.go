@@ -83,6 +83,9 @@ func (a *app) printBackup(s *repo.Snapshot) {
 		}
 	}
 	fmt.Fprintln(a.stdout)
+	if s.Stats.Note != "" {
+		fmt.Fprintf(a.stdout, "  warning: %s\n", s.Stats.Note)
+	}
 	for _, d := range s.Disks {
 		fmt.Fprintf(a.stdout, "  disk %-10s %s %s, %s of data, read: %s\n", d.Name, d.Format, humanBytes(d.Size), humanBytes(d.DataBytes), d.Read)
 	}

@@ -35,7 +35,7 @@ func checkMode(m string) error {
 
 func (a *app) vmBackupCmd() *cobra.Command {
 	var connect, mode string
-	var all, full bool
+	var all, full, requireApp bool
 	var parallel, workers int
 	cmd := &cobra.Command{
 		Use:   "vm [NAME...]",
@@ -69,13 +69,14 @@ func (a *app) vmBackupCmd() *cobra.Command {
 			}
 			return a.backupVMs(ctx, r, names, parallel, func(ctx context.Context, name string) (source.VM, error) {
 				return conn.VM(ctx, name)
-			}, backup.VMOptions{Mode: mode, Full: full, Source: "libvirt", Workers: workers})
+			}, backup.VMOptions{Mode: mode, RequireApp: requireApp, Full: full, Source: "libvirt", Workers: workers})
 		},
 	}
 	f := cmd.Flags()
 	f.StringVarP(&connect, "connect", "c", "qemu:///system", "libvirt `URI` or socket path")
 	f.StringVar(&mode, "mode", "", "consistency: app (default when the guest agent answers), crash, suspend or shutdown")
 	f.BoolVar(&all, "all", false, "every running and defined domain")
+	f.BoolVar(&requireApp, "require-app", false, "fail, without touching the VM, when the guest agent does not answer (default: fall back to crash-consistent with a warning)")
 	f.BoolVar(&full, "full", false, "read every disk in full once, ignoring changed-block tracking")
 	f.IntVar(&parallel, "parallel", 1, "back up this many VMs at once")
 	f.IntVar(&workers, "workers", 0, "parallel workers per VM (default 2 per CPU)")
@@ -84,7 +85,7 @@ func (a *app) vmBackupCmd() *cobra.Command {
 
 func (a *app) qmpBackupCmd() *cobra.Command {
 	var socket, name, mode string
-	var full bool
+	var full, requireApp bool
 	var workers int
 	cmd := &cobra.Command{
 		Use:   "qmp --socket PATH --name NAME",
@@ -104,13 +105,14 @@ func (a *app) qmpBackupCmd() *cobra.Command {
 			}
 			return a.backupVMs(ctx, r, []string{name}, 1, func(ctx context.Context, name string) (source.VM, error) {
 				return qmp.Open(ctx, socket, name)
-			}, backup.VMOptions{Mode: mode, Full: full, Source: "qmp", Workers: workers})
+			}, backup.VMOptions{Mode: mode, RequireApp: requireApp, Full: full, Source: "qmp", Workers: workers})
 		},
 	}
 	f := cmd.Flags()
 	f.StringVar(&socket, "socket", "", "the VM's QMP unix socket `path`")
 	f.StringVar(&name, "name", "", "restore point `name` for the VM")
 	f.StringVar(&mode, "mode", "", "consistency: app (default when the guest agent answers), crash or suspend")
+	f.BoolVar(&requireApp, "require-app", false, "fail, without touching the VM, when the guest agent does not answer")
 	f.BoolVar(&full, "full", false, "read every disk in full once, ignoring changed-block tracking")
 	f.IntVar(&workers, "workers", 0, "parallel workers (default 2 per CPU)")
 	return cmd

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"github.com/kura-backup/kura/internal/repo"
@@ -12,12 +13,15 @@ import (
 
 // VMOptions describe a backup of a live VM.
 type VMOptions struct {
-	Mode     string // source.Mode*; "" = app if the agent answers, else crash
-	Full     bool   // ignore changed-block tracking once
-	Source   string // "libvirt" or "qmp"
-	Workers  int
-	Progress *Progress
-	Options  Options // Logger, Tags
+	Mode string // source.Mode*; "" or app = app if the agent answers, else crash with a warning
+	// RequireApp fails the backup, without touching the VM, when the guest
+	// agent does not answer (instead of falling back to crash).
+	RequireApp bool
+	Full       bool   // ignore changed-block tracking once
+	Source     string // "libvirt" or "qmp"
+	Workers    int
+	Progress   *Progress
+	Options    Options // Logger, Tags
 }
 
 // RunVM captures all disks of vm at one instant, backs them up (reading
@@ -29,6 +33,9 @@ func RunVM(ctx context.Context, r *repo.Repo, vm source.VM, o VMOptions) (snap *
 	opts.Name, opts.Source, opts.Workers, opts.Progress = vm.Name(), o.Source, o.Workers, o.Progress
 	if opts.Progress == nil {
 		opts.Progress = &Progress{}
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	opts.Progress.Started = time.Now()
 	ss, err := r.Snapshots(ctx)
@@ -42,7 +49,16 @@ func RunVM(ctx context.Context, r *repo.Repo, vm source.VM, o VMOptions) (snap *
 			break
 		}
 	}
+	wantApp := o.Mode == "" || o.Mode == source.ModeApp
 	co := source.CaptureOptions{Mode: o.Mode, Full: o.Full}
+	if wantApp {
+		// The drivers pick app when the agent answers and crash when it
+		// does not; an explicit app makes them fail instead.
+		co.Mode = ""
+		if o.RequireApp {
+			co.Mode = source.ModeApp
+		}
+	}
 	if parent != nil && !o.Full {
 		co.Since = parent.Checkpoint
 	}
@@ -66,6 +82,10 @@ func RunVM(ctx context.Context, r *repo.Repo, vm source.VM, o VMOptions) (snap *
 		}
 	}()
 	opts.Mode = capture.Mode()
+	if wantApp && opts.Mode == source.ModeCrash {
+		opts.Stats.Note = "guest agent did not answer: crash-consistent, not application-consistent (use --require-app to fail instead)"
+		opts.Logger.Warn(opts.Stats.Note, "vm", vm.Name())
+	}
 	opts.Config = &repo.VMConfig{Type: cfgType, Data: cfg}
 	opts.Checkpoint = capture.Checkpoint()
 	opts.Stats.FreezeMillis = float64(capture.FreezeWindow().Microseconds()) / 1000

@@ -3,6 +3,7 @@ package backup
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"testing"
 	"time"
@@ -19,6 +20,7 @@ type fakeVM struct {
 	seq       int
 	failRead  bool
 	lastSince string
+	noAgent   bool
 }
 
 func (v *fakeVM) Name() string { return "web01" }
@@ -27,6 +29,9 @@ func (v *fakeVM) Config(ctx context.Context) (string, string, error) {
 }
 func (v *fakeVM) Capture(ctx context.Context, o source.CaptureOptions) (source.Capture, error) {
 	v.captures = append(v.captures, o)
+	if v.noAgent && o.Mode == source.ModeApp {
+		return nil, errors.New("guest agent not connected or not responding")
+	}
 	v.seq++
 	return &fakeCapture{vm: v, cp: fmt.Sprintf("kura-%d", v.seq), since: o.Since}, nil
 }
@@ -50,7 +55,12 @@ func (c *fakeCapture) Notes() []source.DiskNote {
 	}
 	return []source.DiskNote{{Disk: "vda", Read: "changed"}}
 }
-func (c *fakeCapture) Mode() string                { return source.ModeApp }
+func (c *fakeCapture) Mode() string {
+	if c.vm.noAgent {
+		return source.ModeCrash
+	}
+	return source.ModeApp
+}
 func (c *fakeCapture) FreezeWindow() time.Duration { return 42 * time.Millisecond }
 func (c *fakeCapture) Pause() time.Duration        { return 0 }
 func (c *fakeCapture) End(ctx context.Context, ok bool) error {
@@ -101,5 +111,28 @@ func TestRunVMChainsCheckpoints(t *testing.T) {
 	want := []bool{true, true, true, false}
 	if fmt.Sprint(vm.ended) != fmt.Sprint(want) {
 		t.Fatalf("End calls %v, want %v", vm.ended, want)
+	}
+}
+
+func TestRunVMFallsBackToCrashUnlessAppRequired(t *testing.T) {
+	ctx := context.Background()
+	r := testRepo(t)
+	vm := &fakeVM{disk: &trackedDisk{memDisk: memDisk{name: "vda", data: bytes.Repeat([]byte("x"), 1<<20)}}, noAgent: true}
+	s, err := RunVM(ctx, r, vm, VMOptions{Source: "libvirt", Mode: source.ModeApp})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Mode != source.ModeCrash || s.Stats.Note == "" || vm.captures[0].Mode != "" {
+		t.Fatalf("fallback: mode %q note %q asked %q", s.Mode, s.Stats.Note, vm.captures[0].Mode)
+	}
+	n, _ := r.SnapshotIDs(ctx)
+	if _, err := RunVM(ctx, r, vm, VMOptions{Source: "libvirt", RequireApp: true}); err == nil {
+		t.Fatal("--require-app backup succeeded without an agent")
+	}
+	if vm.captures[1].Mode != source.ModeApp {
+		t.Fatalf("--require-app asked the driver for mode %q", vm.captures[1].Mode)
+	}
+	if m, _ := r.SnapshotIDs(ctx); len(m) != len(n) {
+		t.Fatal("a failed --require-app backup wrote a snapshot")
 	}
 }
