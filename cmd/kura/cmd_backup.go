@@ -118,11 +118,14 @@ func (a *app) restoreCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			ss, err := r.Snapshots(ctx)
+			ss, damaged, err := r.SnapshotsLenient(ctx)
 			if err != nil {
 				return err
 			}
 			snap, err := repo.FindSnapshot(ss, args[0])
+			if err != nil && len(damaged) > 0 {
+				err = fmt.Errorf("%w (%d damaged snapshots could not be read: run `kura verify`): %w", err, len(damaged), repo.ErrDamaged)
+			}
 			if err != nil {
 				return err
 			}

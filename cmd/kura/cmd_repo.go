@@ -85,9 +85,12 @@ func (a *app) snapshotsCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			ss, err := r.Snapshots(cmd.Context())
+			ss, damaged, err := r.SnapshotsLenient(cmd.Context())
 			if err != nil {
 				return err
+			}
+			for _, id := range damaged {
+				fmt.Fprintf(a.stderr, "kura: warning: snapshot %s is damaged and not listed; run `kura verify`\n", id[:8])
 			}
 			var out []*repo.Snapshot
 			for _, s := range ss {
@@ -205,7 +208,7 @@ func (a *app) forgetCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			ss, err := r.Snapshots(ctx)
+			ss, damaged, err := r.SnapshotsLenient(ctx)
 			if err != nil {
 				return err
 			}
@@ -221,7 +224,17 @@ func (a *app) forgetCmd() *cobra.Command {
 			for _, ref := range args {
 				s, err := repo.FindSnapshot(ss, ref)
 				if err != nil {
-					return err
+					// A damaged snapshot can still be forgotten by its id.
+					var hits []string
+					for _, id := range damaged {
+						if strings.HasPrefix(id, ref) {
+							hits = append(hits, id)
+						}
+					}
+					if len(hits) != 1 {
+						return err
+					}
+					s = &repo.Snapshot{ID: hits[0], Name: "(damaged)"}
 				}
 				remove = append(remove, s)
 				verdicts = append(verdicts, verdict{ID: s.ID[:8], Name: s.Name, Time: s.Time.Local().Format(time.DateTime)})

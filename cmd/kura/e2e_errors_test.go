@@ -131,3 +131,32 @@ func TestDamagedRepository(t *testing.T) {
 		})
 	}
 }
+
+// One damaged snapshot does not hide the others: they are still listed and
+// restore, and the damaged one is named.
+func TestDamagedSnapshotDoesNotHideOthers(t *testing.T) {
+	e := newEnv(t)
+	img := filepath.Join(e.dir, "disk.raw")
+	makeImage(t, img, 8<<20, 12, 20)
+	e.ok("init")
+	e.ok("backup", "image", img, "--name", "a")
+	e.ok("backup", "image", img, "--name", "b")
+	ss := e.snapshots()
+	victim := filepath.Join(e.repo, "snapshots", ss[0].ID)
+	data, _ := os.ReadFile(victim)
+	os.WriteFile(victim, data[:len(data)/2], 0o600)
+	r := e.run("snapshots")
+	if r.code != 0 || !strings.Contains(r.stdout, "b") || !strings.Contains(r.stderr, ss[0].ID[:8]) {
+		t.Fatalf("snapshots with one damaged: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	out := filepath.Join(t.TempDir(), "o")
+	e.ok("restore", "b@latest", "--to", out)
+	sameFile(t, filepath.Join(out, "disk.raw"), img)
+	e.fails("damaged", "restore", "a@latest", "--to", t.TempDir())
+	e.fails("damaged", "prune") // prune refuses: it cannot know what the damaged snapshot references
+	// Forgetting the damaged snapshot by id lets prune run again.
+	e.ok("forget", ss[0].ID[:8])
+	e.ok("prune")
+	e.ok("verify", "--read-data")
+	e.ok("restore", "b@latest", "--to", filepath.Join(t.TempDir(), "again"))
+}

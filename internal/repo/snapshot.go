@@ -203,6 +203,33 @@ func (r *Repo) Snapshots(ctx context.Context) ([]*Snapshot, error) {
 	return out, nil
 }
 
+// SnapshotsLenient loads every readable snapshot, oldest first, and names
+// the ones that are damaged instead of failing, so that listing and
+// restoring the others still works. (Prune uses Snapshots: it must not run
+// without knowing what every snapshot references.)
+func (r *Repo) SnapshotsLenient(ctx context.Context) (good []*Snapshot, damaged []string, err error) {
+	ids, err := r.SnapshotIDs(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	for _, id := range ids {
+		s, err := r.LoadSnapshot(ctx, id)
+		switch {
+		case err == nil:
+			good = append(good, s)
+		case errors.Is(err, ErrNoSnapshot):
+			// forgotten meanwhile
+		case errors.Is(err, ErrDamaged):
+			damaged = append(damaged, id)
+		default:
+			return nil, nil, err
+		}
+	}
+	SortSnapshots(good)
+	sort.Strings(damaged)
+	return good, damaged, nil
+}
+
 // SortSnapshots orders by time, oldest first.
 func SortSnapshots(ss []*Snapshot) {
 	sort.SliceStable(ss, func(i, j int) bool {
