@@ -66,7 +66,7 @@ func (f *libvirtFreezer) command(ctx context.Context, cmd string, result any) er
 	ctx, cancel := context.WithTimeout(ctx, timeout+rpcSlack)
 	defer cancel()
 	req, _ := json.Marshal(map[string]string{"execute": cmd})
-	reply, err := call(ctx, func() (golibvirt.OptString, error) {
+	reply, err := Call(ctx, func() (golibvirt.OptString, error) {
 		return f.l.QEMUDomainAgentCommand(f.dom, string(req), secs, 0)
 	})
 	if err != nil {
@@ -113,10 +113,10 @@ func libvirtAgentError(cmd string, err error) error {
 	return err
 }
 
-// call runs f, a go-libvirt call that cannot be cancelled, and stops
+// Call runs f, a go-libvirt call that cannot be cancelled, and stops
 // waiting for it when ctx ends. f then still runs until libvirtd answers or
 // the connection is closed; closing the connection ends it.
-func call[T any](ctx context.Context, f func() (T, error)) (T, error) {
+func Call[T any](ctx context.Context, f func() (T, error)) (T, error) {
 	type result struct {
 		v   T
 		err error

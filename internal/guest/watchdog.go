@@ -396,7 +396,7 @@ func (t *watchdogTarget) connect(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	dom, err := call(ctx, func() (golibvirt.Domain, error) { return l.DomainLookupByUUID(uuid) })
+	dom, err := Call(ctx, func() (golibvirt.Domain, error) { return l.DomainLookupByUUID(uuid) })
 	if err != nil {
 		go l.Disconnect()
 		return fmt.Errorf("looking up VM %s (%s): %w", lt.Domain, lt.UUID, err)
@@ -493,7 +493,7 @@ func (t *watchdogTarget) thawOnce(ctx context.Context) error {
 func (t *watchdogTarget) resume(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	st, err := call(ctx, func() (int32, error) {
+	st, err := Call(ctx, func() (int32, error) {
 		s, _, err := t.l.DomainGetState(t.dom, 0)
 		return s, err
 	})
@@ -506,7 +506,7 @@ func (t *watchdogTarget) resume(ctx context.Context) error {
 	if golibvirt.DomainState(st) != golibvirt.DomainPaused {
 		return nil
 	}
-	_, err = call(ctx, func() (struct{}, error) { return struct{}{}, t.l.DomainResume(t.dom) })
+	_, err = Call(ctx, func() (struct{}, error) { return struct{}{}, t.l.DomainResume(t.dom) })
 	if err != nil {
 		return fmt.Errorf("resuming VM %s: %w", t.dom.Name, err)
 	}

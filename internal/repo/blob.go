@@ -84,23 +84,6 @@ func (s *Sealer) payload(plain []byte) ([]byte, bool, error) {
 	return plain, false, nil
 }
 
-// Seal compresses plain if worthwhile and seals it into a new slice.
-func (s *Sealer) Seal(plain []byte) (sealed []byte, compressed bool, err error) {
-	if cap(s.buf) < len(plain)+len(plain)/8+1024 {
-		s.buf = make([]byte, 0, len(plain)+len(plain)/8+1024)
-	}
-	z, err := s.enc.Compress(s.buf[:0], plain)
-	if err != nil {
-		return nil, false, err
-	}
-	payload := plain
-	if compress.Worthwhile(len(z), len(plain)) {
-		payload, compressed = z, true
-	}
-	out := s.key.Seal(make([]byte, 0, len(payload)+crypt.Overhead), payload)
-	return out, compressed, nil
-}
-
 // SaveBlob appends an already sealed blob to the current pack (used to
 // copy blobs between packs).
 func (r *Repo) SaveBlob(ctx context.Context, t BlobType, id crypt.ID, sealed []byte, compressed bool, rawLen int) error {

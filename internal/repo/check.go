@@ -217,15 +217,8 @@ func (r *Repo) Check(ctx context.Context, opts CheckOptions) (CheckResult, error
 		}
 	}
 	sort.SliceStable(res.Problems, func(i, j int) bool { return res.Problems[i].Object < res.Problems[j].Object })
-	r.reloadIndexQuiet(ctx)
+	r.forgetIndex() // Check swapped in its own full index
 	return res, nil
-}
-
-func (r *Repo) reloadIndexQuiet(ctx context.Context) {
-	r.idxMu.Lock()
-	r.loaded = false
-	r.idx = newIndex()
-	r.idxMu.Unlock()
 }
 
 // checkPack reads a whole pack, checks its header against the index and

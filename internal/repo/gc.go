@@ -216,10 +216,16 @@ func (r *Repo) Prune(ctx context.Context, opts PruneOptions) (PruneResult, error
 }
 
 func (r *Repo) reloadIndex(ctx context.Context) error {
+	r.forgetIndex()
+	return r.LoadIndex(ctx)
+}
+
+// forgetIndex drops the loaded index so the next LoadIndex reads it again.
+func (r *Repo) forgetIndex() {
 	r.idxMu.Lock()
 	r.loaded = false
+	r.idx = newIndex()
 	r.idxMu.Unlock()
-	return r.LoadIndex(ctx)
 }
 
 func (r *Repo) mark(ctx context.Context, opts PruneOptions, res *PruneResult) error {

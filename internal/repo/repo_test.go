@@ -66,11 +66,7 @@ func storeChunks(t *testing.T, r *Repo, name string, chunks [][]byte) *Snapshot 
 		if !r.Claim(ids[i]) {
 			continue
 		}
-		sealed, comp, err := s.Seal(c)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := r.SaveBlob(ctx, DataBlob, ids[i], sealed, comp, len(c)); err != nil {
+		if err := r.StoreBlob(ctx, s, DataBlob, ids[i], c); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -31,11 +31,7 @@ const writebackEvery = 64 << 20
 // An existing regular file is replaced only if overwrite is set; a block
 // device is written in place only if overwrite is set.
 func NewRawFile(path string, size int64, overwrite bool) (Target, error) {
-	st, err := os.Stat(path)
-	switch {
-	case err == nil && !overwrite:
-		return nil, fmt.Errorf("%s: %w; pass --overwrite to replace it", path, ErrExists)
-	case err == nil && st.Mode()&fs.ModeDevice != 0:
+	if st, err := os.Stat(path); err == nil && overwrite && st.Mode()&fs.ModeDevice != 0 {
 		f, err := os.OpenFile(path, os.O_WRONLY, 0)
 		if err != nil {
 			return nil, fmt.Errorf("opening device %s: %w", path, err)
@@ -46,16 +42,10 @@ func NewRawFile(path string, size int64, overwrite bool) (Target, error) {
 			return nil, fmt.Errorf("device %s holds %d bytes, the disk needs %d", path, devSize, size)
 		}
 		return &fileTarget{f: f, final: path, device: true}, nil
-	case err != nil && !errors.Is(err, fs.ErrNotExist):
-		return nil, fmt.Errorf("restore target %s: %w", path, err)
 	}
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, fmt.Errorf("creating %s: %w", dir, err)
-	}
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".kura-partial-*")
+	f, err := newPartial(path, overwrite)
 	if err != nil {
-		return nil, fmt.Errorf("creating restore file in %s: %w", dir, err)
+		return nil, err
 	}
 	if err := f.Truncate(size); err != nil {
 		f.Close()
@@ -115,3 +105,23 @@ func (t *fileTarget) Abort() {
 // left as holes: small enough to keep a restored disk about as sparse as
 // its source, large enough that a chunk is written in a few calls.
 const sparseBlock = 64 << 10
+
+// newPartial checks that path may be written (it does not exist, or
+// overwrite is set) and creates an empty temporary file beside it, which
+// Commit later renames to path.
+func newPartial(path string, overwrite bool) (*os.File, error) {
+	if _, err := os.Stat(path); err == nil && !overwrite {
+		return nil, fmt.Errorf("%s: %w; pass --overwrite to replace it", path, ErrExists)
+	} else if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("restore target %s: %w", path, err)
+	}
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("creating %s: %w", dir, err)
+	}
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".kura-partial-*")
+	if err != nil {
+		return nil, fmt.Errorf("creating restore file in %s: %w", dir, err)
+	}
+	return f, nil
+}

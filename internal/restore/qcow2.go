@@ -4,10 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 
@@ -26,18 +24,9 @@ type qcow2Target struct {
 
 // NewQcow2 creates a qcow2 restore target at path for a disk of size bytes.
 func NewQcow2(ctx context.Context, path string, size int64, overwrite bool) (Target, error) {
-	if _, err := os.Stat(path); err == nil && !overwrite {
-		return nil, fmt.Errorf("%s: %w; pass --overwrite to replace it", path, ErrExists)
-	} else if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("restore target %s: %w", path, err)
-	}
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, fmt.Errorf("creating %s: %w", dir, err)
-	}
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".kura-partial-*")
+	f, err := newPartial(path, overwrite)
 	if err != nil {
-		return nil, fmt.Errorf("creating restore file in %s: %w", dir, err)
+		return nil, err
 	}
 	tmp := f.Name()
 	f.Close()

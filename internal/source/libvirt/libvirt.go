@@ -246,25 +246,14 @@ func (v *VM) state(ctx context.Context) (golibvirt.DomainState, error) {
 func rpc[T any](ctx context.Context, c *Conn, f func() (T, error)) (T, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.opts.CallTimeout)
 	defer cancel()
-	type result struct {
-		v   T
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		v, err := f()
-		ch <- result{v, err}
-	}()
-	select {
-	case r := <-ch:
-		return r.v, r.err
-	case <-ctx.Done():
-		var zero T
+	v, err := guest.Call(ctx, f)
+	if err != nil && ctx.Err() != nil && errors.Is(err, ctx.Err()) {
 		if !c.l.IsConnected() {
-			return zero, fmt.Errorf("the connection to libvirtd was lost: %w", ctx.Err())
+			return v, fmt.Errorf("the connection to libvirtd was lost: %w", err)
 		}
-		return zero, fmt.Errorf("libvirtd did not answer: %w", ctx.Err())
+		return v, fmt.Errorf("libvirtd did not answer: %w", err)
 	}
+	return v, err
 }
 
 // rpc0 is rpc for calls that return only an error.
