@@ -123,6 +123,7 @@ func (a *app) qmpBackupCmd() *cobra.Command {
 func (a *app) backupVMs(ctx context.Context, r *repo.Repo, names []string, parallel int, open func(context.Context, string) (source.VM, error), o backup.VMOptions) error {
 	var mu sync.Mutex
 	var failed []string
+	var lastErr error
 	sem := make(chan struct{}, parallel)
 	var wg sync.WaitGroup
 	prog := &backup.Progress{Started: time.Now()}
@@ -149,7 +150,10 @@ func (a *app) backupVMs(ctx context.Context, r *repo.Repo, names []string, paral
 			defer mu.Unlock()
 			if err != nil {
 				failed = append(failed, name)
-				fmt.Fprintf(a.stderr, "kura: %s: %s\n", name, explain(err))
+				lastErr = fmt.Errorf("%s: %w", name, err)
+				if len(names) > 1 {
+					fmt.Fprintf(a.stderr, "kura: %s: %s\n", name, explain(err))
+				}
 				return
 			}
 			a.printBackup(snap)
@@ -157,6 +161,9 @@ func (a *app) backupVMs(ctx context.Context, r *repo.Repo, names []string, paral
 	}
 	wg.Wait()
 	stop()
+	if len(names) == 1 && lastErr != nil {
+		return lastErr // one VM: its error is the one line to print
+	}
 	if len(failed) > 0 {
 		return fmt.Errorf("%d of %d VMs failed: %s", len(failed), len(names), strings.Join(failed, ", "))
 	}

@@ -107,3 +107,26 @@ func TestLiveVMBackup(t *testing.T) {
 	}
 	e.ok("verify", "--read-data")
 }
+
+// Bad input to `kura backup vm`/`qmp`: one-line errors, nothing written.
+func TestVMBackupBadInput(t *testing.T) {
+	e := newEnv(t)
+	e.ok("init")
+	e.fails("--all", "backup", "vm")
+	e.fails("--mode", "backup", "vm", "web01", "--mode", "bogus")
+	e.fails("--socket", "backup", "qmp", "--name", "vm7")
+	e.fails("no-such.qmp", "backup", "qmp", "--socket", filepath.Join(e.dir, "no-such.qmp"), "--name", "vm7")
+	if os.Geteuid() == 0 && !testing.Short() {
+		if _, err := exec.LookPath("libvirtd"); err == nil {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			defer cancel()
+			if err := testvm.EnsureLibvirtd(ctx); err != nil {
+				t.Fatal(err)
+			}
+			e.fails("kura-no-such-vm", "backup", "vm", "kura-no-such-vm")
+		}
+	}
+	if ss := e.snapshots(); len(ss) != 0 {
+		t.Fatalf("failed backups wrote %d snapshots", len(ss))
+	}
+}
