@@ -21,6 +21,7 @@
 #   - the filesystems labelled kuradata, kuradata2, kuradata3 and kuradata4
 #     mounted on /data, /data2, /data3 and /data4 when their disk appears (at
 #     boot or hot-plugged; a udev rule starts the mount unit);
+#   - fio, for the benchmarks' guest I/O latency measurements;
 #   - /usr/local/bin/kura-workload (run it through guest-exec):
 #       kura-workload write DIR N SEED   write N files of 1 MiB of random data
 #                                        named wSEED-NNNNN.bin, record their
@@ -41,9 +42,9 @@ set -euo pipefail
 
 # Bump when anything that ends up in the guest changes; internal/testvm reads it
 # from here to decide whether the cached guest is current.
-GUEST_VERSION=3
+GUEST_VERSION=4
 SUITE=bookworm
-PACKAGES=systemd-sysv,udev,qemu-guest-agent,linux-image-cloud-amd64,e2fsprogs,xfsprogs,util-linux,kmod,procps
+PACKAGES=systemd-sysv,udev,qemu-guest-agent,linux-image-cloud-amd64,e2fsprogs,xfsprogs,util-linux,kmod,procps,fio
 ROOT_SIZE=2G
 STAMP="kura-guest ${GUEST_VERSION} ${SUITE} ${PACKAGES} root=${ROOT_SIZE}"
 if [ "${1:-}" = --stamp ]; then # what VERSION holds when the guest is current
