@@ -76,7 +76,11 @@ func (a *app) printBackup(s *repo.Snapshot) {
 	if s.Mode != "" {
 		fmt.Fprintf(a.stdout, ", mode %s", s.Mode)
 		if s.Stats.FreezeMillis > 0 {
-			fmt.Fprintf(a.stdout, " (guest frozen %.0f ms)", s.Stats.FreezeMillis)
+			fmt.Fprintf(a.stdout, " (guest frozen %.0f ms", s.Stats.FreezeMillis)
+			if st := s.Stats; st.InstantMillis > 0 {
+				fmt.Fprintf(a.stdout, ": agent freeze %.0f, instant %.0f, thaw %.0f", st.FreezeCallMillis, st.InstantMillis, st.ThawCallMillis)
+			}
+			fmt.Fprint(a.stdout, ")")
 		}
 		if s.Stats.PauseMillis > 0 {
 			fmt.Fprintf(a.stdout, " (VM paused %.0f ms)", s.Stats.PauseMillis)

@@ -71,6 +71,9 @@ func TestLiveVMBackup(t *testing.T) {
 		Stats struct {
 			BytesRead    int64   `json:"bytes_read"`
 			FreezeMillis float64 `json:"freeze_ms"`
+			FreezeCall   float64 `json:"freeze_call_ms"`
+			Instant      float64 `json:"instant_ms"`
+			ThawCall     float64 `json:"thaw_call_ms"`
 		} `json:"stats"`
 	}
 	if err := json.Unmarshal([]byte(e.ok("snapshots", "--json", "--name", g.Name)), &ss); err != nil {
@@ -82,6 +85,9 @@ func TestLiveVMBackup(t *testing.T) {
 	full, inc := ss[0], ss[1]
 	if full.Kind != "full" || inc.Kind != "incremental" || inc.Mode != "app" || inc.Stats.FreezeMillis <= 0 {
 		t.Fatalf("kinds %q/%q, mode %q, freeze %v", full.Kind, inc.Kind, inc.Mode, inc.Stats.FreezeMillis)
+	}
+	if st := inc.Stats; st.FreezeCall <= 0 || st.Instant <= 0 || st.ThawCall <= 0 || st.FreezeCall+st.Instant+st.ThawCall > st.FreezeMillis+1 {
+		t.Errorf("freeze window %.1f ms split into freeze call %.1f, instant %.1f, thaw call %.1f", st.FreezeMillis, st.FreezeCall, st.Instant, st.ThawCall)
 	}
 	if full.Config.Type != "libvirt-xml" || !strings.Contains(full.Config.Data, g.Name) {
 		t.Fatalf("domain XML not saved: %q", full.Config.Type)

@@ -88,8 +88,14 @@ func RunVM(ctx context.Context, r *repo.Repo, vm source.VM, o VMOptions) (snap *
 	}
 	opts.Config = &repo.VMConfig{Type: cfgType, Data: cfg}
 	opts.Checkpoint = capture.Checkpoint()
-	opts.Stats.FreezeMillis = float64(capture.FreezeWindow().Microseconds()) / 1000
-	opts.Stats.PauseMillis = float64(capture.Pause().Microseconds()) / 1000
+	opts.Stats.FreezeMillis = millis(capture.FreezeWindow())
+	opts.Stats.PauseMillis = millis(capture.Pause())
+	if fb, ok := capture.(source.FreezeBreakdown); ok && opts.Stats.FreezeMillis > 0 {
+		p := fb.FreezeParts()
+		opts.Stats.FreezeCallMillis = millis(p.Freeze)
+		opts.Stats.InstantMillis = millis(p.Instant)
+		opts.Stats.ThawCallMillis = millis(p.Thaw)
+	}
 	opts.Notes = map[string]string{}
 	for _, n := range capture.Notes() {
 		if n.Read != "changed" {
@@ -119,3 +125,6 @@ func RunVM(ctx context.Context, r *repo.Repo, vm source.VM, o VMOptions) (snap *
 	}
 	return Run(ctx, r, capture.Disks(), opts)
 }
+
+// millis is d in milliseconds, to the microsecond.
+func millis(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

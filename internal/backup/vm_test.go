@@ -63,6 +63,9 @@ func (c *fakeCapture) Mode() string {
 }
 func (c *fakeCapture) FreezeWindow() time.Duration { return 42 * time.Millisecond }
 func (c *fakeCapture) Pause() time.Duration        { return 0 }
+func (c *fakeCapture) FreezeParts() source.FreezeParts {
+	return source.FreezeParts{Freeze: 20 * time.Millisecond, Instant: 15 * time.Millisecond, Thaw: 7 * time.Millisecond}
+}
 func (c *fakeCapture) End(ctx context.Context, ok bool) error {
 	c.vm.ended = append(c.vm.ended, ok)
 	return nil
@@ -78,7 +81,7 @@ func TestRunVMChainsCheckpoints(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s1.Kind != "full" || s1.Checkpoint != "kura-1" || s1.Mode != "app" || s1.Stats.FreezeMillis != 42 || s1.Config == nil || s1.Disks[0].Read != "full (no checkpoint)" {
+	if s1.Kind != "full" || s1.Checkpoint != "kura-1" || s1.Mode != "app" || s1.Stats.FreezeMillis != 42 || s1.Stats.FreezeCallMillis != 20 || s1.Stats.InstantMillis != 15 || s1.Stats.ThawCallMillis != 7 || s1.Config == nil || s1.Disks[0].Read != "full (no checkpoint)" {
 		t.Fatalf("first: %+v", s1)
 	}
 	d.dirty = map[int64]bool{3: true}

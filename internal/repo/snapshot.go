@@ -65,8 +65,13 @@ type BackupStats struct {
 	ChunksNew    int64     `json:"chunks_new"`
 	ChunksReused int64     `json:"chunks_reused"`
 	FreezeMillis float64   `json:"freeze_ms,omitempty"`
-	PauseMillis  float64   `json:"pause_ms,omitempty"`
-	Note         string    `json:"note,omitempty"`
+	// The freeze window's parts: the agent's freeze call, the instant
+	// taken while frozen, the thaw call (when the driver measures them).
+	FreezeCallMillis float64 `json:"freeze_call_ms,omitempty"`
+	InstantMillis    float64 `json:"instant_ms,omitempty"`
+	ThawCallMillis   float64 `json:"thaw_call_ms,omitempty"`
+	PauseMillis      float64 `json:"pause_ms,omitempty"`
+	Note             string  `json:"note,omitempty"`
 }
 
 // LogicalSize sums the disks' sizes.

@@ -40,7 +40,10 @@ type DiskInfo struct {
 // Disk is the point-in-time contents of one disk.
 //
 // Implementations must be safe for concurrent use by several goroutines:
-// the backup pipeline reads different ranges in parallel.
+// the backup pipeline reads different ranges in parallel. A range that does
+// not lie within the disk (negative, or past Size) makes Extents, ReadAt
+// and Changed fail; an empty range within it succeeds. Every driver passes
+// the conformance suite in internal/source/sourcetest.
 type Disk interface {
 	Info() DiskInfo
 	// Extents describes [off, off+length) as an ordered list of extents that
@@ -49,7 +52,10 @@ type Disk interface {
 	Extents(ctx context.Context, off, length int64) ([]Extent, error)
 	// ReadAt fills p with the bytes at off. It fails rather than return short.
 	ReadAt(ctx context.Context, p []byte, off int64) error
-	// Close releases the disk (and any helper process exporting it).
+	// Close releases the disk (and any helper process exporting it). Calls
+	// after Close fail; calling Close again does no harm and returns nil or
+	// the first call's error. A disk of a Capture may be closed before End,
+	// which closes those still open.
 	Close() error
 }
 
@@ -60,7 +66,8 @@ type Disk interface {
 type ChangeTracker interface {
 	// Changed describes [off, off+length) as ordered extents covering it
 	// exactly; Zero=false marks ranges that changed (must be read), Zero=true
-	// ranges that did not change since the base checkpoint.
+	// ranges that did not change since the base checkpoint. It may report
+	// more than was written (QEMU tracks whole clusters), never less.
 	Changed(ctx context.Context, off, length int64) ([]Extent, error)
 }
 
@@ -102,6 +109,8 @@ type Capture interface {
 	// Checkpoint names the checkpoint created at this instant; the next
 	// backup passes it as Since. "" when the VM cannot track changes.
 	Checkpoint() string
+	// Notes has one note per disk of Disks; Read is "changed" exactly for
+	// the disks that implement ChangeTracker.
 	Notes() []DiskNote
 	// Mode is the consistency mode actually used; FreezeWindow and Pause
 	// are measured from the freeze call to the thaw call and from pause to
@@ -110,8 +119,26 @@ type Capture interface {
 	FreezeWindow() time.Duration
 	Pause() time.Duration
 	// End releases the capture. ok says whether the backup that read it
-	// succeeded (a driver may then delete checkpoints older than this one).
+	// succeeded (a driver may then delete checkpoints older than this one;
+	// if not, the checkpoints that existed before the capture stay usable
+	// as Since and still cover every change since them). The disks fail
+	// from then on. Calling End again does nothing and returns nil or the
+	// first call's error.
 	End(ctx context.Context, ok bool) error
+}
+
+// FreezeParts splits the freeze window of an app-consistent capture: the
+// guest agent's freeze call (the guest syncs and freezes its filesystems),
+// the instant (what the driver did while the guest was frozen: take the
+// point-in-time view of every disk) and the thaw call.
+type FreezeParts struct {
+	Freeze, Instant, Thaw time.Duration
+}
+
+// FreezeBreakdown is implemented by captures that measure the parts of
+// their freeze window; the parts are zero when the guest was not frozen.
+type FreezeBreakdown interface {
+	FreezeParts() FreezeParts
 }
 
 // VM is a virtual machine that a driver (libvirt, QMP) can capture.

@@ -52,7 +52,8 @@ type capture struct {
 
 	freeze time.Duration
 	// How long the backup job took to begin (for tests and diagnostics).
-	beginTime time.Duration
+	beginTime            time.Duration
+	freezeCall, thawCall time.Duration // parts of the freeze window (FreezeParts)
 	// Scratch images made ahead of the begin (VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL):
 	// the attempt they were made for, 0 if none.
 	scratchAttempt int
@@ -77,6 +78,14 @@ func (c *capture) Checkpoint() string          { return c.checkpoint }
 func (c *capture) Notes() []source.DiskNote    { return c.notes }
 func (c *capture) Mode() string                { return c.mode }
 func (c *capture) FreezeWindow() time.Duration { return c.freeze }
+
+// FreezeParts implements source.FreezeBreakdown.
+func (c *capture) FreezeParts() source.FreezeParts {
+	if c.freeze == 0 {
+		return source.FreezeParts{}
+	}
+	return source.FreezeParts{Freeze: c.freezeCall, Instant: c.beginTime, Thaw: c.thawCall}
+}
 
 // Pause is how long the VM was paused (suspend mode) or down (shutdown
 // mode: from the shutdown request until it was started again at End; before
@@ -472,7 +481,9 @@ func (c *capture) frozen(ctx context.Context, def *domainDef, plans []*diskPlan)
 	}
 	f := v.freezer()
 	start := time.Now()
-	if _, ferr := f.Freeze(ctx); ferr != nil {
+	_, ferr := f.Freeze(ctx)
+	c.freezeCall = time.Since(start)
+	if ferr != nil {
 		// A freeze that failed or timed out may still take effect: thaw, and
 		// have the watchdog make sure the agent says "thawed".
 		f.Thaw(context.WithoutCancel(ctx))
@@ -484,8 +495,10 @@ func (c *capture) frozen(ctx context.Context, def *domainDef, plans []*diskPlan)
 		return fmt.Errorf("VM %s: freezing the guest's filesystems: %w; the guest was thawed and runs on, nothing was captured: retry, or use crash mode", v.dom.Name, ferr)
 	}
 	berr := c.begin(ctx, def, plans)
+	thawStart := time.Now()
 	_, terr := f.Thaw(context.WithoutCancel(ctx))
 	c.freeze = time.Since(start)
+	c.thawCall = time.Since(thawStart)
 	if terr != nil {
 		wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 		defer cancel()
@@ -621,7 +634,14 @@ func (c *capture) explain(ctx context.Context, err error) error {
 	case errors.Is(serr, source.ErrNotFound):
 		return fmt.Errorf("VM %s no longer exists: %w", v.dom.Name, err)
 	case serr == nil && st != golibvirt.DomainRunning && st != golibvirt.DomainPaused:
-		return fmt.Errorf("VM %s is no longer running (%s): %w", v.dom.Name, stateName(st), err)
+		return fmt.Errorf("VM %s is no longer running (%s): %w: run the backup again", v.dom.Name, stateName(st), err)
+	case serr == nil && c.jobStarted:
+		// The VM runs on: did its backup job (which serves the NBD
+		// exports) end under Kura?
+		_, jerr := rpc(ctx, v.c, func() (string, error) { return v.c.l.DomainBackupGetXMLDesc(v.dom, 0) })
+		if libvirtCode(jerr) == golibvirt.ErrNoDomainBackup {
+			return fmt.Errorf("VM %s: its backup job was ended outside Kura (`virsh domjobabort`?) while Kura read it: %w: run the backup again", v.dom.Name, err)
+		}
 	}
 	return fmt.Errorf("VM %s: %w", v.dom.Name, err)
 }

@@ -183,7 +183,7 @@ func TestLibvirtCapture(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer c.End(ctx, false)
-		t.Logf("Capture took %s; freeze window %s, of which the backup job's start %s", time.Since(start).Round(time.Millisecond), c.FreezeWindow().Round(time.Microsecond), c.(*capture).beginTime.Round(time.Microsecond))
+		t.Logf("Capture took %s; freeze window %s: freeze call %s, backup job's start %s, thaw call %s", time.Since(start).Round(time.Millisecond), c.FreezeWindow().Round(time.Microsecond), c.(*capture).FreezeParts().Freeze.Round(time.Microsecond), c.(*capture).FreezeParts().Instant.Round(time.Microsecond), c.(*capture).FreezeParts().Thaw.Round(time.Microsecond))
 		if c.Mode() != source.ModeApp {
 			t.Errorf("Mode = %q; want app", c.Mode())
 		}

@@ -60,6 +60,7 @@ type capture struct {
 	since      string // the checkpoint whose bitmap is read, if any
 	mode       string
 	freeze     time.Duration
+	parts      source.FreezeParts // of freeze
 	pause      time.Duration
 	disks      []*disk
 	notes      []source.DiskNote
@@ -556,6 +557,7 @@ func (cp *capture) frozen(ctx context.Context, f guest.Freezer, agentPath string
 	}
 	start := time.Now()
 	_, ferr := f.Freeze(ctx)
+	frozen := time.Now()
 	var terr error
 	if ferr == nil {
 		terr = cp.transaction(ctx, actions)
@@ -564,8 +566,10 @@ func (cp *capture) frozen(ctx context.Context, f guest.Freezer, agentPath string
 	// the watchdog try.
 	tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), instantTimeout)
 	defer cancel()
+	thawStart := time.Now()
 	_, therr := f.Thaw(tctx)
 	cp.freeze = time.Since(start)
+	cp.parts = source.FreezeParts{Freeze: frozen.Sub(start), Instant: thawStart.Sub(frozen), Thaw: time.Since(thawStart)}
 	var werr error
 	if therr != nil {
 		if err := wd.Fire(tctx); err != nil {
@@ -657,7 +661,10 @@ func (cp *capture) Checkpoint() string          { return cp.checkpoint }
 func (cp *capture) Notes() []source.DiskNote    { return append([]source.DiskNote(nil), cp.notes...) }
 func (cp *capture) Mode() string                { return cp.mode }
 func (cp *capture) FreezeWindow() time.Duration { return cp.freeze }
-func (cp *capture) Pause() time.Duration        { return cp.pause }
+
+// FreezeParts implements source.FreezeBreakdown.
+func (cp *capture) FreezeParts() source.FreezeParts { return cp.parts }
+func (cp *capture) Pause() time.Duration            { return cp.pause }
 
 // End releases the capture: it closes the NBD connections, removes the
 // exports and the NBD server, cancels the fleecing jobs, deletes the
