@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -26,17 +27,23 @@ import (
 const WatchdogArg = "__thaw-watchdog"
 
 // WatchdogSpec says how the watchdog reaches the guest, what it undoes and
-// when it gives up on Kura. Exactly one of Libvirt and AgentSocket is set,
-// and at least one of Thaw and Resume.
+// when it gives up on Kura. The guest is a libvirt domain (Libvirt) or a
+// plain QEMU process (AgentSocket to thaw it, QMPSocket to resume it); at
+// least one of Thaw and Resume is set.
 type WatchdogSpec struct {
 	Libvirt     *LibvirtTarget `json:"libvirt,omitempty"`
 	AgentSocket string         `json:"agent_socket,omitempty"`
+	// QMPSocket is the QMP socket of a plain QEMU process, for Resume.
+	// QEMU serves one QMP client at a time: the watchdog reaches it once
+	// Kura's connection is closed (Kura gone, or Kura firing it after
+	// closing its own).
+	QMPSocket string `json:"qmp_socket,omitempty"`
 	// Thaw thaws the guest's filesystems through its agent when the
 	// watchdog fires, and checks guest-fsfreeze-status until it says
 	// "thawed" (a capture in app mode).
 	Thaw bool `json:"thaw,omitempty"`
 	// Resume resumes the domain if it is paused when the watchdog fires (a
-	// capture in suspend mode). Libvirt only.
+	// capture in suspend mode): through libvirt, or with QMP cont.
 	Resume bool `json:"resume,omitempty"`
 	// Deadline is how long after it started the watchdog thaws the guest
 	// even though Kura still holds the pipe (Kura hangs). Zero means 30 s.
@@ -99,16 +106,18 @@ func (s WatchdogSpec) withDefaults() WatchdogSpec {
 
 func (s WatchdogSpec) validate() error {
 	switch {
-	case s.Libvirt == nil && s.AgentSocket == "":
-		return errors.New("watchdog spec names no guest: set Libvirt or AgentSocket")
-	case s.Libvirt != nil && s.AgentSocket != "":
-		return errors.New("watchdog spec names two guests: set Libvirt or AgentSocket, not both")
+	case s.Libvirt == nil && s.AgentSocket == "" && s.QMPSocket == "":
+		return errors.New("watchdog spec names no guest: set Libvirt, AgentSocket or QMPSocket")
+	case s.Libvirt != nil && (s.AgentSocket != "" || s.QMPSocket != ""):
+		return errors.New("watchdog spec names two guests: set Libvirt or the sockets of a plain QEMU, not both")
 	case s.Libvirt != nil && (s.Libvirt.Socket == "" || s.Libvirt.URI == "" || s.Libvirt.UUID == ""):
 		return errors.New("watchdog spec: a libvirt guest needs Socket, URI and UUID")
 	case !s.Thaw && !s.Resume:
 		return errors.New("watchdog spec: nothing to guard: set Thaw or Resume")
-	case s.Resume && s.Libvirt == nil:
-		return errors.New("watchdog spec: Resume needs a libvirt guest")
+	case s.Resume && s.Libvirt == nil && s.QMPSocket == "":
+		return errors.New("watchdog spec: Resume needs a libvirt guest or a QMP socket")
+	case s.Thaw && s.Libvirt == nil && s.AgentSocket == "":
+		return errors.New("watchdog spec: Thaw needs a libvirt guest or an agent socket")
 	}
 	return nil
 }
@@ -117,7 +126,10 @@ func (s WatchdogSpec) guestName() string {
 	if s.Libvirt != nil {
 		return "VM " + s.Libvirt.Domain
 	}
-	return "the guest of agent socket " + s.AgentSocket
+	if s.AgentSocket != "" {
+		return "the guest of agent socket " + s.AgentSocket
+	}
+	return "the VM of QMP socket " + s.QMPSocket
 }
 
 // Watchdog is a running watchdog process guarding one freeze (or pause).
@@ -371,10 +383,12 @@ type watchdogTarget struct {
 func newWatchdogTarget(ctx context.Context, spec WatchdogSpec) (*watchdogTarget, error) {
 	t := &watchdogTarget{spec: spec}
 	if spec.Libvirt == nil {
-		// QEMU's chardev takes one client at a time and Kura may be it:
+		// QEMU's chardevs take one client at a time and Kura may be it:
 		// connect only when firing.
-		if _, err := os.Stat(spec.AgentSocket); err != nil {
-			return nil, fmt.Errorf("agent socket: %w", err)
+		for _, s := range []string{spec.AgentSocket, spec.QMPSocket} {
+			if _, err := os.Stat(s); s != "" && err != nil {
+				return nil, fmt.Errorf("socket of the guest: %w", err)
+			}
 		}
 		return t, nil
 	}
@@ -493,6 +507,9 @@ func (t *watchdogTarget) thawOnce(ctx context.Context) error {
 func (t *watchdogTarget) resume(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
+	if t.spec.Libvirt == nil {
+		return resumeQMP(ctx, t.spec.QMPSocket)
+	}
 	st, err := Call(ctx, func() (int32, error) {
 		s, _, err := t.l.DomainGetState(t.dom, 0)
 		return s, err
@@ -533,4 +550,65 @@ func parseUUID(s string) (golibvirt.UUID, error) {
 // FormatUUID is the usual text form of a libvirt UUID.
 func FormatUUID(u golibvirt.UUID) string {
 	return fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:16])
+}
+
+// resumeQMP runs QMP cont on the QEMU process of socket path if it is
+// paused. It speaks just enough QMP for that: the greeting, capabilities
+// negotiation, query-status and cont; events in between are skipped.
+func resumeQMP(ctx context.Context, path string) error {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", path)
+	if err != nil {
+		return fmt.Errorf("QMP socket %s: %w", path, err)
+	}
+	defer conn.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		conn.SetDeadline(dl)
+	}
+	dec := json.NewDecoder(conn)
+	var greeting struct {
+		QMP json.RawMessage `json:"QMP"`
+	}
+	if err := dec.Decode(&greeting); err != nil || greeting.QMP == nil {
+		return fmt.Errorf("QMP socket %s: no greeting (another client may hold it): %v", path, err)
+	}
+	call := func(cmd string, result any) error {
+		if _, err := fmt.Fprintf(conn, "{\"execute\":%q}\n", cmd); err != nil {
+			return fmt.Errorf("QMP %s: %w", cmd, err)
+		}
+		for {
+			var reply struct {
+				Return json.RawMessage `json:"return"`
+				Error  *struct {
+					Desc string `json:"desc"`
+				} `json:"error"`
+			}
+			if err := dec.Decode(&reply); err != nil {
+				return fmt.Errorf("QMP %s: %w", cmd, err)
+			}
+			switch {
+			case reply.Error != nil:
+				return fmt.Errorf("QMP %s: %s", cmd, reply.Error.Desc)
+			case reply.Return != nil:
+				if result == nil {
+					return nil
+				}
+				return json.Unmarshal(reply.Return, result)
+			}
+			// An event: read on.
+		}
+	}
+	if err := call("qmp_capabilities", nil); err != nil {
+		return err
+	}
+	var st struct {
+		Status string `json:"status"`
+	}
+	if err := call("query-status", &st); err != nil {
+		return err
+	}
+	if st.Status != "paused" {
+		return nil
+	}
+	return call("cont", nil)
 }

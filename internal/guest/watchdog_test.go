@@ -20,7 +20,11 @@ func TestWatchdogSpecValidate(t *testing.T) {
 		{"no guest", WatchdogSpec{Thaw: true}, "names no guest"},
 		{"two guests", WatchdogSpec{Libvirt: lv, AgentSocket: "/a", Thaw: true}, "names two guests"},
 		{"nothing to do", WatchdogSpec{AgentSocket: "/a"}, "nothing to guard"},
-		{"resume needs libvirt", WatchdogSpec{AgentSocket: "/a", Resume: true}, "Resume needs a libvirt guest"},
+		{"resume needs libvirt or qmp", WatchdogSpec{AgentSocket: "/a", Resume: true}, "Resume needs a libvirt guest or a QMP socket"},
+		{"qmp resume", WatchdogSpec{QMPSocket: "/q", Resume: true}, ""},
+		{"qmp resume and agent thaw", WatchdogSpec{QMPSocket: "/q", AgentSocket: "/a", Resume: true, Thaw: true}, ""},
+		{"thaw needs an agent", WatchdogSpec{QMPSocket: "/q", Thaw: true}, "Thaw needs a libvirt guest or an agent socket"},
+		{"libvirt and qmp", WatchdogSpec{Libvirt: lv, QMPSocket: "/q", Resume: true}, "names two guests"},
 		{"libvirt without uuid", WatchdogSpec{Libvirt: &LibvirtTarget{Socket: "/s", URI: "u"}, Thaw: true}, "needs Socket, URI and UUID"},
 	}
 	for _, tt := range tests {

@@ -219,7 +219,7 @@ func (cp *capture) setup(ctx context.Context, v *vm, opts source.CaptureOptions,
 	case source.ModeCrash:
 		err = cp.transaction(ctx, actions)
 	case source.ModeSuspend:
-		err = cp.suspended(ctx, st.Running, actions)
+		err = cp.suspended(ctx, v, st.Running, actions)
 	case source.ModeApp:
 		err = cp.frozen(ctx, freezer, agentPath, v.opts, actions)
 	}
@@ -511,23 +511,45 @@ func (cp *capture) transaction(ctx context.Context, actions []map[string]any) er
 	return nil
 }
 
-// suspended pauses the VM around the transaction.
-func (cp *capture) suspended(ctx context.Context, running bool, actions []map[string]any) error {
+// suspended pauses the VM around the transaction, guarded by a watchdog
+// process that resumes it if kura dies meanwhile.
+func (cp *capture) suspended(ctx context.Context, v *vm, running bool, actions []map[string]any) error {
 	if !running {
 		return cp.transaction(ctx, actions) // already paused: nothing to do around it
+	}
+	wd, err := guest.StartWatchdog(ctx, guest.WatchdogSpec{
+		QMPSocket:  v.socket,
+		Resume:     true,
+		Deadline:   v.opts.WatchdogDeadline,
+		Executable: v.opts.WatchdogExecutable,
+	})
+	if err != nil {
+		return fmt.Errorf("suspend mode: %w (the VM was not paused)", err)
 	}
 	start := time.Now()
 	sctx, cancel := context.WithTimeout(ctx, instantTimeout)
 	defer cancel()
-	if err := cp.c.Execute(sctx, "stop", nil, nil); err != nil {
-		cp.resume()
-		return fmt.Errorf("pausing the VM: %w", err)
+	terr := cp.c.Execute(sctx, "stop", nil, nil)
+	if terr != nil {
+		terr = fmt.Errorf("pausing the VM: %w", terr)
+	} else {
+		terr = cp.transaction(ctx, actions)
 	}
-	terr := cp.transaction(ctx, actions)
 	rerr := cp.resume()
 	cp.pause = time.Since(start)
+	wctx, wcancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer wcancel()
 	if rerr != nil {
-		return errors.Join(terr, rerr)
+		// The watchdog reaches QEMU only once this connection is closed;
+		// the capture has failed anyway.
+		cp.c.Close()
+		if werr := wd.Fire(wctx); werr != nil {
+			return errors.Join(terr, rerr, fmt.Errorf("the watchdog could not resume the VM either: %w", werr))
+		}
+		return errors.Join(terr, fmt.Errorf("resuming the VM after the capture failed (%w); the watchdog resumed it", rerr))
+	}
+	if derr := wd.Disarm(wctx); errors.Is(derr, guest.ErrWatchdogFired) {
+		return errors.Join(terr, fmt.Errorf("suspend mode: %w: the watchdog resumed the VM before the capture's instant was taken; retry, or raise the watchdog deadline", derr))
 	}
 	return terr
 }
