@@ -18,6 +18,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 
 	"github.com/kura-backup/kura/internal/nbd"
 	"github.com/kura-backup/kura/internal/qsd"
@@ -117,6 +118,9 @@ type rawDisk struct {
 	f        *os.File
 	info     source.DiskInfo
 	blockDev bool
+
+	closeOnce sync.Once
+	closeErr  error
 }
 
 func openRaw(f *os.File, info source.DiskInfo, blockDev bool) (source.Disk, error) {
@@ -226,7 +230,11 @@ func (d *rawDisk) Extents(ctx context.Context, off, length int64) ([]source.Exte
 	return exts, nil
 }
 
-func (d *rawDisk) Close() error { return d.f.Close() }
+// Close closes the file; calling it again returns the first call's error.
+func (d *rawDisk) Close() error {
+	d.closeOnce.Do(func() { d.closeErr = d.f.Close() })
+	return d.closeErr
+}
 
 // qemuDisk reads an image through a private qemu-storage-daemon.
 type qemuDisk struct {
