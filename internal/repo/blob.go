@@ -242,11 +242,19 @@ func (r *Repo) LoadBlob(ctx context.Context, id crypt.ID, dst []byte) ([]byte, e
 		}
 		return nil, fmt.Errorf("chunk %s: %w", id.Short(), err)
 	}
-	return r.openBlob(id, l, sealed, dst)
+	// sealed is this call's own: decrypt it in place rather than allocate.
+	return r.openBlob(id, l, sealed, dst, true)
 }
 
-func (r *Repo) openBlob(id crypt.ID, l Loc, sealed, dst []byte) ([]byte, error) {
-	plain, err := r.key.Open(nil, sealed)
+// openBlob authenticates, decrypts and decompresses a sealed blob into
+// dst (when compressed) and checks it against its id. inPlace decrypts
+// over sealed itself, which the caller then must not use.
+func (r *Repo) openBlob(id crypt.ID, l Loc, sealed, dst []byte, inPlace bool) ([]byte, error) {
+	var into []byte
+	if inPlace && len(sealed) >= crypt.NonceSize {
+		into = sealed[crypt.NonceSize:crypt.NonceSize]
+	}
+	plain, err := r.key.Open(into, sealed)
 	if err != nil {
 		return nil, fmt.Errorf("chunk %s in pack %s: %w: %w", id.Short(), l.Pack.Short(), err, ErrDamaged)
 	}

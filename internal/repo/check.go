@@ -251,7 +251,7 @@ func (r *Repo) checkPack(ctx context.Context, p crypt.ID, es []packEntry) map[cr
 			continue
 		}
 		l := Loc{Pack: p, Type: e.Type, Compressed: e.Compressed, Offset: e.Offset, Length: e.Length, RawLength: e.RawLength}
-		if _, err := r.openBlob(e.ID, l, data[e.Offset:end], buf); err != nil {
+		if _, err := r.openBlob(e.ID, l, data[e.Offset:end], buf, false); err != nil {
 			bad[e.ID] = err.Error()
 		}
 	}

@@ -348,7 +348,7 @@ func (r *Repo) repack(ctx context.Context, p crypt.ID, es []packEntry, ref map[c
 		sealed := append([]byte(nil), data[e.Offset:end]...)
 		l := Loc{Pack: p, Type: e.Type, Compressed: e.Compressed, Offset: e.Offset, Length: e.Length, RawLength: e.RawLength}
 		// Check before copying: never spread a damaged blob.
-		if _, err := r.openBlob(e.ID, l, sealed, nil); err != nil {
+		if _, err := r.openBlob(e.ID, l, sealed, nil, false); err != nil {
 			return fmt.Errorf("repacking: %w", err)
 		}
 		r.wmu.Lock()
