@@ -328,10 +328,10 @@ def cmd_report(args):
             rss("full"), rss("incr"), rss("restore")))
     L.append("")
     if physlimit:
-        L.append("Physical limit (keyed BLAKE3 + zstd-1 of the non-zero 1 MiB chunks of the allocated extents, "
+        L.append("Physical limit (keyed BLAKE3 + zstd-1 of the non-zero %d KiB chunks of the allocated extents, "
                  "%d workers, best of %s runs): %.2f s, %.0f MB/s of data read, %.0f MB/s of logical size "
                  "(%d chunks, %d non-zero, %.1f MiB compressed)." % (
-                     physlimit.get("workers", 0), physlimit.get("runs", 1), physlimit["seconds"],
+                     physlimit.get("chunk_size", 0) // 1024, physlimit.get("workers", 0), physlimit.get("runs", 1), physlimit["seconds"],
                      physlimit.get("mbps_read", 0), physlimit.get("mbps_logical", 0),
                      physlimit.get("chunks", 0), physlimit.get("nonzero_chunks", 0),
                      physlimit.get("compressed_bytes", 0) / MiB))
@@ -339,6 +339,22 @@ def cmd_report(args):
             L.append("Kura full backup / physical limit = %.2fx (target <= 1.2x)." % out["kura_full_vs_physlimit"])
         else:
             L.append("Kura full backup / physical limit: pending (Kura not run).")
+        rf = physlimit.get("restore")
+        if rf:
+            L.append("")
+            L.append("Restore floor (every non-zero chunk sealed beforehand with AES-256-GCM over zstd-1; timed: "
+                     "open + decompress + keyed BLAKE3 check on %d workers, then the same plus a pwrite at its offset "
+                     "into a fresh sparse file and an fsync): decode %.2f s, decode + write + fsync %.2f s." % (
+                         rf.get("workers", 0), rf["decode_seconds"], rf["write_seconds"]))
+            for e in out["rows"]:
+                s = sec(e, "restore")
+                if s and "skipped" not in e:
+                    e["restore_vs_floor"] = s / rf["write_seconds"]
+            parts = ["%s %.2fx" % (e["row"], e["restore_vs_floor"]) for e in out["rows"] if e.get("restore_vs_floor")]
+            if parts:
+                L.append("Restore time / restore floor: " + ", ".join(parts) + ".")
+            if rs_floor_note(out, rf):
+                L.append(rs_floor_note(out, rf))
         L.append("")
     # CPU time is less sensitive than wall time to other load on the machine.
     def cpu(d, step):
@@ -410,6 +426,19 @@ def cmd_report(args):
     with open(os.path.join(args.outdir, "results.md"), "w") as f:
         f.write("\n".join(L) + "\n")
     print("\n".join(L))
+
+
+def rs_floor_note(out, rf):
+    """What the restore target asks of the floor: restic's time / 5 against it."""
+    rows = {e["row"]: e for e in out["rows"]}
+    rs = rows.get("restic")
+    if not rs or "skipped" in rs or not (rs.get("restore") or {}).get("seconds"):
+        return None
+    need = rs["restore"]["seconds"] / 5
+    return ("A restore 5x faster than restic's would take %.2f s: %s the verifying floor with the write (%.2f s) "
+            "and %s the floor without it (%.2f s)." % (
+                need, "below" if need < rf["write_seconds"] else "above", rf["write_seconds"],
+                "below" if need < rf["decode_seconds"] else "above", rf["decode_seconds"]))
 
 
 def cmd_aggregate(args):

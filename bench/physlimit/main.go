@@ -5,9 +5,11 @@
 // compression, on N workers (default: 2, both cores of the reference machine).
 //
 // Nothing is written anywhere: this is the floor for hashing plus compression
-// of the same data that the backup tools are given. It prints one JSON line.
+// of the same data that the backup tools are given. With -restore FILE it
+// also measures the floor of a verifying restore (see restoreResult). It
+// prints one JSON line.
 //
-//	go run ./bench/physlimit [-workers 2] [-chunk 1048576] [-precache] disk.raw
+//	go run ./bench/physlimit [-workers 2] [-chunk 1048576] [-precache] [-restore out.raw] disk.raw
 //
 // The image should be in the page cache (cat it to /dev/null first, or pass
 // -precache) so that the number measures CPU work, not the disk.
@@ -100,6 +102,8 @@ type result struct {
 	MBpsAllocated   float64 `json:"mbps_allocated"` // allocated bytes / s
 	MBpsLogical     float64 `json:"mbps_logical"`   // disk size / s
 	PrecacheSeconds float64 `json:"precache_seconds,omitempty"`
+	// Restore is the restore floor (-restore), see restoreResult.
+	Restore *restoreResult `json:"restore,omitempty"`
 }
 
 func main() {
@@ -107,6 +111,7 @@ func main() {
 	chunk := flag.Int64("chunk", 1<<20, "chunk size in bytes")
 	level := flag.Int("level", 1, "zstd level")
 	precache := flag.Bool("precache", false, "read the whole image once before timing (page cache)")
+	restoreOut := flag.String("restore", "", "also measure the restore floor, writing the image to this `file` (removed after)")
 	flag.Usage = func() {
 		fmt.Fprintf(os.Stderr, "usage: physlimit [flags] IMAGE\n")
 		flag.PrintDefaults()
@@ -116,13 +121,13 @@ func main() {
 		flag.Usage()
 		os.Exit(2)
 	}
-	if err := run(flag.Arg(0), *workers, *chunk, *level, *precache); err != nil {
+	if err := run(flag.Arg(0), *workers, *chunk, *level, *precache, *restoreOut); err != nil {
 		fmt.Fprintln(os.Stderr, "physlimit:", err)
 		os.Exit(1)
 	}
 }
 
-func run(path string, workers int, chunk int64, level int, precache bool) error {
+func run(path string, workers int, chunk int64, level int, precache bool, restoreOut string) error {
 	if workers < 1 || chunk < 4096 {
 		return errors.New("bad -workers or -chunk")
 	}
@@ -230,6 +235,11 @@ func run(path string, workers int, chunk int64, level int, precache bool) error 
 	res.MBpsRead = float64(res.ReadBytes) / secs / 1e6
 	res.MBpsAllocated = float64(alloc) / secs / 1e6
 	res.MBpsLogical = float64(size) / secs / 1e6
+	if restoreOut != "" {
+		if res.Restore, err = runRestore(f, size, idx, chunk, workers, key, restoreOut); err != nil {
+			return fmt.Errorf("restore floor: %w", err)
+		}
+	}
 	return json.NewEncoder(os.Stdout).Encode(res)
 }
 
