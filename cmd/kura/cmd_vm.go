@@ -10,8 +10,10 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/kura-backup/kura/internal/backup"
+	"github.com/kura-backup/kura/internal/guest"
 	"github.com/kura-backup/kura/internal/repo"
 	"github.com/kura-backup/kura/internal/source"
 	"github.com/kura-backup/kura/internal/source/libvirt"
@@ -37,6 +39,7 @@ func (a *app) vmBackupCmd() *cobra.Command {
 	var connect, mode string
 	var all, full, requireApp bool
 	var parallel, workers int
+	var freezeTimeout time.Duration
 	cmd := &cobra.Command{
 		Use:   "vm [NAME...]",
 		Short: "Back up running or defined libvirt domains live (app-consistent when the guest agent answers)",
@@ -52,7 +55,7 @@ func (a *app) vmBackupCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			conn, err := libvirt.Connect(ctx, connect)
+			conn, err := libvirt.ConnectWithOptions(ctx, connect, libvirt.Options{Agent: guest.Timeouts{Freeze: freezeTimeout}})
 			if err != nil {
 				return err
 			}
@@ -80,13 +83,22 @@ func (a *app) vmBackupCmd() *cobra.Command {
 	f.BoolVar(&full, "full", false, "read every disk in full once, ignoring changed-block tracking")
 	f.IntVar(&parallel, "parallel", 1, "back up this many VMs at once")
 	f.IntVar(&workers, "workers", 0, "parallel workers per VM (default 2 per CPU)")
+	freezeTimeoutFlag(f, &freezeTimeout)
 	return cmd
+}
+
+// freezeTimeoutFlag adds --freeze-timeout: how long the guest agent may
+// take to freeze (its fsfreeze hooks included) before kura gives up, thaws
+// and fails (or falls back to crash mode).
+func freezeTimeoutFlag(f *pflag.FlagSet, d *time.Duration) {
+	f.DurationVar(d, "freeze-timeout", guest.DefaultFreezeTimeout, "how long the guest agent may take to freeze filesystems (fsfreeze hooks included)")
 }
 
 func (a *app) qmpBackupCmd() *cobra.Command {
 	var socket, name, mode string
 	var full, requireApp bool
 	var workers int
+	var freezeTimeout time.Duration
 	cmd := &cobra.Command{
 		Use:   "qmp --socket PATH --name NAME",
 		Short: "Back up a plain QEMU VM (no libvirt) through its QMP socket",
@@ -104,7 +116,7 @@ func (a *app) qmpBackupCmd() *cobra.Command {
 				return err
 			}
 			return a.backupVMs(ctx, r, []string{name}, 1, func(ctx context.Context, name string) (source.VM, error) {
-				return qmp.Open(ctx, socket, name)
+				return qmp.OpenWith(ctx, socket, name, qmp.Options{Agent: guest.Timeouts{Freeze: freezeTimeout}})
 			}, backup.VMOptions{Mode: mode, RequireApp: requireApp, Full: full, Source: "qmp", Workers: workers})
 		},
 	}
@@ -115,6 +127,7 @@ func (a *app) qmpBackupCmd() *cobra.Command {
 	f.BoolVar(&requireApp, "require-app", false, "fail, without touching the VM, when the guest agent does not answer")
 	f.BoolVar(&full, "full", false, "read every disk in full once, ignoring changed-block tracking")
 	f.IntVar(&workers, "workers", 0, "parallel workers (default 2 per CPU)")
+	freezeTimeoutFlag(f, &freezeTimeout)
 	return cmd
 }
 

@@ -120,6 +120,7 @@ func TestVMBackupBadInput(t *testing.T) {
 	e.ok("init")
 	e.fails("--all", "backup", "vm")
 	e.fails("--mode", "backup", "vm", "web01", "--mode", "bogus")
+	e.fails("--freeze-timeout", "backup", "vm", "web01", "--freeze-timeout", "soon")
 	e.fails("--socket", "backup", "qmp", "--name", "vm7")
 	e.fails("no-such.qmp", "backup", "qmp", "--socket", filepath.Join(e.dir, "no-such.qmp"), "--name", "vm7")
 	if os.Geteuid() == 0 && !testing.Short() {
