@@ -83,7 +83,7 @@ func (a *app) printBackup(s *repo.Snapshot) {
 			fmt.Fprint(a.stdout, ")")
 		}
 		if s.Stats.PauseMillis > 0 {
-			fmt.Fprintf(a.stdout, " (VM paused %.0f ms)", s.Stats.PauseMillis)
+			fmt.Fprintf(a.stdout, " (VM %s %.0f ms)", pausedOrDown(s.Mode), s.Stats.PauseMillis)
 		}
 	}
 	fmt.Fprintln(a.stdout)
@@ -188,4 +188,13 @@ func (a *app) restoreCmd() *cobra.Command {
 	cmd.Flags().BoolVar(&overwrite, "overwrite", false, "replace existing files")
 	cmd.Flags().IntVar(&workers, "workers", 0, "parallel workers (default 2 per CPU)")
 	return cmd
+}
+
+// pausedOrDown says what a snapshot's pause time was: the VM paused
+// (suspend mode) or down (shutdown mode).
+func pausedOrDown(mode string) string {
+	if mode == source.ModeShutdown {
+		return "down"
+	}
+	return "paused"
 }

@@ -119,7 +119,7 @@ func (a *app) snapshotsCmd() *cobra.Command {
 				if s.Stats.FreezeMillis > 0 {
 					mode += fmt.Sprintf(" (frozen %.0fms)", s.Stats.FreezeMillis)
 				} else if s.Stats.PauseMillis > 0 {
-					mode += fmt.Sprintf(" (paused %.0fms)", s.Stats.PauseMillis)
+					mode += fmt.Sprintf(" (%s %.0fms)", pausedOrDown(s.Mode), s.Stats.PauseMillis)
 				}
 				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", s.ID[:8], s.Time.Local().Format("2006-01-02 15:04:05"), s.Name, s.Source, s.Kind, mode,
 					len(s.Disks), humanBytes(s.LogicalSize()), humanBytes(s.Stats.BytesRead), humanBytes(s.Stats.BytesNew), s.Stats.End.Sub(s.Stats.Start).Round(10*time.Millisecond))

@@ -13,6 +13,7 @@ import (
 	"runtime/pprof"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
@@ -146,7 +147,10 @@ func (a *app) open(ctx context.Context) (*repo.Repo, error) {
 	if err != nil {
 		return nil, err
 	}
-	return repo.Open(ctx, be, pw)
+	start := time.Now()
+	r, err := repo.Open(ctx, be, pw)
+	a.log.Debug("repository opened (key derivation)", "took", time.Since(start), "err", err)
+	return r, err
 }
 
 // progressOn reports whether progress should be drawn.

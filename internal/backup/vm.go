@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"time"
 
 	"github.com/kura-backup/kura/internal/repo"
@@ -66,18 +67,23 @@ func RunVM(ctx context.Context, r *repo.Repo, vm source.VM, o VMOptions) (snap *
 	if err != nil {
 		return nil, fmt.Errorf("reading the configuration of %s: %w", vm.Name(), err)
 	}
+	captureStart := time.Now()
 	capture, err := vm.Capture(ctx, co)
+	opts.Logger.Debug("capture", "vm", vm.Name(), "took", time.Since(captureStart), "err", err)
 	if err != nil {
-		return nil, fmt.Errorf("capturing %s: %w", vm.Name(), err)
+		return nil, fmt.Errorf("capturing %s: %w", vm.Name(), oneLine{err})
 	}
 	defer func() {
 		endCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
 		defer cancel()
-		if endErr := capture.End(endCtx, err == nil); endErr != nil {
+		endStart := time.Now()
+		endErr := capture.End(endCtx, err == nil)
+		opts.Logger.Debug("capture released", "vm", vm.Name(), "took", time.Since(endStart), "err", endErr)
+		if endErr != nil {
 			if err == nil {
-				err = fmt.Errorf("backup saved, but releasing the capture of %s failed: %w", vm.Name(), endErr)
+				err = fmt.Errorf("backup saved, but releasing the capture of %s failed: %w", vm.Name(), oneLine{endErr})
 			} else {
-				err = errors.Join(err, endErr)
+				err = oneLine{errors.Join(err, endErr)}
 			}
 		}
 	}()
@@ -123,8 +129,18 @@ func RunVM(ctx context.Context, r *repo.Repo, vm source.VM, o VMOptions) (snap *
 			}
 		}
 	}
-	return Run(ctx, r, capture.Disks(), opts)
+	runStart := time.Now()
+	snap, err = Run(ctx, r, capture.Disks(), opts)
+	opts.Logger.Debug("disks read and stored", "vm", vm.Name(), "took", time.Since(runStart), "err", err)
+	return snap, err
 }
 
 // millis is d in milliseconds, to the microsecond.
 func millis(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// oneLine is err with its message on one line: errors.Join puts each error
+// on a line of its own, and Kura prints an error as one line.
+type oneLine struct{ error }
+
+func (e oneLine) Error() string { return strings.ReplaceAll(e.error.Error(), "\n", "; ") }
+func (e oneLine) Unwrap() error { return e.error }

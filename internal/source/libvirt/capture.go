@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -62,13 +63,15 @@ type capture struct {
 		ok       bool
 	}
 
-	// Offline captures.
-	restart   bool // start the domain at End (shutdown mode shut it down)
-	downSince time.Time
-
 	mu    sync.Mutex
 	pause time.Duration
 	ended bool
+
+	// End's own connection to libvirtd: set when the capture's was lost
+	// (libvirtd restarted), conn0 is the capture's; lost says why libvirtd
+	// could not be reached again.
+	conn0 *Conn
+	lost  error
 }
 
 var _ source.Capture = (*capture)(nil)
@@ -88,14 +91,10 @@ func (c *capture) FreezeParts() source.FreezeParts {
 }
 
 // Pause is how long the VM was paused (suspend mode) or down (shutdown
-// mode: from the shutdown request until it was started again at End; before
-// End, the downtime so far).
+// mode: from the shutdown request until it ran again).
 func (c *capture) Pause() time.Duration {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.restart && !c.ended {
-		return time.Since(c.downSince)
-	}
 	return c.pause
 }
 
@@ -140,12 +139,12 @@ func (v *VM) Capture(ctx context.Context, opts source.CaptureOptions) (source.Ca
 		if state == golibvirt.DomainShutdown {
 			return nil, fmt.Errorf("VM %s is shutting down: wait until it is off, then back it up", v.dom.Name)
 		}
-		return v.captureOffline(ctx, def, disks, false, "the VM is shut off: read offline")
+		return v.captureOffline(ctx, disks)
 	}
 	mode := opts.Mode
 	switch mode {
 	case source.ModeShutdown:
-		return v.captureOffline(ctx, def, disks, true, "shutdown mode: read offline while the VM is down")
+		return v.captureShutdown(ctx, opts)
 	case "":
 		mode = source.ModeCrash
 		if present, _ := def.agentChannel(); present && state == golibvirt.DomainRunning {
@@ -273,7 +272,7 @@ func (v *VM) plan(ctx context.Context, disks []diskDef, opts source.CaptureOptio
 			case cd.Checkpoint != "bitmap":
 				p.reason = fmt.Sprintf("checkpoint %s has no bitmap for this disk", opts.Since)
 			case cd.Size == nil:
-				p.reason = fmt.Sprintf("the bitmap of checkpoint %s is missing or broken (disk replaced?)", opts.Since)
+				p.reason = fmt.Sprintf("the bitmap of checkpoint %s is missing or broken (VM killed, or disk replaced?)", opts.Since)
 			default:
 				p.since = opts.Since
 			}
@@ -627,23 +626,48 @@ func (c *capture) openExports(ctx context.Context, plans []*diskPlan) error {
 // explain adds to a failed read what became of the VM.
 func (c *capture) explain(ctx context.Context, err error) error {
 	v := c.vm
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 3*time.Second)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
 	st, serr := v.state(ctx)
-	switch {
-	case errors.Is(serr, source.ErrNotFound):
-		return fmt.Errorf("VM %s no longer exists: %w", v.dom.Name, err)
-	case serr == nil && st != golibvirt.DomainRunning && st != golibvirt.DomainPaused:
-		return fmt.Errorf("VM %s is no longer running (%s): %w: run the backup again", v.dom.Name, stateName(st), err)
-	case serr == nil && c.jobStarted:
-		// The VM runs on: did its backup job (which serves the NBD
-		// exports) end under Kura?
-		_, jerr := rpc(ctx, v.c, func() (string, error) { return v.c.l.DomainBackupGetXMLDesc(v.dom, 0) })
-		if libvirtCode(jerr) == golibvirt.ErrNoDomainBackup {
+	running := func() bool { return serr == nil && (st == golibvirt.DomainRunning || st == golibvirt.DomainPaused) }
+	if running() && c.jobStarted && serverClosed(err) && c.jobEnds(ctx) {
+		// The job also ends when the VM stops: look again.
+		if st, serr = v.state(ctx); running() {
 			return fmt.Errorf("VM %s: its backup job was ended outside Kura (`virsh domjobabort`?) while Kura read it: %w: run the backup again", v.dom.Name, err)
 		}
 	}
+	switch {
+	case errors.Is(serr, source.ErrNotFound):
+		return fmt.Errorf("VM %s no longer exists: %w", v.dom.Name, err)
+	case serr == nil && !running():
+		return fmt.Errorf("VM %s is no longer running (%s): %w: run the backup again", v.dom.Name, stateName(st), err)
+	}
 	return fmt.Errorf("VM %s: %w", v.dom.Name, err)
+}
+
+// serverClosed reports whether err says the NBD server closed the connection.
+func serverClosed(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET)
+}
+
+// jobEnds reports whether the VM's backup job ends within ctx. libvirt stops
+// the job's NBD server a moment before it drops the job itself.
+func (c *capture) jobEnds(ctx context.Context) bool {
+	v := c.vm
+	for {
+		_, err := rpc(ctx, v.c, func() (string, error) { return v.c.l.DomainBackupGetXMLDesc(v.dom, 0) })
+		if libvirtCode(err) == golibvirt.ErrNoDomainBackup {
+			return true
+		}
+		if err != nil {
+			return false
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
 }
 
 func stateName(s golibvirt.DomainState) string {
@@ -666,21 +690,15 @@ func stateName(s golibvirt.DomainState) string {
 	return fmt.Sprintf("state %d", s)
 }
 
-// captureOffline reads the disk files of a VM that is off, shutting it down
-// first (and starting it again at End) when shutdown is set.
-func (v *VM) captureOffline(ctx context.Context, def *domainDef, disks []diskDef, shutdown bool, why string) (_ source.Capture, err error) {
+// captureOffline reads the disk files of a VM that is shut off, in full
+// (checkpoints need a running VM).
+func (v *VM) captureOffline(ctx context.Context, disks []diskDef) (_ source.Capture, err error) {
+	const why = "the VM is shut off: read offline"
 	c := &capture{vm: v, mode: source.ModeShutdown}
 	for _, d := range disks {
 		if d.path() == "" {
 			return nil, fmt.Errorf("VM %s: disk %s is a %s disk, not a local file or device: it can only be read while the VM runs (use app, crash or suspend mode)", v.dom.Name, d.Target.Dev, d.Type)
 		}
-	}
-	if shutdown {
-		requested := time.Now()
-		if err := v.shutdown(ctx); err != nil {
-			return nil, err
-		}
-		c.restart, c.downSince = true, requested
 	}
 	defer func() {
 		if err != nil {
@@ -695,6 +713,80 @@ func (v *VM) captureOffline(ctx context.Context, def *domainDef, disks []diskDef
 		c.disks = append(c.disks, &offlineDisk{Disk: disk, name: d.Target.Dev})
 		c.notes = append(c.notes, source.DiskNote{Disk: d.Target.Dev, Read: readFull, Reason: why})
 	}
+	return c, nil
+}
+
+// captureShutdown is shutdown mode: the guest shuts down cleanly, the VM
+// is started again paused, the backup job takes its instant before the
+// guest runs a single instruction, and the VM resumes. The disks are read
+// from the job's export while the guest boots, so the downtime is the
+// shutdown and the boot, not the copy; and the capture keeps the
+// checkpoint chain, so only blocks changed since the last backup are read.
+// A watchdog resumes the VM if kura dies while it is paused.
+func (v *VM) captureShutdown(ctx context.Context, opts source.CaptureOptions) (_ source.Capture, err error) {
+	requested := time.Now()
+	if err := v.shutdown(ctx); err != nil {
+		return nil, err
+	}
+	wd, err := guest.StartWatchdog(ctx, v.watchdogSpec(false, true))
+	if err != nil {
+		// The VM is off: start it again without a backup rather than leave it down.
+		serr := rpc0(context.WithoutCancel(ctx), v.c, func() error { return v.c.l.DomainCreate(v.dom) })
+		if serr != nil {
+			return nil, fmt.Errorf("VM %s: shutdown-mode capture: %w; starting it again failed too: %w: start it with `virsh start %s`", v.dom.Name, err, serr, v.dom.Name)
+		}
+		return nil, fmt.Errorf("VM %s: shutdown-mode capture: %w (the VM was started again, nothing was captured)", v.dom.Name, err)
+	}
+	resumed := false
+	resume := func() error {
+		if resumed {
+			return nil
+		}
+		err := rpc0(context.WithoutCancel(ctx), v.c, func() error { return v.c.l.DomainResume(v.dom) })
+		if err != nil {
+			wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+			defer cancel()
+			if werr := wd.Fire(wctx); werr != nil {
+				return v.errorf(err, "resuming it after the shutdown-mode capture (the watchdog failed too: %v): run `virsh resume %s`", werr, v.dom.Name)
+			}
+		} else {
+			wd.Disarm(context.WithoutCancel(ctx))
+		}
+		resumed = true
+		return nil
+	}
+	_, err = rpc(ctx, v.c, func() (golibvirt.Domain, error) {
+		return v.c.l.DomainCreateWithFlags(v.dom, uint32(golibvirt.DomainStartPaused))
+	})
+	if err != nil {
+		wd.Disarm(context.WithoutCancel(ctx))
+		return nil, v.errorf(err, "starting it again (paused) after shutting it down for the backup: it is off now: start it with `virsh start %s`", v.dom.Name)
+	}
+	defer func() {
+		if rerr := resume(); rerr != nil {
+			err = errors.Join(err, rerr)
+		}
+	}()
+	liveXML, err := rpc(ctx, v.c, func() (string, error) { return v.c.l.DomainGetXMLDesc(v.dom, 0) })
+	if err != nil {
+		return nil, v.errorf(err, "reading the domain XML after starting it again")
+	}
+	def, err := parseDomain(liveXML)
+	if err != nil {
+		return nil, fmt.Errorf("VM %s: %w", v.dom.Name, err)
+	}
+	sc, err := v.captureLive(ctx, def, def.backupDisks(), source.ModeShutdown, true, opts)
+	if err != nil {
+		return nil, err
+	}
+	c := sc.(*capture)
+	if rerr := resume(); rerr != nil {
+		c.End(context.WithoutCancel(ctx), false)
+		return nil, rerr
+	}
+	c.mu.Lock()
+	c.pause = time.Since(requested)
+	c.mu.Unlock()
 	return c, nil
 }
 
@@ -744,9 +836,8 @@ func (v *VM) shutdown(ctx context.Context) error {
 // End releases the capture: it disconnects from the exports, ends the
 // backup job, keeps or drops checkpoints (ok: the new checkpoint stays and
 // Kura's older ones go; not ok: the new one goes, so the previous one still
-// covers every change since it), removes the private directory and, in
-// shutdown mode, starts the VM again. It does what it can when the VM is
-// gone, and each libvirt call is bounded, so it never hangs.
+// covers every change since it) and removes the private directory. It
+// does what it can when the VM is gone, and each libvirt call is bounded, so it never hangs.
 func (c *capture) End(ctx context.Context, ok bool) error {
 	c.mu.Lock()
 	if c.ended {
@@ -783,7 +874,7 @@ func (c *capture) End(ctx context.Context, ok bool) error {
 			}
 		}
 	}
-	if c.checkpoint != "" && !gone {
+	if c.checkpoint != "" && !gone && c.lost == nil {
 		var err error
 		if ok {
 			err = c.dropOlderCheckpoints(ctx)
@@ -799,14 +890,9 @@ func (c *capture) End(ctx context.Context, ok bool) error {
 			errs = append(errs, fmt.Errorf("VM %s: removing the scratch directory: %w", v.dom.Name, err))
 		}
 	}
-	if c.restart {
-		err := c.endCall(ctx, func() error { return v.c.l.DomainCreate(v.dom) })
-		c.mu.Lock()
-		c.pause = time.Since(c.downSince)
-		c.mu.Unlock()
-		if err != nil {
-			errs = append(errs, v.errorf(err, "starting it again after the shutdown-mode capture (start it with `virsh start %s`)", v.dom.Name))
-		}
+	if c.conn0 != nil {
+		v.c.Close()
+		v.c = c.conn0
 	}
 	return errors.Join(errs...)
 }
@@ -834,11 +920,54 @@ func (c *capture) waitJobGone(ctx context.Context) error {
 	}
 }
 
-// endCall runs one libvirt call during End with its own bound.
+// endCall runs one libvirt call during End with its own bound. When the
+// connection to libvirtd was lost (libvirtd restarted while Kura read the
+// disks: it keeps the backup job and the checkpoints), it reconnects and
+// calls again.
 func (c *capture) endCall(ctx context.Context, f func() error) error {
+	if c.lost != nil {
+		return c.lost
+	}
+	call := func() error {
+		ctx, cancel := context.WithTimeout(ctx, endCallTimeout)
+		defer cancel()
+		return rpc0(ctx, c.vm.c, f)
+	}
+	err := call()
+	// go-libvirt fails calls on a closed connection with EINVAL.
+	if err == nil || (!errors.Is(err, syscall.EINVAL) && c.vm.c.l.IsConnected()) {
+		return err
+	}
+	if c.lost = c.reconnect(ctx); c.lost != nil {
+		return c.lost
+	}
+	return call()
+}
+
+// reconnect gives the capture's VM a new connection to libvirtd for the
+// rest of End (End puts the old one back), waiting up to endCallTimeout
+// for libvirtd to answer again.
+func (c *capture) reconnect(ctx context.Context) error {
+	v := c.vm
 	ctx, cancel := context.WithTimeout(ctx, endCallTimeout)
 	defer cancel()
-	return rpc0(ctx, c.vm.c, f)
+	for {
+		nc, err := ConnectWithOptions(ctx, v.c.socket, v.c.opts)
+		if err == nil {
+			if c.conn0 == nil {
+				c.conn0 = v.c
+			} else {
+				v.c.Close()
+			}
+			v.c = nc
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("the connection to libvirtd was lost, and libvirtd did not answer again within %s: %w", endCallTimeout, err)
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
 }
 
 // deleteCheckpoint deletes one checkpoint; libvirt merges its bitmap into

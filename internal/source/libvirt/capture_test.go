@@ -187,7 +187,7 @@ func TestLibvirtCapture(t *testing.T) {
 		if c.Mode() != source.ModeApp {
 			t.Errorf("Mode = %q; want app", c.Mode())
 		}
-		if w := c.FreezeWindow(); w <= 0 || w > 3*time.Second {
+		if w := c.FreezeWindow(); w <= 0 || w > 20*time.Second { // generous: the freeze is the guest's work, slow under TCG and load
 			t.Errorf("FreezeWindow = %s", w)
 		}
 		if c.Pause() != 0 {
@@ -492,35 +492,40 @@ func TestLibvirtCapture(t *testing.T) {
 		// power button, and qemu-ga's guest-shutdown (shutdown -P +0)
 		// fails. A direct poweroff works.
 		guestSh(t, ctx, g, `rm -f /sbin/shutdown && printf '#!/bin/sh\nexec /bin/systemctl poweroff\n' >/sbin/shutdown && chmod 755 /sbin/shutdown`)
-		c, err := vm.Capture(ctx, source.CaptureOptions{Mode: source.ModeShutdown, Since: checkpoints(t, vm)[0]})
+		since := checkpoints(t, vm)[0]
+		c, err := vm.Capture(ctx, source.CaptureOptions{Mode: source.ModeShutdown, Since: since})
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer c.End(ctx, false)
-		if st, err := vm.state(ctx); err != nil || st != golibvirt.DomainShutoff {
-			t.Fatalf("VM %s, %v during a shutdown capture", stateName(st), err)
+		// The VM runs again (booting) while its disks are read.
+		if st, err := vm.state(ctx); err != nil || st != golibvirt.DomainRunning {
+			t.Fatalf("VM %s, %v after a shutdown capture; want running", stateName(st), err)
 		}
-		if c.Mode() != source.ModeShutdown || c.Checkpoint() != "" {
-			t.Errorf("Mode %q, Checkpoint %q", c.Mode(), c.Checkpoint())
-		}
-		img := filepath.Join(dir, "vdb-offline.raw")
-		sum, _ := copyDisk(t, ctx, diskByName(t, c, "vdb"), img)
-		if n := verifyExt4(t, img); n != 12 {
-			t.Errorf("%d files in /data; want 12", n)
-		}
-		if info := diskByName(t, c, "vdb").Info(); info.Name != "vdb" || info.Format != "qcow2" {
-			t.Errorf("vdb info %+v", info)
-		}
-		converted := filepath.Join(dir, "vdb-qemu-img.raw")
-		run(t, "qemu-img", "convert", "-U", "-O", "raw", g.Disks[1].Path, converted)
-		if want := fileHash(t, converted); sum != want {
-			t.Errorf("vdb offline: sha256 %s; qemu-img convert: %s", sum, want)
-		}
-		endCapture(t, ctx, c, true)
 		t.Logf("shutdown mode: VM down for %s", c.Pause().Round(time.Millisecond))
 		if c.Pause() <= 0 {
 			t.Errorf("Pause %s", c.Pause())
 		}
+		if c.Mode() != source.ModeShutdown || !strings.HasPrefix(c.Checkpoint(), CheckpointPrefix) {
+			t.Errorf("Mode %q, Checkpoint %q; want shutdown and a new checkpoint", c.Mode(), c.Checkpoint())
+		}
+		for _, n := range c.Notes() {
+			if n.Disk == "vdb" && n.Read != "changed" {
+				t.Errorf("vdb read %q (%s) in shutdown mode after checkpoint %s; want changed", n.Read, n.Reason, since)
+			}
+		}
+		// The instant is the cleanly shut-down disk: a clean ext4 that needs
+		// no journal recovery, with every file the guest wrote.
+		img := filepath.Join(dir, "vdb-shutdown.raw")
+		copyDisk(t, ctx, diskByName(t, c, "vdb"), img)
+		if n := verifyExt4(t, img); n != 12 {
+			t.Errorf("%d files in /data; want 12", n)
+		}
+		sb := run(t, "dumpe2fs", "-h", img)
+		if !regexp.MustCompile(`(?m)^Filesystem state:\s+clean$`).MatchString(sb) || strings.Contains(sb, "needs_recovery") {
+			t.Errorf("vdb captured in shutdown mode is not a cleanly unmounted ext4:\n%s", sb)
+		}
+		endCapture(t, ctx, c, true)
 		if st, err := vm.state(ctx); err != nil || st != golibvirt.DomainRunning {
 			t.Fatalf("VM %s, %v after End; want running", stateName(st), err)
 		}

@@ -12,7 +12,9 @@
 // Consistency modes: app freezes the guest's filesystems through its agent
 // (internal/guest, guarded by a watchdog process) around the instant; crash
 // takes the instant as is; suspend pauses the VM around it; shutdown shuts
-// the guest down, reads its disk files offline and starts it again.
+// the guest down cleanly, starts it again paused, takes the instant and
+// resumes it (the disks are read while the guest boots). A shut-off VM's
+// disk files are read offline, in full.
 //
 // The package owns the backup job, the checkpoints named "kura-…" and its
 // private directory of scratch files; it knows nothing about repositories.

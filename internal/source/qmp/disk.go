@@ -95,7 +95,7 @@ func (d *disk) wrap(op string, off int64, err error) error {
 		_, qerr := queryStatus(pctx, d.cp.c)
 		cancel()
 		if errors.Is(qerr, ErrClosed) {
-			return fmt.Errorf("%s disk %s of VM %s at offset %d: the VM exited or closed its QMP socket during the backup: %w", op, d.info.Name, d.cp.vmName, off, err)
+			return fmt.Errorf("%s disk %s of VM %s at offset %d: the VM exited or closed its QMP socket during the backup: %w: run the backup again once it runs", op, d.info.Name, d.cp.vmName, off, err)
 		}
 	}
 	return fmt.Errorf("%s disk %s of VM %s at offset %d: %w", op, d.info.Name, d.cp.vmName, off, err)
