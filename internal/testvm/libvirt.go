@@ -37,12 +37,20 @@ func virsh(ctx context.Context, args ...string) (string, error) {
 // images in test directories), starts virtlogd and libvirtd when they are not
 // running (through systemd where it is init; else as daemons), restarts
 // libvirtd when the configuration changed, and waits until virsh connects.
+// While another process holds LockLibvirtdExclusive it waits for it.
 func EnsureLibvirtd(ctx context.Context) error {
 	for _, bin := range []string{"virsh", "libvirtd", "virtlogd"} {
 		if _, err := exec.LookPath(bin); err != nil {
 			return fmt.Errorf("%s not found: apt-get install libvirt-daemon-system libvirt-clients: %w", bin, err)
 		}
 	}
+	// Never while another test restarts libvirtd (LockLibvirtdExclusive):
+	// that test starts it again itself.
+	release, err := LockLibvirtdShared(ctx)
+	if err != nil {
+		return err
+	}
+	defer release()
 	cache, err := CacheDir()
 	if err != nil {
 		return err
@@ -356,8 +364,20 @@ func domainDefinition(c domainConfig) ([]byte, error) {
 // on virtio-blk vda, the data disks, the guest agent channel and the serial
 // console in ConsoleLog. It starts libvirtd if needed (EnsureLibvirtd) and
 // removes domains of earlier test processes that died without Destroy. Call
-// WaitAgent before using the guest, and Destroy in the end.
+// WaitAgent before using the guest, and Destroy in the end. The guest holds
+// LockLibvirtdShared until Destroy.
 func StartLibvirt(ctx context.Context, o Options) (*Guest, error) {
+	// Held until Destroy, so that no test restarts libvirtd under the guest.
+	release, err := LockLibvirtdShared(ctx)
+	if err != nil {
+		return nil, err
+	}
+	locked := false
+	defer func() {
+		if !locked {
+			release()
+		}
+	}()
 	if err := EnsureLibvirtd(ctx); err != nil {
 		return nil, err
 	}
@@ -366,6 +386,8 @@ func StartLibvirt(ctx context.Context, o Options) (*Guest, error) {
 	if err != nil {
 		return nil, err
 	}
+	holdLibvirtdFor(g, release)
+	locked = true
 	ok := false
 	defer func() {
 		if !ok {
@@ -413,6 +435,7 @@ func StartLibvirt(ctx context.Context, o Options) (*Guest, error) {
 // removeDomain destroys the domain if it runs and undefines it with its
 // checkpoint and snapshot metadata.
 func (g *Guest) removeDomain(ctx context.Context) error {
+	defer releaseGuestLock(g)
 	return removeDomain(ctx, g.Name, g.PID)
 }
 
