@@ -2,7 +2,7 @@
 export PATH := $(PATH):/usr/local/go/bin
 GO ?= go
 
-.PHONY: all build deps guest demo demo-image test test-short bench vet clean
+.PHONY: all build deps guest demo demo-image test test-short bench bench-vm vet clean
 
 all: build
 
@@ -38,6 +38,10 @@ test-short:
 
 bench: deps build
 	bash bench/run.sh
+
+# Live VMs: kura backup vm against virtnbdbackup on the same guest (root).
+bench-vm: deps build guest
+	bash bench/vm.sh
 
 clean:
 	rm -rf bin

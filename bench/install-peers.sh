@@ -8,7 +8,12 @@
 #                   (kopia's go.mod has replace directives, so `go install ...@v0.21.1`
 #                   is refused; a scratch main module works around that)
 #   borg   1.2.x    Debian's borgbackup package
+#   virtnbdbackup   Debian's virtnbdbackup package (live-VM benchmark, bench/vm.sh)
 #   qemu-utils, e2fsprogs, time (/usr/bin/time -v for peak RSS), python3
+#
+#   install-peers.sh          everything
+#   install-peers.sh --vm     only what bench/vm.sh needs (virtnbdbackup and the
+#                             system tools; no restic, kopia or borg)
 #
 # Everything built here lives OUTSIDE the repository, under
 #   ${KURA_CACHE:-$HOME/.cache/kura}/bench/bin
@@ -26,6 +31,13 @@ mkdir -p "$BIN"
 
 log() { printf '[install-peers %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
+
+ONLY_VM=0
+case "${1:-}" in
+--vm) ONLY_VM=1 ;;
+"") ;;
+*) die "unknown argument '$1' (use --vm, or nothing)" ;;
+esac
 
 command -v go >/dev/null || { [ -x /usr/local/go/bin/go ] && export PATH=/usr/local/go/bin:$PATH; }
 command -v go >/dev/null || die "go not found (expected /usr/local/go/bin/go)"
@@ -51,6 +63,13 @@ apt_need qemu-utils  qemu-img --version
 apt_need e2fsprogs   mkfs.ext4 -V
 apt_need time        test -x /usr/bin/time
 apt_need python3     python3 --version
+apt_need virtnbdbackup virtnbdbackup -V
+log "virtnbdbackup: $(virtnbdbackup -V 2>&1 | head -1)"
+if [ "$ONLY_VM" = 1 ]; then
+	apt_need e2fsprogs debugfs -V # restore checks of bench/vm.sh
+	log "peers for bench/vm.sh ready"
+	exit 0
+fi
 apt_need borgbackup  borg --version
 log "borg: $(borg --version)"
 
