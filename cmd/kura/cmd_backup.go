@@ -103,16 +103,23 @@ func (a *app) printBackup(s *repo.Snapshot) {
 }
 
 func (a *app) restoreCmd() *cobra.Command {
-	var to, format, disk string
-	var overwrite bool
+	var to, format, disk, as, connect string
+	var overwrite, define, start bool
 	var workers int
 	cmd := &cobra.Command{
-		Use:   "restore SNAPSHOT --to DIR",
-		Short: "Restore the disks of a restore point (id, id prefix, NAME@latest or latest)",
+		Use:   "restore SNAPSHOT --to DIR | --define [--as NAME] [--start]",
+		Short: "Restore the disks of a restore point (id, id prefix, NAME@latest or latest), or the whole VM",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
-			if to == "" {
+			switch {
+			case define && disk != "":
+				return fmt.Errorf("--define restores every disk of the VM: leave out --disk")
+			case !define && (as != "" || start):
+				return fmt.Errorf("--as and --start go with --define")
+			case define && to == "":
+				to = defaultImageDir
+			case to == "":
 				return fmt.Errorf("say where to restore to with --to DIR")
 			}
 			if format != "raw" && format != "qcow2" {
@@ -150,9 +157,23 @@ func (a *app) restoreCmd() *cobra.Command {
 				}
 			}
 			// --to is a file when it names one disk with an image extension.
-			toFile := len(disks) == 1 && (strings.HasSuffix(to, ".raw") || strings.HasSuffix(to, ".img") || strings.HasSuffix(to, ".qcow2"))
+			toFile := !define && len(disks) == 1 && (strings.HasSuffix(to, ".raw") || strings.HasSuffix(to, ".img") || strings.HasSuffix(to, ".qcow2"))
 			if toFile && strings.HasSuffix(to, ".qcow2") {
 				format = "qcow2"
+			}
+			pathOf := func(d repo.Disk) string {
+				if toFile {
+					return to
+				}
+				return filepath.Join(to, d.Name+"."+format)
+			}
+			var vm *vmRestore
+			if define {
+				if vm, err = a.prepareDefine(ctx, snap, as, to, format, connect, overwrite); err != nil {
+					return err
+				}
+				defer vm.close()
+				pathOf = vm.path
 			}
 			prog := &restore.Progress{Started: time.Now()}
 			stop := progressLine(a.stderr, a.progressOn(), func() string {
@@ -160,10 +181,7 @@ func (a *app) restoreCmd() *cobra.Command {
 			})
 			defer stop()
 			for _, d := range disks {
-				path := to
-				if !toFile {
-					path = filepath.Join(to, d.Name+"."+format)
-				}
+				path := pathOf(d)
 				var t restore.Target
 				if format == "qcow2" {
 					t, err = restore.NewQcow2(ctx, path, d.Size, overwrite)
@@ -179,9 +197,17 @@ func (a *app) restoreCmd() *cobra.Command {
 				}
 				fmt.Fprintf(a.stdout, "restored disk %s (%s, %s of data) to %s in %s, every chunk verified\n", d.Name, humanBytes(d.Size), humanBytes(d.DataBytes), path, time.Since(start).Round(10*time.Millisecond))
 			}
+			if vm != nil {
+				stop()
+				return vm.finish(ctx, a, start)
+			}
 			return nil
 		},
 	}
+	cmd.Flags().BoolVar(&define, "define", false, "restore the whole VM: every disk, and define the libvirt domain from the saved configuration (default --to "+defaultImageDir+")")
+	cmd.Flags().StringVar(&as, "as", "", "with --define: the restored VM's `name` (a copy beside the original: new UUID and MAC addresses)")
+	cmd.Flags().BoolVar(&start, "start", false, "with --define: start the restored VM")
+	cmd.Flags().StringVarP(&connect, "connect", "c", "qemu:///system", "with --define: libvirt `URI` or socket path")
 	cmd.Flags().StringVar(&to, "to", "", "target `directory` (or a file name when restoring one disk)")
 	cmd.Flags().StringVar(&format, "format", "raw", "image `format`: raw (sparse) or qcow2")
 	cmd.Flags().StringVar(&disk, "disk", "", "restore only this disk (`name or index`)")

@@ -497,3 +497,22 @@ func sweepStaleDomains(ctx context.Context) {
 		removeDomain(ctx, name, readPIDFile(filepath.Join("/run/libvirt/qemu", name+".pid")))
 	}
 }
+
+// AttachLibvirt returns a Guest for a running libvirt domain that testvm
+// did not start (a VM that kura restored, for example), to reach its agent
+// and to remove the domain with Destroy; its files are left alone. mounts
+// are the guest's data mount points that WaitAgent waits for.
+func AttachLibvirt(ctx context.Context, name string, mounts ...string) (*Guest, error) {
+	release, err := LockLibvirtdShared(ctx)
+	if err != nil {
+		return nil, err
+	}
+	g := &Guest{Name: name, Kind: "libvirt", Started: time.Now(), persisted: true, agent: &virshAgent{domain: name}}
+	g.ConsoleLog = filepath.Join("/var/log/libvirt/qemu", name+".log")
+	for _, m := range mounts {
+		g.Disks = append(g.Disks, Disk{Mount: m})
+	}
+	holdLibvirtdFor(g, release)
+	g.PID = readPIDFile(filepath.Join("/run/libvirt/qemu", name+".pid"))
+	return g, nil
+}
