@@ -13,7 +13,8 @@
 #   2. for each tool: init an encrypted repository on local disk, FULL backup
 #      of the raw image, repository size
 #   3. apply 100 MiB of scattered random writes to the image (mkdisk.sh --scatter)
-#   4. for each tool: SECOND backup, RESTORE of the latest backup to a file,
+#   4. for each tool: SECOND backup, RESTORE of the latest backup to a file
+#      (then a timed `sync`: the time until the restored data is on disk),
 #      cmp against the modified image, repository size
 #   5. write results.md, results.json (and records.jsonl, logs/) to the output dir
 # Every backup and restore runs under /usr/bin/time -v (peak RSS, CPU time).
@@ -326,7 +327,15 @@ for r in "${active[@]}"; do
 	repo_size "$r" repo_bytes
 	dest=$WORK/restore-$r
 	rm -rf "$dest" && mkdir -p "$dest"
+	sync # nothing of earlier steps is left to write back during this one
 	if ! "${d}_restore" "$r" "$dest"; then fail "$r" restore; rm -rf "$dest"; continue; fi
+	# Time to durable: what the tool left in the page cache, written back.
+	t1=$(date +%s.%N)
+	sync
+	t2=$(date +%s.%N)
+	syncs=$(python3 -c "print(round($t2-$t1,3))")
+	rec "{\"kind\":\"sync\",\"row\":\"$r\",\"step\":\"restore\",\"seconds\":$syncs}"
+	log "$r: sync after restore: ${syncs}s"
 	mapfile -t files < <(find "$dest" -type f)
 	ok=false
 	if [ ${#files[@]} -eq 1 ]; then
