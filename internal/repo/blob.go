@@ -246,6 +246,33 @@ func (r *Repo) LoadBlob(ctx context.Context, id crypt.ID, dst []byte) ([]byte, e
 	return r.openBlob(id, l, sealed, dst, true)
 }
 
+// Locate says where blob id is stored (after LoadIndex).
+func (r *Repo) Locate(id crypt.ID) (Loc, bool) { return r.idx.Lookup(id) }
+
+// LoadPackRange reads length bytes at off of pack p in one request: a
+// restore reads each pack's needed span once instead of blob by blob.
+func (r *Repo) LoadPackRange(ctx context.Context, p crypt.ID, off, length int64) ([]byte, error) {
+	b, err := r.be.Load(ctx, packName(p), off, length)
+	if err != nil {
+		if errors.Is(err, backend.ErrNotFound) {
+			return nil, fmt.Errorf("pack %s is missing: %w", p.Short(), ErrDamaged)
+		}
+		if errors.Is(err, backend.ErrTruncated) {
+			return nil, fmt.Errorf("pack %s is truncated: %w", p.Short(), ErrDamaged)
+		}
+		return nil, fmt.Errorf("pack %s: %w", p.Short(), err)
+	}
+	return b, nil
+}
+
+// OpenBlob authenticates, decrypts and decompresses blob id, stored at l,
+// from sealed (its bytes as LoadPackRange read them) into dst, and checks
+// it against id. sealed is decrypted in place: the caller must not use it
+// afterwards.
+func (r *Repo) OpenBlob(id crypt.ID, l Loc, sealed, dst []byte) ([]byte, error) {
+	return r.openBlob(id, l, sealed, dst, true)
+}
+
 // openBlob authenticates, decrypts and decompresses a sealed blob into
 // dst (when compressed) and checks it against its id. inPlace decrypts
 // over sealed itself, which the caller then must not use.

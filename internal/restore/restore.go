@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"sort"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -73,7 +74,10 @@ func Disk(ctx context.Context, r *repo.Repo, d repo.Disk, t Target, opts Options
 	}
 	opts.Progress.Total.Add(d.DataBytes)
 	cs := int64(d.ChunkSize)
-	zeroes := t.NeedsZeroes()
+	jobs, err := planReads(r, d, ids, t.NeedsZeroes())
+	if err != nil {
+		return err
+	}
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -81,11 +85,7 @@ func Disk(ctx context.Context, r *repo.Repo, d repo.Disk, t Target, opts Options
 	var firstErr error
 	fail := func(err error) { once.Do(func() { firstErr = err; cancel() }) }
 
-	type job struct {
-		pos int64
-		id  crypt.ID
-	}
-	jobs := make(chan job, opts.Workers*2)
+	queue := make(chan *readJob)
 	var wg sync.WaitGroup
 	for w := 0; w < opts.Workers; w++ {
 		wg.Add(1)
@@ -93,49 +93,72 @@ func Disk(ctx context.Context, r *repo.Repo, d repo.Disk, t Target, opts Options
 			defer wg.Done()
 			buf := make([]byte, cs)
 			zero := make([]byte, cs)
-			for j := range jobs {
+			write := func(data []byte, pos int64) bool {
+				off := pos * cs
+				size := min(cs, d.Size-off)
+				if int64(len(data)) < size {
+					fail(fmt.Errorf("disk %s at offset %d: chunk holds %d bytes, want %d: %w", d.Name, off, len(data), size, repo.ErrDamaged))
+					return false
+				}
+				if err := t.WriteAt(ctx, data[:size], off); err != nil {
+					fail(fmt.Errorf("disk %s: writing at offset %d: %w", d.Name, off, err))
+					return false
+				}
+				return true
+			}
+			for j := range queue {
 				if ctx.Err() != nil {
 					continue
 				}
-				off := j.pos * cs
-				size := min(cs, d.Size-off)
-				var data []byte
-				if j.id.IsZero() {
-					data = zero[:size]
-				} else {
-					var err error
-					data, err = r.LoadBlob(ctx, j.id, buf)
-					if err != nil {
-						fail(fmt.Errorf("disk %s at offset %d: %w", d.Name, off, err))
-						continue
+				if len(j.blobs) == 0 { // zero chunks of a target that needs them written
+					for _, pos := range j.zeroes {
+						if !write(zero, pos) {
+							break
+						}
 					}
-					if int64(len(data)) != size {
-						fail(fmt.Errorf("disk %s at offset %d: chunk holds %d bytes, want %d: %w", d.Name, off, len(data), size, repo.ErrDamaged))
-						continue
-					}
-				}
-				if err := t.WriteAt(ctx, data, off); err != nil {
-					fail(fmt.Errorf("disk %s: writing at offset %d: %w", d.Name, off, err))
 					continue
 				}
-				if !j.id.IsZero() {
-					opts.Progress.Done.Add(size)
+				data, err := r.LoadPackRange(ctx, j.pack, j.start, j.end-j.start)
+				if err != nil {
+					fail(fmt.Errorf("disk %s at offset %d: %w", d.Name, j.blobs[0].pos[0]*cs, err))
+					continue
+				}
+				for _, u := range j.blobs {
+					sealed := data[int64(u.loc.Offset)-j.start : int64(u.loc.Offset)-j.start+int64(u.loc.Length)]
+					plain, err := r.OpenBlob(u.id, u.loc, sealed, buf)
+					if err != nil {
+						fail(fmt.Errorf("disk %s at offset %d: %w", d.Name, u.pos[0]*cs, err))
+						break
+					}
+					ok := true
+					for _, pos := range u.pos {
+						size := min(cs, d.Size-pos*cs)
+						if int64(len(plain)) != size {
+							fail(fmt.Errorf("disk %s at offset %d: chunk holds %d bytes, want %d: %w", d.Name, pos*cs, len(plain), size, repo.ErrDamaged))
+							ok = false
+							break
+						}
+						if ok = write(plain, pos); !ok {
+							break
+						}
+						opts.Progress.Done.Add(size)
+					}
+					if !ok {
+						break
+					}
 				}
 			}
 		}()
 	}
 feed:
-	for pos, id := range ids {
-		if id.IsZero() && !zeroes {
-			continue
-		}
+	for _, j := range jobs {
 		select {
-		case jobs <- job{int64(pos), id}:
+		case queue <- j:
 		case <-ctx.Done():
 			break feed
 		}
 	}
-	close(jobs)
+	close(queue)
 	wg.Wait()
 	if firstErr == nil {
 		firstErr = ctx.Err()
@@ -144,6 +167,81 @@ feed:
 		return firstErr
 	}
 	return t.Commit(ctx)
+}
+
+// blobUse is one stored chunk and the disk positions (in chunks) it fills.
+type blobUse struct {
+	id  crypt.ID
+	loc repo.Loc
+	pos []int64
+}
+
+// readJob is one read of a contiguous span of a pack holding the blobs
+// to restore from it, or (no blobs) zero chunks to write.
+type readJob struct {
+	pack       crypt.ID
+	start, end int64 // byte span of the pack to read
+	blobs      []*blobUse
+	first      int64 // lowest disk position served, for ordering
+	zeroes     []int64
+}
+
+// maxGap is the largest unneeded stretch of a pack read through rather
+// than split into two reads.
+const maxGap = 1 << 20
+
+// planReads groups the disk's chunks by pack: each pack's needed blobs are
+// read in as few contiguous spans as gaps allow, each span once, and the
+// spans are ordered by the disk position they serve so that writes go
+// roughly front to back. A chunk that fills several positions is read
+// once.
+func planReads(r *repo.Repo, d repo.Disk, ids []crypt.ID, zeroes bool) ([]*readJob, error) {
+	cs := int64(d.ChunkSize)
+	byID := map[crypt.ID]*blobUse{}
+	byPack := map[crypt.ID][]*blobUse{}
+	var zeroPos []int64
+	for i, id := range ids {
+		pos := int64(i)
+		if id.IsZero() {
+			if zeroes {
+				zeroPos = append(zeroPos, pos)
+			}
+			continue
+		}
+		if u := byID[id]; u != nil {
+			u.pos = append(u.pos, pos)
+			continue
+		}
+		l, ok := r.Locate(id)
+		if !ok {
+			return nil, fmt.Errorf("disk %s at offset %d: chunk %s: %w", d.Name, pos*cs, id.Short(), repo.ErrBlobMissing)
+		}
+		u := &blobUse{id: id, loc: l, pos: []int64{pos}}
+		byID[id] = u
+		byPack[l.Pack] = append(byPack[l.Pack], u)
+	}
+	var jobs []*readJob
+	for p, us := range byPack {
+		sort.Slice(us, func(a, b int) bool { return us[a].loc.Offset < us[b].loc.Offset })
+		var j *readJob
+		for _, u := range us {
+			off, end := int64(u.loc.Offset), int64(u.loc.Offset)+int64(u.loc.Length)
+			if j == nil || off-j.end > maxGap {
+				j = &readJob{pack: p, start: off, end: end, first: u.pos[0]}
+				jobs = append(jobs, j)
+			}
+			j.end = max(j.end, end)
+			j.first = min(j.first, u.pos[0])
+			j.blobs = append(j.blobs, u)
+		}
+	}
+	for len(zeroPos) > 0 {
+		n := min(len(zeroPos), 64)
+		jobs = append(jobs, &readJob{first: zeroPos[0], zeroes: zeroPos[:n]})
+		zeroPos = zeroPos[n:]
+	}
+	sort.Slice(jobs, func(a, b int) bool { return jobs[a].first < jobs[b].first })
+	return jobs, nil
 }
 
 // ErrExists is returned when the restore target exists and overwriting was
