@@ -167,12 +167,14 @@ func TestLibvirtGuest(t *testing.T) {
 	})
 
 	t.Run("agent stopped", func(t *testing.T) {
-		// systemd, not the agent, stops it and starts it again 8 s later.
-		script := "systemctl stop qemu-guest-agent; sleep 8; systemctl start qemu-guest-agent"
+		// systemd, not the agent, stops it and starts it again 8 s later;
+		// the stop waits 2 s so that the agent first reports systemd-run's
+		// exit status to g.Exec.
+		script := "sleep 2; systemctl stop qemu-guest-agent; sleep 8; systemctl start qemu-guest-agent"
 		if out, code, err := g.Exec(ctx, "/usr/bin/systemd-run", "/bin/sh", "-c", script); err != nil || code != 0 {
 			t.Fatalf("systemd-run: %d %v %s", code, err, out)
 		}
-		for deadline := time.Now().Add(8 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
 			start := time.Now()
 			err := f.Ping(ctx)
 			if errors.Is(err, ErrUnresponsive) {
@@ -207,6 +209,7 @@ func TestLibvirtGuest(t *testing.T) {
 		// answers pings: libvirt's freeze times out, but the agent freezes
 		// once the hook returns. Kura's thaw fails too (the agent is busy);
 		// the watchdog keeps thawing until the agent says "thawed".
+		waitAgentBack(t) // whatever the subtest before left
 		installHangHook(t, ctx, g)
 		if out, code, err := g.Exec(ctx, "/bin/sh", "-c", "echo 8 >/run/kura-hang-freeze"); err != nil || code != 0 {
 			t.Fatalf("%d %v %s", code, err, out)
