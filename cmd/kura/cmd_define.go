@@ -96,7 +96,7 @@ func (v *vmRestore) finish(ctx context.Context, a *app, start bool) error {
 		}
 		return nil
 	}
-	if err := v.conn.Define(ctx, v.def, v.overwrite); err != nil {
+	if err := v.conn.Define(ctx, v.name, v.def, v.overwrite); err != nil {
 		return fmt.Errorf("%w (the restored disks are in %s)", err, v.dir)
 	}
 	fmt.Fprintf(a.stdout, "defined VM %s from restore point %s (%d disks in %s); the original's checkpoints are not carried over\n", v.name, v.snap.ID[:8], len(v.snap.Disks), v.dir)

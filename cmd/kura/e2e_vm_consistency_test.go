@@ -183,17 +183,7 @@ type vcSnap struct {
 //     (--mode shutdown, which must leave it off) restores all three disks,
 //     root included, byte for byte.
 func TestLiveVMConsistency(t *testing.T) {
-	if testing.Short() {
-		t.Skip("boots a VM")
-	}
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for libvirt, loop devices and mount")
-	}
-	for _, bin := range []string{"qemu-system-x86_64", "qemu-img", "losetup", "e2fsck", "dumpe2fs", "xfs_repair", "xfs_logprint", "virsh"} {
-		if _, err := exec.LookPath(bin); err != nil {
-			t.Skipf("%s not installed", bin)
-		}
-	}
+	needVM(t, "losetup", "e2fsck", "dumpe2fs", "xfs_repair", "xfs_logprint")
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), 25*time.Minute)
 	defer cancel()
@@ -415,28 +405,11 @@ func vcPut(t *testing.T, ctx context.Context, g *testvm.Guest, path, content str
 	}
 }
 
-// vcInstallHook installs vcHook and restarts the guest agent with it.
+// vcInstallHook restarts the guest agent with vcHook as its freeze hook.
 func vcInstallHook(t *testing.T, ctx context.Context, g *testvm.Guest) {
 	t.Helper()
-	vcPut(t, ctx, g, "/usr/local/bin/kura-test-hook", vcHook)
-	vcSh(t, ctx, g, `cat >/etc/systemd/system/qemu-guest-agent.service.d/zz-kura-test.conf <<'EOF'
-[Service]
-ExecStart=
-ExecStart=/usr/sbin/qemu-ga --method=virtio-serial --path=/dev/virtio-ports/org.qemu.guest_agent.0 -F/usr/local/bin/kura-test-hook
-EOF
-systemctl daemon-reload`)
-	// The restart kills the agent that runs this command: no answer expected.
-	g.ExecFull(ctx, nil, "/usr/bin/systemd-run", "--no-block", "/bin/systemctl", "restart", "qemu-guest-agent")
-	for deadline := time.Now().Add(90 * time.Second); ; time.Sleep(time.Second) {
-		r, err := g.ExecFull(ctx, nil, "/bin/sh", "-c", "cat /proc/$(pidof qemu-ga)/cmdline")
-		if err == nil && strings.Contains(r.Stdout, "kura-test-hook") {
-			return
-		}
-		if time.Now().After(deadline) {
-			console, _ := os.ReadFile(g.ConsoleLog)
-			lines := strings.Split(strings.TrimSpace(string(console)), "\n")
-			t.Fatalf("qemu-ga did not restart with the freeze hook: %q, %v\nguest console:\n%s", r.Stdout, err, strings.Join(lines[max(0, len(lines)-30):], "\n"))
-		}
+	if err := g.InstallFreezeHook(ctx, vcHook); err != nil {
+		t.Fatal(err)
 	}
 }
 

@@ -30,22 +30,6 @@ import (
 	"github.com/kura-backup/kura/internal/testvm"
 )
 
-// vfNeedVM skips a test that boots guests where that cannot work.
-func vfNeedVM(t *testing.T) {
-	t.Helper()
-	if testing.Short() {
-		t.Skip("boots VMs")
-	}
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for libvirt")
-	}
-	for _, b := range []string{"qemu-system-x86_64", "qemu-img", "libvirtd", "virsh", "fsck.ext4", "debugfs"} {
-		if _, err := exec.LookPath(b); err != nil {
-			t.Skipf("%s not installed", b)
-		}
-	}
-}
-
 // vfSnap is what these tests read of `kura snapshots --json`.
 type vfSnap struct {
 	ID         string `json:"id"`
@@ -398,7 +382,7 @@ func vfCheckDataDisk(t *testing.T, img string) int {
 // job. Each time the next backup works, and reads only the changes where
 // it can.
 func TestLiveVMFailures(t *testing.T) {
-	vfNeedVM(t)
+	needVM(t, "fsck.ext4", "debugfs")
 	testStart := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
@@ -611,7 +595,7 @@ func TestLiveVMFailures(t *testing.T) {
 // saves no restore point and leaves no fleecing images or NBD socket; a
 // QEMU started again on the same data disk is backed up again.
 func TestLiveQMPFailure(t *testing.T) {
-	vfNeedVM(t)
+	needVM(t, "fsck.ext4", "debugfs")
 	testStart := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
@@ -686,7 +670,7 @@ func TestLiveQMPFailure(t *testing.T) {
 // kura processes. Every restore point verifies and restores to a data disk
 // that fscks clean and holds what the guest wrote.
 func TestConcurrentVMBackups(t *testing.T) {
-	vfNeedVM(t)
+	needVM(t, "fsck.ext4", "debugfs")
 	testStart := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()

@@ -18,15 +18,7 @@ import (
 // the copy boots and holds what the original had at the backup. A taken
 // name or an image backup is refused before any disk is written.
 func TestRestoreDefine(t *testing.T) {
-	if testing.Short() {
-		t.Skip("boots two VMs")
-	}
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for libvirt")
-	}
-	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
-		t.Skip("qemu-system-x86_64 not installed")
-	}
+	needVM(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	dir := t.TempDir()
@@ -54,6 +46,8 @@ func TestRestoreDefine(t *testing.T) {
 	copyName := g.Name + "-r"
 	// The original's name is taken: refused before anything is written.
 	e.fails("exists", "restore", g.Name+"@latest", "--define", "--to", images)
+	// --overwrite never replaces a running domain.
+	e.fails("is running", "restore", g.Name+"@latest", "--define", "--overwrite", "--to", images)
 	if ents, _ := os.ReadDir(images); len(ents) != 0 {
 		t.Fatalf("a refused restore wrote %d files into %s", len(ents), images)
 	}

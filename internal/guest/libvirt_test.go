@@ -3,10 +3,8 @@ package guest
 import (
 	"context"
 	"errors"
-	"fmt"
 	"os"
 	"os/exec"
-	"strings"
 	"testing"
 	"time"
 
@@ -16,41 +14,11 @@ import (
 
 const libvirtSocket = "/var/run/libvirt/libvirt-sock"
 
-// hangHook is an fsfreeze hook for qemu-ga that stalls a freeze for as many
-// seconds as /run/kura-hang-freeze says, so a test can make the agent hang
-// in the middle of guest-fsfreeze-freeze while it still answers pings.
-const hangHook = `#!/bin/sh
-if [ "$1" = freeze ] && [ -f /run/kura-hang-freeze ]; then sleep "$(cat /run/kura-hang-freeze)"; fi
-exit 0
-`
-
-// installHangHook restarts the guest agent with hangHook.
+// installHangHook restarts the guest agent with testvm.HangFreezeHook.
 func installHangHook(t *testing.T, ctx context.Context, g *testvm.Guest) {
 	t.Helper()
-	script := fmt.Sprintf(`set -e
-cat >/usr/local/bin/kura-test-hook <<'EOF'
-%sEOF
-chmod 755 /usr/local/bin/kura-test-hook
-cat >/etc/systemd/system/qemu-guest-agent.service.d/zz-kura-test.conf <<'EOF'
-[Service]
-ExecStart=
-ExecStart=/usr/sbin/qemu-ga --method=virtio-serial --path=/dev/virtio-ports/org.qemu.guest_agent.0 -F/usr/local/bin/kura-test-hook
-EOF
-systemctl daemon-reload`, hangHook)
-	if r, err := g.ExecFull(ctx, nil, "/bin/sh", "-c", script); err != nil || r.ExitCode != 0 {
-		t.Fatalf("installing the fsfreeze hook: %v, %+v", err, r)
-	}
-	// systemd restarts the agent (which kills the agent's own children).
-	g.ExecFull(ctx, nil, "/usr/bin/systemd-run", "--no-block", "/bin/systemctl", "restart", "qemu-guest-agent")
-	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(time.Second) {
-		r, err := g.ExecFull(ctx, nil, "/bin/sh", "-c", "cat /proc/$(pidof qemu-ga)/cmdline")
-		if err == nil && strings.Contains(r.Stdout, "kura-test-hook") {
-			return
-		}
-		if time.Now().After(deadline) {
-			j, _ := g.ExecFull(ctx, nil, "/bin/sh", "-c", "journalctl -n 30 --no-pager; systemctl cat qemu-guest-agent")
-			t.Fatalf("qemu-ga did not restart with the hook: %q, %v\n%s", r.Stdout, err, j.Stdout)
-		}
+	if err := g.InstallFreezeHook(ctx, testvm.HangFreezeHook); err != nil {
+		t.Fatal(err)
 	}
 }
 

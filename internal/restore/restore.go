@@ -93,14 +93,15 @@ func Disk(ctx context.Context, r *repo.Repo, d repo.Disk, t Target, opts Options
 			defer wg.Done()
 			buf := make([]byte, cs)
 			zero := make([]byte, cs)
+			// write puts chunk pos of the disk in place; data must hold
+			// exactly the chunk (the disk's last one may be short).
 			write := func(data []byte, pos int64) bool {
 				off := pos * cs
-				size := min(cs, d.Size-off)
-				if int64(len(data)) < size {
+				if size := min(cs, d.Size-off); int64(len(data)) != size {
 					fail(fmt.Errorf("disk %s at offset %d: chunk holds %d bytes, want %d: %w", d.Name, off, len(data), size, repo.ErrDamaged))
 					return false
 				}
-				if err := t.WriteAt(ctx, data[:size], off); err != nil {
+				if err := t.WriteAt(ctx, data, off); err != nil {
 					fail(fmt.Errorf("disk %s: writing at offset %d: %w", d.Name, off, err))
 					return false
 				}
@@ -112,7 +113,7 @@ func Disk(ctx context.Context, r *repo.Repo, d repo.Disk, t Target, opts Options
 				}
 				if len(j.blobs) == 0 { // zero chunks of a target that needs them written
 					for _, pos := range j.zeroes {
-						if !write(zero, pos) {
+						if !write(zero[:min(cs, d.Size-pos*cs)], pos) {
 							break
 						}
 					}
@@ -132,16 +133,10 @@ func Disk(ctx context.Context, r *repo.Repo, d repo.Disk, t Target, opts Options
 					}
 					ok := true
 					for _, pos := range u.pos {
-						size := min(cs, d.Size-pos*cs)
-						if int64(len(plain)) != size {
-							fail(fmt.Errorf("disk %s at offset %d: chunk holds %d bytes, want %d: %w", d.Name, pos*cs, len(plain), size, repo.ErrDamaged))
-							ok = false
-							break
-						}
 						if ok = write(plain, pos); !ok {
 							break
 						}
-						opts.Progress.Done.Add(size)
+						opts.Progress.Done.Add(int64(len(plain)))
 					}
 					if !ok {
 						break

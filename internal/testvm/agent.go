@@ -288,3 +288,45 @@ func (a *virshAgent) command(ctx context.Context, cmd []byte) (json.RawMessage, 
 }
 
 func (a *virshAgent) close() error { return nil }
+
+// HangFreezeHook is an fsfreeze hook (see InstallFreezeHook) that stalls a
+// freeze for as many seconds as /run/kura-hang-freeze says, so a test can
+// make the agent hang in the middle of guest-fsfreeze-freeze while it still
+// answers pings.
+const HangFreezeHook = `#!/bin/sh
+if [ "$1" = freeze ] && [ -f /run/kura-hang-freeze ]; then sleep "$(cat /run/kura-hang-freeze)"; fi
+exit 0
+`
+
+// InstallFreezeHook makes the guest agent run hook, a script, as its
+// fsfreeze hook (qemu-ga -F: run with "freeze" before the filesystems are
+// frozen and "thaw" after they are thawed). It restarts the agent and waits
+// until the agent runs with the hook.
+func (g *Guest) InstallFreezeHook(ctx context.Context, hook string) error {
+	const path = "/usr/local/bin/kura-test-hook"
+	r, err := g.ExecFull(ctx, []byte(hook), "/bin/sh", "-c", `set -e
+cat >`+path+` && chmod 755 `+path+`
+cat >/etc/systemd/system/qemu-guest-agent.service.d/zz-kura-test.conf <<'EOF'
+[Service]
+ExecStart=
+ExecStart=/usr/sbin/qemu-ga --method=virtio-serial --path=/dev/virtio-ports/org.qemu.guest_agent.0 -F`+path+`
+EOF
+systemctl daemon-reload`)
+	if err == nil && r.ExitCode != 0 {
+		err = fmt.Errorf("exit status %d: %s", r.ExitCode, strings.TrimSpace(r.Stderr))
+	}
+	if err != nil {
+		return fmt.Errorf("guest %s: installing the fsfreeze hook: %w", g.Name, err)
+	}
+	// The restart kills the agent that runs this command: no answer expected.
+	g.ExecFull(ctx, nil, "/usr/bin/systemd-run", "--no-block", "/bin/systemctl", "restart", "qemu-guest-agent")
+	for deadline := time.Now().Add(90 * time.Second); ; time.Sleep(time.Second) {
+		r, err := g.ExecFull(ctx, nil, "/bin/sh", "-c", "cat /proc/$(pidof qemu-ga)/cmdline")
+		if err == nil && strings.Contains(r.Stdout, path) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("guest %s: qemu-ga did not restart with the fsfreeze hook: %q, %v\n%s", g.Name, r.Stdout, err, consoleTail(g.ConsoleLog))
+		}
+	}
+}

@@ -1,7 +1,6 @@
 package libvirt
 
 import (
-	"bytes"
 	"context"
 	"encoding/xml"
 	"errors"
@@ -214,20 +213,14 @@ func (c *Conn) CanDefine(ctx context.Context, name string, overwrite bool) error
 	return nil
 }
 
-// Define defines the domain of definition x (RestoreDefinition's output),
-// after CanDefine.
-func (c *Conn) Define(ctx context.Context, x string, overwrite bool) error {
-	var meta struct {
-		Name string `xml:"name"`
-	}
-	if err := xml.NewDecoder(bytes.NewReader([]byte(x))).Decode(&meta); err != nil || meta.Name == "" {
-		return fmt.Errorf("the domain definition names no domain: %v", err)
-	}
-	if err := c.CanDefine(ctx, meta.Name, overwrite); err != nil {
+// Define defines domain name from definition x (RestoreDefinition's
+// output), after CanDefine.
+func (c *Conn) Define(ctx context.Context, name, x string, overwrite bool) error {
+	if err := c.CanDefine(ctx, name, overwrite); err != nil {
 		return err
 	}
 	if _, err := rpc(ctx, c, func() (golibvirt.Domain, error) { return c.l.DomainDefineXML(x) }); err != nil {
-		return fmt.Errorf("defining domain %s: %w", meta.Name, err)
+		return fmt.Errorf("defining domain %s: %w", name, err)
 	}
 	return nil
 }
