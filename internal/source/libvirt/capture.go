@@ -647,7 +647,7 @@ func (c *capture) explain(ctx context.Context, err error) error {
 
 // serverClosed reports whether err says the NBD server closed the connection.
 func serverClosed(err error) bool {
-	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET)
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
 }
 
 // jobEnds reports whether the VM's backup job ends within ctx. libvirt stops
