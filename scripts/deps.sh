@@ -6,7 +6,8 @@ set -euo pipefail
 
 export PATH="$PATH:/usr/local/go/bin"
 pkgs=(qemu-utils qemu-system-x86 qemu-block-extra libvirt-daemon-system libvirt-clients
-      nbdkit libnbd-bin debootstrap e2fsprogs xfsprogs time)
+      nbdkit libnbd-bin debootstrap e2fsprogs xfsprogs time
+      dosfstools mtools ntfs-3g lvm2 fdisk gdisk)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

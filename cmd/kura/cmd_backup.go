@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"path/filepath"
 	"strconv"
@@ -129,32 +130,13 @@ func (a *app) restoreCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			ss, damaged, err := r.SnapshotsLenient(ctx)
+			snap, err := findSnapshot(ctx, r, args[0])
 			if err != nil {
 				return err
 			}
-			snap, err := repo.FindSnapshot(ss, args[0])
-			if err != nil && len(damaged) > 0 {
-				err = fmt.Errorf("%w (%d damaged snapshots could not be read: run `kura verify`): %w", err, len(damaged), repo.ErrDamaged)
-			}
+			disks, err := selectDisks(snap, disk)
 			if err != nil {
 				return err
-			}
-			disks := snap.Disks
-			if disk != "" {
-				disks = nil
-				for i, d := range snap.Disks {
-					if d.Name == disk || strconv.Itoa(i) == disk {
-						disks = append(disks, d)
-					}
-				}
-				if len(disks) == 0 {
-					var names []string
-					for i, d := range snap.Disks {
-						names = append(names, fmt.Sprintf("%d=%s", i, d.Name))
-					}
-					return fmt.Errorf("snapshot %s has no disk %q (disks: %s)", snap.ID[:8], disk, strings.Join(names, ", "))
-				}
 			}
 			// --to is a file when it names one disk with an image extension.
 			toFile := !define && len(disks) == 1 && (strings.HasSuffix(to, ".raw") || strings.HasSuffix(to, ".img") || strings.HasSuffix(to, ".qcow2"))
@@ -223,4 +205,40 @@ func pausedOrDown(mode string) string {
 		return "down"
 	}
 	return "paused"
+}
+
+// findSnapshot resolves a snapshot argument (id, id prefix, NAME@latest,
+// latest) in r.
+func findSnapshot(ctx context.Context, r *repo.Repo, arg string) (*repo.Snapshot, error) {
+	ss, damaged, err := r.SnapshotsLenient(ctx)
+	if err != nil {
+		return nil, err
+	}
+	snap, err := repo.FindSnapshot(ss, arg)
+	if err != nil && len(damaged) > 0 {
+		err = fmt.Errorf("%w (%d damaged snapshots could not be read: run `kura verify`): %w", err, len(damaged), repo.ErrDamaged)
+	}
+	return snap, err
+}
+
+// selectDisks returns the disks of snap a --disk flag names (a name or
+// an index), or all of them for "".
+func selectDisks(snap *repo.Snapshot, disk string) ([]repo.Disk, error) {
+	if disk == "" {
+		return snap.Disks, nil
+	}
+	var disks []repo.Disk
+	for i, d := range snap.Disks {
+		if d.Name == disk || strconv.Itoa(i) == disk {
+			disks = append(disks, d)
+		}
+	}
+	if len(disks) == 0 {
+		var names []string
+		for i, d := range snap.Disks {
+			names = append(names, fmt.Sprintf("%d=%s", i, d.Name))
+		}
+		return nil, fmt.Errorf("snapshot %s has no disk %q (disks: %s)", snap.ID[:8], disk, strings.Join(names, ", "))
+	}
+	return disks, nil
 }
