@@ -497,7 +497,7 @@ func (sc *serverConn) transmit(ctx context.Context, exp *ServerExport) error {
 func (sc *serverConn) serveRead(ctx context.Context, dev Device, rq request, export string) error {
 	buf := make([]byte, rq.length)
 	if err := dev.ReadAt(ctx, buf, rq.off); err != nil {
-		sc.s.log().Error("read failed; the client gets an I/O error for the range", "export", export,
+		sc.s.log().Debug("read failed; the client gets an I/O error for the range", "export", export,
 			"offset", rq.off, "length", rq.length, "err", err)
 		return sc.replyError(rq, errnoIO, err.Error())
 	}
