@@ -16,6 +16,15 @@ import (
 type RestoredDisk struct {
 	Path   string // the new image file
 	Format string // "raw" or "qcow2"
+	// Backing, when set, is the raw NBD export the image is an overlay
+	// of (instant recovery): it is named in the definition so that
+	// libvirt and QEMU open it without probing.
+	Backing *NBDBacking
+}
+
+// NBDBacking is an NBD export on a unix socket.
+type NBDBacking struct {
+	Socket, Export string
 }
 
 // RestoreDefinition turns the domain XML saved with a restore point into
@@ -70,6 +79,9 @@ func RestoreDefinition(saved, name string, newIdentity bool, disks map[string]Re
 				}
 			}
 			dev.Nodes = append(dev.Nodes[:at], append([]xmlNode{src}, dev.Nodes[at:]...)...)
+			if rd.Backing != nil {
+				dev.Nodes = append(dev.Nodes[:at+1], append([]xmlNode{nbdBackingStore(rd.Backing)}, dev.Nodes[at+1:]...)...)
+			}
 			drv := dev.child("driver", true)
 			if drv.attr("name") == "" {
 				drv.attrSet("name", "qemu")
@@ -102,6 +114,24 @@ func RestoreDefinition(saved, name string, newIdentity bool, disks map[string]Re
 		return "", err
 	}
 	return string(out) + "\n", nil
+}
+
+// nbdBackingStore is the <backingStore> element of a raw image read
+// from an NBD export on a unix socket.
+func nbdBackingStore(b *NBDBacking) xmlNode {
+	el := func(name string, attrs ...string) xmlNode {
+		n := xmlNode{XMLName: xml.Name{Local: name}}
+		for i := 0; i+1 < len(attrs); i += 2 {
+			n.attrSet(attrs[i], attrs[i+1])
+		}
+		return n
+	}
+	host := el("host", "transport", "unix", "socket", b.Socket)
+	src := el("source", "protocol", "nbd", "name", b.Export)
+	src.Nodes = []xmlNode{host}
+	bs := el("backingStore", "type", "network")
+	bs.Nodes = []xmlNode{el("format", "type", "raw"), src, el("backingStore")}
+	return bs
 }
 
 // sideDir is where a copy's own files go: the directory of its first

@@ -1,0 +1,402 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/kura-backup/kura/internal/export"
+	"github.com/kura-backup/kura/internal/source/libvirt"
+)
+
+// defaultInstantDir holds the overlays of instant-recovered VMs: what
+// the guest writes until it is migrated.
+const defaultInstantDir = "/var/lib/kura/instant"
+
+// instantSession is a VM running from a restore point: what `kura instant`
+// started and what --migrate and --stop undo. It is kept as
+// runDir/instant/NAME/session.json.
+type instantSession struct {
+	Name      string            `json:"name"`
+	Snapshot  string            `json:"snapshot"`
+	Repo      string            `json:"repo"`
+	Connect   string            `json:"connect"`
+	Socket    string            `json:"socket"`
+	ServerPID int               `json:"server_pid"`
+	Overlays  map[string]string `json:"overlays"` // disk target -> overlay file
+	// OverlayDir holds the overlays and the VM's own files (console log).
+	OverlayDir string    `json:"overlay_dir"`
+	Started    time.Time `json:"started"`
+}
+
+func sessionDir(name string) string { return filepath.Join(runDir, "instant", name) }
+
+func loadSession(name string) (*instantSession, error) {
+	data, err := os.ReadFile(filepath.Join(sessionDir(name), "session.json"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("no instant recovery of %s is running (none in %s): list them with `kura instant --list`", name, sessionDir(""))
+	}
+	if err != nil {
+		return nil, err
+	}
+	var s instantSession
+	if err := json.Unmarshal(data, &s); err != nil {
+		return nil, fmt.Errorf("%s: %w", filepath.Join(sessionDir(name), "session.json"), err)
+	}
+	return &s, nil
+}
+
+func (s *instantSession) save() error {
+	data, _ := json.MarshalIndent(s, "", "  ")
+	return os.WriteFile(filepath.Join(sessionDir(s.Name), "session.json"), data, 0o600)
+}
+
+func (a *app) instantCmd() *cobra.Command {
+	var as, connect, dir, migrate, stop, to, format string
+	var list, noWait bool
+	var waitAgent time.Duration
+	cmd := &cobra.Command{
+		Use:   "instant SNAPSHOT [--as NAME] | --migrate NAME --to DIR | --stop NAME | --list",
+		Short: "Run a VM straight from a restore point, then move it to local disks while it runs",
+		Long: "instant starts a VM from a restore point within seconds: its disks are local qcow2 overlays over a read-only NBD export\n" +
+			"of the restore point, served by a kura process in the background, so the restore point is never modified.\n" +
+			"--migrate copies the running VM's disks to local files and switches it onto them with no downtime; afterwards\n" +
+			"the VM is an ordinary libvirt domain that no longer depends on kura. --stop discards an instant VM and what it wrote.",
+		Args: func(cmd *cobra.Command, args []string) error {
+			if migrate != "" || stop != "" || list {
+				return cobra.NoArgs(cmd, args)
+			}
+			return cobra.ExactArgs(1)(cmd, args)
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			switch {
+			case list:
+				return a.instantList()
+			case migrate != "":
+				if to == "" {
+					return errors.New("say where the disks go with --to DIR")
+				}
+				if format != "qcow2" && format != "raw" {
+					return fmt.Errorf("--format %q: use qcow2 or raw", format)
+				}
+				return a.instantMigrate(ctx, migrate, to, format)
+			case stop != "":
+				return a.instantStop(ctx, stop)
+			}
+			return a.instantStart(ctx, args[0], as, connect, dir, !noWait, waitAgent)
+		},
+	}
+	cmd.Flags().StringVar(&as, "as", "", "the VM's `name` (a copy beside the original: new UUID and MAC addresses); default the original's name, which must be free")
+	cmd.Flags().StringVarP(&connect, "connect", "c", "qemu:///system", "libvirt `URI` or socket path")
+	cmd.Flags().StringVar(&dir, "dir", defaultInstantDir, "`directory` for the overlays that take the guest's writes")
+	cmd.Flags().BoolVar(&noWait, "no-wait", false, "return once the VM starts, without waiting for its guest agent")
+	cmd.Flags().DurationVar(&waitAgent, "wait-agent", 5*time.Minute, "how long to wait for the guest agent")
+	cmd.Flags().StringVar(&migrate, "migrate", "", "move instant VM `NAME` onto local disks (with --to) while it runs")
+	cmd.Flags().StringVar(&to, "to", "", "with --migrate: `directory` for the VM's disks")
+	cmd.Flags().StringVar(&format, "format", "qcow2", "with --migrate: image `format` of the local disks (qcow2 or raw)")
+	cmd.Flags().StringVar(&stop, "stop", "", "stop instant VM `NAME` and discard what it wrote")
+	cmd.Flags().BoolVar(&list, "list", false, "list the VMs running from restore points")
+	return cmd
+}
+
+func (a *app) instantStart(ctx context.Context, arg, as, connect, dir string, wait bool, waitAgent time.Duration) (err error) {
+	began := time.Now()
+	r, err := a.open(ctx)
+	if err != nil {
+		return err
+	}
+	snap, err := findSnapshot(ctx, r, arg)
+	if err != nil {
+		return err
+	}
+	if snap.Config == nil || snap.Config.Type != "libvirt-xml" {
+		return fmt.Errorf("restore point %s (%s) is not of a libvirt VM: serve its disks with `kura export %s` and attach them to a VM yourself", snap.ID[:8], snap.Name, snap.ID[:8])
+	}
+	name := snap.Name
+	if as != "" {
+		name = as
+	}
+	conn, err := libvirt.Connect(ctx, connect)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if err := conn.CanDefine(ctx, name, false); err != nil {
+		return err
+	}
+	sdir := sessionDir(name)
+	if _, err := os.Stat(filepath.Join(sdir, "session.json")); err == nil {
+		return fmt.Errorf("an instant recovery of %s is already running: stop it with `kura instant --stop %s`", name, name)
+	}
+	odir := filepath.Join(dir, name)
+	if err := os.MkdirAll(sdir, 0o700); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(odir, 0o755); err != nil {
+		return fmt.Errorf("making the overlay directory: %w", err)
+	}
+	repoPath, _ := filepath.Abs(a.repoPath)
+	s := &instantSession{Name: name, Snapshot: snap.ID, Repo: repoPath, Connect: connect,
+		Socket: filepath.Join(sdir, "nbd.sock"), Overlays: map[string]string{}, OverlayDir: odir, Started: began}
+	defer func() {
+		if err != nil {
+			a.instantCleanup(context.WithoutCancel(ctx), conn, s)
+		}
+	}()
+	if err := a.startServer(ctx, s); err != nil {
+		return err
+	}
+	disks := map[string]libvirt.RestoredDisk{}
+	for _, d := range snap.Disks {
+		ov := filepath.Join(odir, d.Name+".qcow2")
+		if _, err := os.Stat(ov); err == nil {
+			return fmt.Errorf("%s exists (left by an earlier instant recovery?): remove it or choose another --dir", ov)
+		}
+		uri := export.URI(s.Socket, d.Name)
+		out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", uri, ov, strconv.FormatInt(d.Size, 10)).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("creating the overlay of disk %s: %v: %s", d.Name, err, strings.TrimSpace(string(out)))
+		}
+		s.Overlays[d.Name] = ov
+		disks[d.Name] = libvirt.RestoredDisk{Path: ov, Format: "qcow2", Backing: &libvirt.NBDBacking{Socket: s.Socket, Export: d.Name}}
+	}
+	if err := s.save(); err != nil {
+		return err
+	}
+	def, err := libvirt.RestoreDefinition(snap.Config.Data, name, as != "", disks)
+	if err != nil {
+		return fmt.Errorf("restore point %s: %w", snap.ID[:8], err)
+	}
+	if err := conn.CreateTransient(ctx, name, def); err != nil {
+		return err
+	}
+	started := time.Since(began)
+	fmt.Fprintf(a.stdout, "VM %s runs from restore point %s (%s, %s), started in %s; its writes go to %s\n",
+		name, snap.ID[:8], snap.Name, snap.Time.Local().Format("2006-01-02 15:04:05"), started.Round(10*time.Millisecond), odir)
+	if wait {
+		wctx, cancel := context.WithTimeout(ctx, waitAgent)
+		defer cancel()
+		if err := conn.WaitAgent(wctx, name); err != nil {
+			// The VM runs; the user decides what to do with it.
+			fmt.Fprintf(a.stdout, "warning: %v\n", err)
+		} else {
+			fmt.Fprintf(a.stdout, "guest agent answered %s after the command started\n", time.Since(began).Round(10*time.Millisecond))
+		}
+	}
+	fmt.Fprintf(a.stdout, "keep it: kura instant --migrate %s --to DIR   discard it: kura instant --stop %s\n", name, name)
+	return nil
+}
+
+// startServer starts `kura export` of the session's restore point as a
+// process of its own, so that the VM keeps its disks when this command
+// ends, and waits until it serves.
+func (a *app) startServer(ctx context.Context, s *instantSession) error {
+	exe, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	logf, err := os.OpenFile(filepath.Join(sessionDir(s.Name), "server.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	defer logf.Close()
+	c := exec.Command(exe, "--repo", s.Repo, "export", s.Snapshot, "--socket", s.Socket, "--cache", "256")
+	pw, err := a.password("repository password: ", false)
+	if err != nil {
+		return err
+	}
+	c.Env = append(os.Environ(), "KURA_PASSWORD="+string(pw))
+	c.Stdout, c.Stderr = logf, logf
+	c.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := c.Start(); err != nil {
+		return fmt.Errorf("starting the NBD server: %w", err)
+	}
+	s.ServerPID = c.Process.Pid
+	exited := make(chan error, 1)
+	go func() { exited <- c.Wait() }()
+	deadline := time.After(60 * time.Second)
+	for {
+		if conn, err := net.Dial("unix", s.Socket); err == nil {
+			conn.Close()
+			c.Process.Release()
+			return nil
+		}
+		select {
+		case err := <-exited:
+			log, _ := os.ReadFile(filepath.Join(sessionDir(s.Name), "server.log"))
+			return fmt.Errorf("the NBD server ended (%v): %s", err, strings.TrimSpace(lastLine(string(log))))
+		case <-deadline:
+			return errors.New("the NBD server did not start within 60 s")
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+func lastLine(s string) string {
+	s = strings.TrimSpace(s)
+	if i := strings.LastIndexByte(s, '\n'); i >= 0 {
+		return s[i+1:]
+	}
+	return s
+}
+
+// stopServer ends the session's NBD server, if it is still the kura
+// process that serves the session's socket.
+func stopServer(s *instantSession) {
+	if s.ServerPID <= 0 {
+		return
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", s.ServerPID))
+	if err != nil || !strings.Contains(string(cmdline), s.Socket) {
+		return
+	}
+	p, err := os.FindProcess(s.ServerPID)
+	if err != nil {
+		return
+	}
+	p.Signal(syscall.SIGTERM)
+	for end := time.Now().Add(10 * time.Second); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		if p.Signal(syscall.Signal(0)) != nil {
+			return
+		}
+		if st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", s.ServerPID)); err != nil || strings.Contains(string(st), ") Z ") {
+			return
+		}
+	}
+	p.Kill()
+}
+
+// instantCleanup undoes a session: the VM, the server, the overlays.
+func (a *app) instantCleanup(ctx context.Context, conn *libvirt.Conn, s *instantSession) error {
+	var errs []error
+	if conn != nil {
+		errs = append(errs, conn.Destroy(ctx, s.Name))
+	}
+	stopServer(s)
+	for _, ov := range s.Overlays {
+		if err := os.Remove(ov); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	if conn != nil && s.OverlayDir != "" {
+		// The VM is gone: its console log and sockets beside the
+		// overlays go too.
+		os.RemoveAll(s.OverlayDir)
+	}
+	os.RemoveAll(sessionDir(s.Name))
+	return errors.Join(errs...)
+}
+
+func (a *app) instantStop(ctx context.Context, name string) error {
+	s, err := loadSession(name)
+	if err != nil {
+		return err
+	}
+	conn, err := libvirt.Connect(ctx, s.Connect)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if err := a.instantCleanup(ctx, conn, s); err != nil {
+		return err
+	}
+	fmt.Fprintf(a.stdout, "stopped instant VM %s and discarded its writes\n", name)
+	return nil
+}
+
+func (a *app) instantMigrate(ctx context.Context, name, to, format string) error {
+	s, err := loadSession(name)
+	if err != nil {
+		return err
+	}
+	conn, err := libvirt.Connect(ctx, s.Connect)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if err := os.MkdirAll(to, 0o755); err != nil {
+		return fmt.Errorf("making %s: %w", to, err)
+	}
+	var targets []string
+	for t := range s.Overlays {
+		targets = append(targets, t)
+	}
+	sort.Strings(targets)
+	dests := map[string]string{}
+	for _, t := range targets {
+		dests[t] = filepath.Join(to, name+"-"+t+"."+format)
+		if _, err := os.Stat(dests[t]); err == nil {
+			return fmt.Errorf("%s exists: move it away or choose another --to", dests[t])
+		}
+	}
+	began := time.Now()
+	for _, t := range targets {
+		start := time.Now()
+		var cur, total atomic.Uint64
+		stop := progressLine(a.stderr, a.progressOn(), func() string {
+			return rateLine("migrate "+t, int64(cur.Load()), int64(total.Load()), start)
+		})
+		err := conn.MoveDisk(ctx, name, t, dests[t], format, func(c, end uint64) { cur.Store(c); total.Store(end) })
+		stop()
+		if err != nil {
+			return fmt.Errorf("%w; the VM keeps running from the restore point", err)
+		}
+		fmt.Fprintf(a.stdout, "moved disk %s of %s (%s) to %s in %s\n", t, name, humanBytes(int64(total.Load())), dests[t], time.Since(start).Round(10*time.Millisecond))
+	}
+	if err := conn.Persist(ctx, name); err != nil {
+		return err
+	}
+	// Every disk now reads its local copy: the overlays and the server
+	// are no longer used.
+	srcs, err := conn.DiskSources(ctx, name)
+	if err != nil {
+		return err
+	}
+	for _, t := range targets {
+		if srcs[t] != dests[t] {
+			return fmt.Errorf("disk %s of %s reads %s after the move, not %s: the server keeps running; look at `virsh dumpxml %s`", t, name, srcs[t], dests[t], name)
+		}
+	}
+	if err := a.instantCleanup(ctx, nil, s); err != nil {
+		return err
+	}
+	fmt.Fprintf(a.stdout, "VM %s now runs from local disks in %s and no longer depends on kura (%s); it is defined in libvirt\n", name, to, time.Since(began).Round(10*time.Millisecond))
+	return nil
+}
+
+func (a *app) instantList() error {
+	entries, _ := os.ReadDir(sessionDir(""))
+	n := 0
+	for _, e := range entries {
+		s, err := loadSession(e.Name())
+		if err != nil {
+			continue
+		}
+		alive := "server running"
+		if p, err := os.FindProcess(s.ServerPID); err != nil || p.Signal(syscall.Signal(0)) != nil {
+			alive = "SERVER GONE"
+		}
+		fmt.Fprintf(a.stdout, "%-20s snapshot %s  since %s  %s  (%s)\n", s.Name, s.Snapshot[:8], s.Started.Local().Format("2006-01-02 15:04:05"), alive, s.Socket)
+		n++
+	}
+	if n == 0 {
+		fmt.Fprintln(a.stdout, "no VM runs from a restore point")
+	}
+	return nil
+}
