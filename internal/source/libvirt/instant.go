@@ -223,4 +223,3 @@ func xmlEscape(s string) string {
 	}
 	return b.String()
 }
-
