@@ -109,8 +109,12 @@ func (a *app) snapshotsCmd() *cobra.Command {
 				}
 				return a.printJSON(list)
 			}
+			checks, err := r.LastBootChecks(cmd.Context())
+			if err != nil {
+				return err
+			}
 			tw := tabwriter.NewWriter(a.stdout, 0, 2, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tTIME\tNAME\tSOURCE\tKIND\tMODE\tDISKS\tSIZE\tREAD\tNEW\tDURATION")
+			fmt.Fprintln(tw, "ID\tTIME\tNAME\tSOURCE\tKIND\tMODE\tDISKS\tSIZE\tREAD\tNEW\tDURATION\tBOOT")
 			for _, s := range out {
 				mode := s.Mode
 				if mode == "" {
@@ -121,8 +125,16 @@ func (a *app) snapshotsCmd() *cobra.Command {
 				} else if s.Stats.PauseMillis > 0 {
 					mode += fmt.Sprintf(" (%s %.0fms)", pausedOrDown(s.Mode), s.Stats.PauseMillis)
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", s.ID[:8], s.Time.Local().Format("2006-01-02 15:04:05"), s.Name, s.Source, s.Kind, mode,
-					len(s.Disks), humanBytes(s.LogicalSize()), humanBytes(s.Stats.BytesRead), humanBytes(s.Stats.BytesNew), s.Stats.End.Sub(s.Stats.Start).Round(10*time.Millisecond))
+				boot := "-"
+				if c := checks[s.ID]; c != nil {
+					boot = "FAIL"
+					if c.Passed {
+						boot = "pass"
+					}
+					boot += " " + c.Time.Local().Format("01-02 15:04")
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", s.ID[:8], s.Time.Local().Format("2006-01-02 15:04:05"), s.Name, s.Source, s.Kind, mode,
+					len(s.Disks), humanBytes(s.LogicalSize()), humanBytes(s.Stats.BytesRead), humanBytes(s.Stats.BytesNew), s.Stats.End.Sub(s.Stats.Start).Round(10*time.Millisecond), boot)
 			}
 			if err := tw.Flush(); err != nil {
 				return err
@@ -137,12 +149,25 @@ func (a *app) snapshotsCmd() *cobra.Command {
 }
 
 func (a *app) verifyCmd() *cobra.Command {
-	var readData, asJSON bool
+	var readData, asJSON, boot bool
+	var bo bootOptions
 	cmd := &cobra.Command{
-		Use:   "verify",
-		Short: "Check the repository's structure; --read-data authenticates every chunk",
-		Args:  cobra.NoArgs,
+		Use:   "verify [--read-data] | --boot SNAPSHOT [--check CMD]",
+		Short: "Check the repository's structure; --read-data authenticates every chunk; --boot boots a restore point",
+		Long: "verify checks the repository's structure; --read-data also reads and authenticates every chunk.\n" +
+			"verify --boot SNAPSHOT boots the restore point isolated (no network, on throwaway overlays over an NBD export of the\n" +
+			"repository; nothing of the source VM is touched), waits for its guest agent, runs --check in the guest if given,\n" +
+			"saves a screenshot of the console, tears everything down and records pass or fail in the repository.",
+		Args: func(cmd *cobra.Command, args []string) error {
+			if boot {
+				return cobra.ExactArgs(1)(cmd, args)
+			}
+			return cobra.NoArgs(cmd, args)
+		},
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if boot {
+				return a.verifyBoot(cmd.Context(), args[0], bo)
+			}
 			r, err := a.open(cmd.Context())
 			if err != nil {
 				return err
@@ -189,6 +214,11 @@ func (a *app) verifyCmd() *cobra.Command {
 	}
 	cmd.Flags().BoolVar(&readData, "read-data", false, "read and authenticate every chunk")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "machine-readable output")
+	cmd.Flags().BoolVar(&boot, "boot", false, "boot the restore point isolated and check that it comes up")
+	cmd.Flags().StringVar(&bo.check, "check", "", "with --boot: a shell `command` run in the guest through its agent; it must exit 0")
+	cmd.Flags().StringVar(&bo.screenshot, "screenshot", "", "with --boot: where to save the console screenshot (`PNG file`; default kura-verify-ID.png)")
+	cmd.Flags().StringVarP(&bo.connect, "connect", "c", "qemu:///system", "with --boot: libvirt `URI` or socket path")
+	cmd.Flags().DurationVar(&bo.timeout, "timeout", 5*time.Minute, "with --boot: how long the guest may take to answer")
 	return cmd
 }
 

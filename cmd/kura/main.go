@@ -188,7 +188,7 @@ func explain(err error) string {
 // exitCode: 1 for errors, 3 when verify found damage.
 func exitCode(err error) int {
 	var d damageFound
-	if errors.As(err, &d) {
+	if errors.As(err, &d) || errors.Is(err, errBootFailed) {
 		return 3
 	}
 	return 1

@@ -280,7 +280,11 @@ func FindSnapshot(ss []*Snapshot, ref string) (*Snapshot, error) {
 	return nil, fmt.Errorf("%s matches %d snapshots, give more digits: %w", ref, len(match), ErrAmbiguous)
 }
 
-// RemoveSnapshot deletes a snapshot manifest (its data stays until prune).
+// RemoveSnapshot deletes a snapshot manifest (its data stays until prune)
+// and its boot checks.
 func (r *Repo) RemoveSnapshot(ctx context.Context, id string) error {
-	return r.be.Remove(ctx, "snapshots/"+id)
+	if err := r.be.Remove(ctx, "snapshots/"+id); err != nil {
+		return err
+	}
+	return r.removeBootChecks(ctx, id)
 }
