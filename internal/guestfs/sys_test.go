@@ -1,0 +1,5 @@
+package guestfs
+
+import "syscall"
+
+type syscallStat = syscall.Stat_t
