@@ -218,3 +218,38 @@ func TestFullDisk(t *testing.T) {
 	e.ok("prune")
 	e.ok("backup", "image", small, "--name", "vm")
 }
+
+// A full target disk: restore and file restore fail with a clear error and
+// leave no partial image behind.
+func TestRestoreTargetFull(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mounting a small tmpfs needs root")
+	}
+	e := newEnv(t)
+	e.ok("init")
+	img := filepath.Join(e.dir, "disk.raw")
+	f, _ := os.Create(img)
+	f.Truncate(32 << 20)
+	buf := make([]byte, 12<<20)
+	rand.Read(buf)
+	f.WriteAt(buf, 4<<20)
+	f.Close()
+	e.ok("backup", "image", img, "--name", "vm")
+
+	mnt := filepath.Join(e.dir, "small")
+	os.MkdirAll(mnt, 0o755)
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", mnt).CombinedOutput(); err != nil {
+		t.Skipf("cannot mount tmpfs: %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", "-l", mnt).Run() })
+	for _, format := range []string{"raw", "qcow2"} {
+		e.fails("no space left", "restore", "vm@latest", "--to", mnt, "--format", format)
+		if ents, _ := os.ReadDir(mnt); len(ents) != 0 {
+			t.Errorf("%s: a failed restore left %d files in the target", format, len(ents))
+		}
+	}
+	// The repository is untouched: a restore elsewhere works.
+	out := filepath.Join(e.dir, "out")
+	e.ok("restore", "vm@latest", "--to", out)
+	sameFile(t, filepath.Join(out, "disk.raw"), img)
+}
