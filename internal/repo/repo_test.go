@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/kura-backup/kura/internal/backend/local"
 	"github.com/kura-backup/kura/internal/crypt"
@@ -213,7 +214,9 @@ func TestRoundTripAndDedup(t *testing.T) {
 }
 
 func TestFindSnapshot(t *testing.T) {
-	ss := []*Snapshot{{ID: "aaaa1111", Name: "web"}, {ID: "aaab2222", Name: "db"}, {ID: "bbbb3333", Name: "web"}}
+	day := func(d, h int) time.Time { return time.Date(2026, 11, d, h, 30, 0, 0, time.Local) }
+	ss := []*Snapshot{{ID: "aaaa1111", Name: "web", Time: day(19, 9)}, {ID: "aaab2222", Name: "db", Time: day(20, 1)},
+		{ID: "cccc4444", Name: "web", Time: day(20, 3)}, {ID: "bbbb3333", Name: "web", Time: day(20, 22)}}
 	for _, tc := range []struct {
 		ref, want string
 		err       error
@@ -225,6 +228,11 @@ func TestFindSnapshot(t *testing.T) {
 		{"aaa", "", ErrAmbiguous},
 		{"cc", "", ErrNoSnapshot},
 		{"mail@latest", "", ErrNoSnapshot},
+		{"web@2026-11-19", "aaaa1111", nil},
+		{"web@2026-11-20", "bbbb3333", nil},
+		{"web@2026-11-20T03", "cccc4444", nil},
+		{"web@2026-11-20 03:30", "cccc4444", nil},
+		{"web@2026-11-21", "", ErrNoSnapshot},
 	} {
 		s, err := FindSnapshot(ss, tc.ref)
 		if tc.err != nil {

@@ -245,8 +245,9 @@ func SortSnapshots(ss []*Snapshot) {
 	})
 }
 
-// FindSnapshot resolves a full id, a unique id prefix, "latest" or
-// "NAME@latest" among ss (sorted oldest first).
+// FindSnapshot resolves a full id, a unique id prefix, "latest",
+// "NAME@latest" or "NAME@TIME" (the newest of NAME whose local time
+// starts with TIME, e.g. 2026-11-20) among ss (sorted oldest first).
 func FindSnapshot(ss []*Snapshot, ref string) (*Snapshot, error) {
 	if ref == "" {
 		return nil, fmt.Errorf("empty snapshot reference: %w", ErrNoSnapshot)
@@ -256,6 +257,17 @@ func FindSnapshot(ss []*Snapshot, ref string) (*Snapshot, error) {
 			return nil, fmt.Errorf("latest: the repository has no snapshots: %w", ErrNoSnapshot)
 		}
 		return ss[len(ss)-1], nil
+	}
+	if name, when, ok := strings.Cut(ref, "@"); ok && when != "latest" {
+		// NAME@TIME: the newest snapshot of NAME whose local time starts
+		// with TIME ("2026-11-20", "2026-11-20T14", "2026-11-20 14:05").
+		when = strings.Replace(when, " ", "T", 1)
+		for i := len(ss) - 1; i >= 0; i-- {
+			if ss[i].Name == name && strings.HasPrefix(ss[i].Time.Local().Format("2006-01-02T15:04:05"), when) {
+				return ss[i], nil
+			}
+		}
+		return nil, fmt.Errorf("%s: no snapshot named %q taken at %s (local time; see `kura snapshots`): %w", ref, name, when, ErrNoSnapshot)
 	}
 	if name, ok := strings.CutSuffix(ref, "@latest"); ok {
 		for i := len(ss) - 1; i >= 0; i-- {
