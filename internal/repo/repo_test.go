@@ -226,7 +226,7 @@ func TestFindSnapshot(t *testing.T) {
 		{"db@latest", "aaab2222", nil},
 		{"aaaa", "aaaa1111", nil},
 		{"aaa", "", ErrAmbiguous},
-		{"cc", "", ErrNoSnapshot},
+		{"dd", "", ErrNoSnapshot},
 		{"mail@latest", "", ErrNoSnapshot},
 		{"web@2026-11-19", "aaaa1111", nil},
 		{"web@2026-11-20", "bbbb3333", nil},
