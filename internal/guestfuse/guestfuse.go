@@ -3,7 +3,7 @@
 // ordinary tools (ls, cp, diff) while the host kernel only ever sees the
 // FUSE protocol, never the untrusted guest filesystem as a block device.
 //
-// The mount is read-only, nosuid and nodev, and the kernel checks
+// The mount is read-only, nosuid, nodev and noexec, and the kernel checks
 // permissions against the guest's modes, UIDs and GIDs
 // (default_permissions). Inode numbers are the guest's, so hard links show
 // as one inode with its link count. Because a backup never changes, the
@@ -119,7 +119,7 @@ func Mount(ctx context.Context, f guestfs.FS, mountpoint string, opts Options) (
 			Name:       "kura",
 			AllowOther: opts.AllowOther,
 			// "ro" for fusermount; the flags below for mount(2).
-			Options:          []string{"ro", "nosuid", "nodev", "default_permissions"},
+			Options:          []string{"ro", "nosuid", "nodev", "noexec", "default_permissions"},
 			DirectMount:      os.Geteuid() == 0,
 			DirectMountFlags: syscall.MS_RDONLY | syscall.MS_NOSUID | syscall.MS_NODEV,
 			Logger:           fuseLog,
