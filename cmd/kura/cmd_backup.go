@@ -126,11 +126,7 @@ func (a *app) restoreCmd() *cobra.Command {
 			if format != "raw" && format != "qcow2" {
 				return fmt.Errorf("--format %q: use raw or qcow2", format)
 			}
-			r, err := a.open(ctx)
-			if err != nil {
-				return err
-			}
-			snap, err := findSnapshot(ctx, r, args[0])
+			r, snap, err := a.openSnapshot(ctx, args[0])
 			if err != nil {
 				return err
 			}

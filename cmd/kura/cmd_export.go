@@ -23,11 +23,7 @@ func (a *app) exportCmd() *cobra.Command {
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
-			r, err := a.open(ctx)
-			if err != nil {
-				return err
-			}
-			snap, err := findSnapshot(ctx, r, args[0])
+			r, snap, err := a.openSnapshot(ctx, args[0])
 			if err != nil {
 				return err
 			}

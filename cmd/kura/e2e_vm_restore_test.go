@@ -22,17 +22,7 @@ func TestRestoreDefine(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	dir := t.TempDir()
-	g, err := testvm.StartLibvirt(ctx, testvm.Options{Dir: dir, Disks: []testvm.DiskSpec{{FS: "ext4", Mount: "/data", SizeMiB: 256}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Destroy(context.Background())
-	if _, err := g.WaitAgent(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if out, code, err := g.Exec(ctx, "/usr/local/bin/kura-workload", "write", "/data", "12", "7"); err != nil || code != 0 {
-		t.Fatalf("workload: %v %d %s", err, code, out)
-	}
+	g := dataGuest(ctx, t, dir, 12, 7)
 
 	e := newEnv(t)
 	e.ok("init")

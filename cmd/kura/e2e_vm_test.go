@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -30,6 +31,23 @@ func needVM(t *testing.T, tools ...string) {
 	}
 }
 
+// dataGuest boots a libvirt test guest with an ext4 data disk at /data,
+// waits for its agent and writes n files of known data (seed) there. The
+// guest is destroyed when the test ends.
+func dataGuest(ctx context.Context, t *testing.T, dir string, n, seed int) *testvm.Guest {
+	t.Helper()
+	g, err := testvm.StartLibvirt(ctx, testvm.Options{Dir: dir, Disks: []testvm.DiskSpec{{FS: "ext4", Mount: "/data", SizeMiB: 256}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { g.Destroy(context.Background()) })
+	if _, err := g.WaitAgent(ctx); err != nil {
+		t.Fatal(err)
+	}
+	mustExec(ctx, t, g, "/usr/local/bin/kura-workload", "write", "/data", strconv.Itoa(n), strconv.Itoa(seed))
+	return g
+}
+
 // A real libvirt guest (TCG) backed up live through the CLI: an
 // app-consistent full backup, an incremental one that reads only what the
 // guest changed, and a restore of the data disk that fscks clean.
@@ -41,17 +59,7 @@ func TestLiveVMBackup(t *testing.T) {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	g, err := testvm.StartLibvirt(ctx, testvm.Options{Dir: dir, Disks: []testvm.DiskSpec{{FS: "ext4", Mount: "/data", SizeMiB: 256}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Destroy(context.Background())
-	if _, err := g.WaitAgent(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if out, code, err := g.Exec(ctx, "/usr/local/bin/kura-workload", "write", "/data", "20", "1"); err != nil || code != 0 {
-		t.Fatalf("workload: %v %d %s", err, code, out)
-	}
+	g := dataGuest(ctx, t, dir, 20, 1)
 
 	e := newEnv(t)
 	e.ok("init")

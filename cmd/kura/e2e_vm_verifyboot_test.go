@@ -10,8 +10,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/kura-backup/kura/internal/testvm"
 )
 
 // `kura verify --boot` boots a restore point isolated, runs a check in the
@@ -23,15 +21,7 @@ func TestVerifyBoot(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 12*time.Minute)
 	defer cancel()
 	dir := t.TempDir()
-	g, err := testvm.StartLibvirt(ctx, testvm.Options{Dir: dir, Disks: []testvm.DiskSpec{{FS: "ext4", Mount: "/data", SizeMiB: 256}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Destroy(context.Background())
-	if _, err := g.WaitAgent(ctx); err != nil {
-		t.Fatal(err)
-	}
-	mustExec(ctx, t, g, "/usr/local/bin/kura-workload", "write", "/data", "4", "5")
+	g := dataGuest(ctx, t, dir, 4, 5)
 	e := newEnv(t)
 	e.ok("init")
 	// A restore point of every consistency mode boots and holds the data
