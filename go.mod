@@ -19,4 +19,5 @@ require (
 require (
 	github.com/inconshreveable/mousetrap v1.1.0 // indirect
 	github.com/klauspost/cpuid/v2 v2.0.12 // indirect
+	gopkg.in/yaml.v3 v3.0.1 // indirect
 )

@@ -1,0 +1,520 @@
+// Package config reads the kura daemon's configuration file (YAML): the
+// repositories it writes to, the jobs it runs (which VMs, when, how, how
+// long restore points are kept), the limits it holds backups to, latency
+// control, and the daemon's own settings.
+//
+// Every error names the file, the line and the field, so that a mistake
+// is found without reading the schema: "kura.yaml:14: jobs[1].schedule:
+// expected exactly 5 fields, found 4". Unknown fields are errors too: a
+// misspelt "retenton" must not silently mean "keep everything forever".
+package config
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path"
+	"reflect"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/kura-backup/kura/internal/retention"
+)
+
+// Config is a whole configuration file.
+type Config struct {
+	Repositories map[string]*Repository `yaml:"repositories"`
+	Libvirt      Libvirt                `yaml:"libvirt"`
+	Limits       Limits                 `yaml:"limits"`
+	Latency      Latency                `yaml:"latency"`
+	Jobs         []*Job                 `yaml:"jobs"`
+	Server       Server                 `yaml:"server"`
+
+	file  string
+	lines map[string]int
+}
+
+// Repository is where a job's restore points go.
+type Repository struct {
+	Path         string `yaml:"path"`
+	PasswordFile string `yaml:"password_file"`
+
+	lines map[string]int
+}
+
+// Libvirt says how to reach libvirtd.
+type Libvirt struct {
+	Connect string `yaml:"connect"` // default qemu:///system
+}
+
+// Limits bound how many backups run at once and how fast they read.
+type Limits struct {
+	PerHost       int    `yaml:"per_host"`       // default 2
+	PerDatastore  int    `yaml:"per_datastore"`  // default 1
+	PerRepository int    `yaml:"per_repository"` // default 2
+	Bandwidth     string `yaml:"bandwidth"`      // per backup, e.g. "200MiB" (per second); "" = unlimited
+
+	BandwidthBytes int64 `yaml:"-"`
+	lines          map[string]int
+}
+
+// Latency configures adaptive latency control.
+type Latency struct {
+	Threshold Duration `yaml:"threshold"` // default 20ms; 0 disables control
+	Interval  Duration `yaml:"interval"`  // sampling interval, default 2s
+	Disabled  bool     `yaml:"disabled"`
+}
+
+// Job is one scheduled backup.
+type Job struct {
+	Name       string    `yaml:"name"`
+	Repository string    `yaml:"repository"`
+	VMs        []string  `yaml:"vms"`  // names or shell globs
+	Tags       []string  `yaml:"tags"` // libvirt metadata tags (any)
+	All        bool      `yaml:"all"`  // every domain
+	Mode       string    `yaml:"mode"` // app (default), crash, suspend, shutdown
+	Schedule   string    `yaml:"schedule"`
+	Window     *Window   `yaml:"window"`
+	RPO        Duration  `yaml:"rpo"`
+	Retention  Retention `yaml:"retention"`
+	Retry      Retry     `yaml:"retry"`
+
+	lines map[string]int
+	line  int
+}
+
+// Window is the time of day in which a job may start backups.
+type Window struct {
+	Start    string   `yaml:"start"` // "22:00"
+	Duration Duration `yaml:"duration"`
+
+	StartOfDay time.Duration `yaml:"-"`
+	lines      map[string]int
+}
+
+// Retention is a keep policy applied after each run.
+type Retention struct {
+	Last    int `yaml:"keep_last"`
+	Hourly  int `yaml:"keep_hourly"`
+	Daily   int `yaml:"keep_daily"`
+	Weekly  int `yaml:"keep_weekly"`
+	Monthly int `yaml:"keep_monthly"`
+	Yearly  int `yaml:"keep_yearly"`
+}
+
+// Policy converts r for package retention.
+func (r Retention) Policy() retention.Policy {
+	return retention.Policy{Last: r.Last, Hourly: r.Hourly, Daily: r.Daily, Weekly: r.Weekly, Monthly: r.Monthly, Yearly: r.Yearly}
+}
+
+// Retry says how a failed VM is retried within a run.
+type Retry struct {
+	Attempts int      `yaml:"attempts"` // default 3
+	Backoff  Duration `yaml:"backoff"`  // first delay, doubled each time; default 1m
+}
+
+// Server is the daemon's own configuration.
+type Server struct {
+	Listen    string `yaml:"listen"`     // HTTP address for /metrics and /healthz; default 127.0.0.1:9470
+	Catalog   string `yaml:"catalog"`    // SQLite file; default /var/lib/kura/catalog.db
+	StateDir  string `yaml:"state_dir"`  // default /var/lib/kura
+	LogFormat string `yaml:"log_format"` // text (default) or json
+	Webhook   string `yaml:"webhook"`    // URL posted a JSON message when a run fails
+}
+
+// Duration is a time.Duration written as "20ms", "1h30m", "7d".
+type Duration struct{ time.Duration }
+
+// UnmarshalYAML implements yaml.Unmarshaler.
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	var s string
+	if err := n.Decode(&s); err != nil {
+		return err
+	}
+	v, err := parseDuration(s)
+	if err != nil {
+		return &yaml.TypeError{Errors: []string{fmt.Sprintf("line %d: %v", n.Line, err)}}
+	}
+	d.Duration = v
+	return nil
+}
+
+func parseDuration(s string) (time.Duration, error) {
+	if days, ok := strings.CutSuffix(s, "d"); ok {
+		n, err := strconv.Atoi(days)
+		if err != nil || n < 0 {
+			return 0, fmt.Errorf("%q is not a duration (like 30s, 20ms, 1h30m, 7d)", s)
+		}
+		return time.Duration(n) * 24 * time.Hour, nil
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d < 0 {
+		return 0, fmt.Errorf("%q is not a duration (like 30s, 20ms, 1h30m, 7d)", s)
+	}
+	return d, nil
+}
+
+// checkKnown fails on keys of mapping n that are not yaml fields of the
+// struct v points to (yaml.v3 does not apply KnownFields inside custom
+// unmarshalers).
+func checkKnown(n *yaml.Node, v any) error {
+	if n.Kind != yaml.MappingNode {
+		return nil
+	}
+	known := map[string]bool{}
+	t := reflect.TypeOf(v).Elem()
+	for i := 0; i < t.NumField(); i++ {
+		if name, _, _ := strings.Cut(t.Field(i).Tag.Get("yaml"), ","); name != "" && name != "-" {
+			known[name] = true
+		}
+	}
+	for i := 0; i+1 < len(n.Content); i += 2 {
+		if k := n.Content[i]; !known[k.Value] {
+			return &yaml.TypeError{Errors: []string{fmt.Sprintf("line %d: field %s not found", k.Line, k.Value)}}
+		}
+	}
+	return nil
+}
+
+// keyLines records the line of each key of a mapping node.
+func keyLines(n *yaml.Node) map[string]int {
+	m := map[string]int{"": n.Line}
+	if n.Kind == yaml.MappingNode {
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			m[n.Content[i].Value] = n.Content[i].Line
+		}
+	}
+	return m
+}
+
+// UnmarshalYAML implements yaml.Unmarshaler, recording key lines.
+func (j *Job) UnmarshalYAML(n *yaml.Node) error {
+	type plain Job
+	if err := checkKnown(n, (*plain)(j)); err != nil {
+		return err
+	}
+	if err := n.Decode((*plain)(j)); err != nil {
+		return err
+	}
+	j.lines, j.line = keyLines(n), n.Line
+	return nil
+}
+
+// UnmarshalYAML implements yaml.Unmarshaler, recording key lines.
+func (r *Repository) UnmarshalYAML(n *yaml.Node) error {
+	type plain Repository
+	if err := checkKnown(n, (*plain)(r)); err != nil {
+		return err
+	}
+	if err := n.Decode((*plain)(r)); err != nil {
+		return err
+	}
+	r.lines = keyLines(n)
+	return nil
+}
+
+// UnmarshalYAML implements yaml.Unmarshaler, recording key lines.
+func (w *Window) UnmarshalYAML(n *yaml.Node) error {
+	type plain Window
+	if err := checkKnown(n, (*plain)(w)); err != nil {
+		return err
+	}
+	if err := n.Decode((*plain)(w)); err != nil {
+		return err
+	}
+	w.lines = keyLines(n)
+	return nil
+}
+
+// UnmarshalYAML implements yaml.Unmarshaler, recording key lines.
+func (l *Limits) UnmarshalYAML(n *yaml.Node) error {
+	type plain Limits
+	if err := checkKnown(n, (*plain)(l)); err != nil {
+		return err
+	}
+	if err := n.Decode((*plain)(l)); err != nil {
+		return err
+	}
+	l.lines = keyLines(n)
+	return nil
+}
+
+// Load reads and validates the configuration file at path.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading the configuration: %w", err)
+	}
+	return Parse(path, data)
+}
+
+// Parse reads and validates a configuration; file names it in errors.
+func Parse(file string, data []byte) (*Config, error) {
+	c := &Config{file: file}
+	var root yaml.Node
+	if err := yaml.Unmarshal(data, &root); err != nil {
+		return nil, fmt.Errorf("%s: %s", file, cleanYAMLError(err))
+	}
+	if len(root.Content) == 0 {
+		return nil, fmt.Errorf("%s: the configuration is empty: it needs at least repositories and jobs", file)
+	}
+	c.lines = keyLines(root.Content[0])
+	dec := yaml.NewDecoder(strings.NewReader(string(data)))
+	dec.KnownFields(true)
+	if err := dec.Decode(c); err != nil {
+		return nil, fmt.Errorf("%s: %s", file, cleanYAMLError(err))
+	}
+	c.defaults()
+	if err := c.validate(); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// cleanYAMLError makes yaml.v3's messages read as "line N: ..." without
+// Go type names.
+func cleanYAMLError(err error) string {
+	msg := err.Error()
+	msg = strings.TrimPrefix(msg, "yaml: ")
+	msg = strings.ReplaceAll(msg, "unmarshal errors:\n  ", "")
+	msg = strings.ReplaceAll(msg, "\n  ", "; ")
+	msg = regexp.MustCompile(` in type config\.\w+`).ReplaceAllString(msg, "")
+	msg = regexp.MustCompile(`into config\.\w+`).ReplaceAllString(msg, "here")
+	return msg
+}
+
+func (c *Config) defaults() {
+	if c.Libvirt.Connect == "" {
+		c.Libvirt.Connect = "qemu:///system"
+	}
+	if c.Limits.PerHost == 0 {
+		c.Limits.PerHost = 2
+	}
+	if c.Limits.PerDatastore == 0 {
+		c.Limits.PerDatastore = 1
+	}
+	if c.Limits.PerRepository == 0 {
+		c.Limits.PerRepository = 2
+	}
+	if c.Latency.Threshold.Duration == 0 && !c.Latency.Disabled {
+		c.Latency.Threshold.Duration = 20 * time.Millisecond
+	}
+	if c.Latency.Interval.Duration == 0 {
+		c.Latency.Interval.Duration = 2 * time.Second
+	}
+	if c.Server.Listen == "" {
+		c.Server.Listen = "127.0.0.1:9470"
+	}
+	if c.Server.StateDir == "" {
+		c.Server.StateDir = "/var/lib/kura"
+	}
+	if c.Server.Catalog == "" {
+		c.Server.Catalog = path.Join(c.Server.StateDir, "catalog.db")
+	}
+	if c.Server.LogFormat == "" {
+		c.Server.LogFormat = "text"
+	}
+	for _, j := range c.Jobs {
+		if j.Mode == "" {
+			j.Mode = "app"
+		}
+		if j.Retry.Attempts == 0 {
+			j.Retry.Attempts = 3
+		}
+		if j.Retry.Backoff.Duration == 0 {
+			j.Retry.Backoff.Duration = time.Minute
+		}
+	}
+}
+
+// errorf makes a validation error at line of field.
+func (c *Config) errorf(line int, field, format string, args ...any) error {
+	return fmt.Errorf("%s:%d: %s: %s", c.file, line, field, fmt.Sprintf(format, args...))
+}
+
+func (c *Config) validate() error {
+	var errs []error
+	if len(c.Repositories) == 0 {
+		errs = append(errs, c.errorf(c.lines[""], "repositories", "no repository is configured"))
+	}
+	for name, r := range c.Repositories {
+		if r == nil || r.Path == "" {
+			line := c.lines["repositories"]
+			if r != nil {
+				line = r.lines[""]
+			}
+			errs = append(errs, c.errorf(line, "repositories."+name+".path", "missing: the repository's directory"))
+		}
+	}
+	if c.Limits.PerHost < 0 || c.Limits.PerDatastore < 0 || c.Limits.PerRepository < 0 {
+		errs = append(errs, c.errorf(c.Limits.lines[""], "limits", "limits cannot be negative"))
+	}
+	if c.Limits.Bandwidth != "" {
+		n, err := parseRate(c.Limits.Bandwidth)
+		if err != nil {
+			errs = append(errs, c.errorf(c.Limits.lines["bandwidth"], "limits.bandwidth", "%v", err))
+		}
+		c.Limits.BandwidthBytes = n
+	}
+	if c.Server.LogFormat != "text" && c.Server.LogFormat != "json" {
+		errs = append(errs, c.errorf(c.lines["server"], "server.log_format", "%q: use text or json", c.Server.LogFormat))
+	}
+	if len(c.Jobs) == 0 {
+		errs = append(errs, c.errorf(c.lines[""], "jobs", "no job is configured"))
+	}
+	names := map[string]int{}
+	for i, j := range c.Jobs {
+		at := func(key string) int {
+			if l, ok := j.lines[key]; ok {
+				return l
+			}
+			return j.line
+		}
+		field := fmt.Sprintf("jobs[%d]", i)
+		if j.Name != "" {
+			field += " (" + j.Name + ")"
+		}
+		if j.Name == "" {
+			errs = append(errs, c.errorf(at("name"), field+".name", "missing: every job needs a name"))
+		} else if prev, dup := names[j.Name]; dup {
+			errs = append(errs, c.errorf(at("name"), field+".name", "%q is also the name of the job at line %d", j.Name, prev))
+		}
+		names[j.Name] = at("name")
+		if _, ok := c.Repositories[j.Repository]; !ok {
+			errs = append(errs, c.errorf(at("repository"), field+".repository", "%q is not one of the repositories configured", j.Repository))
+		}
+		if !j.All && len(j.VMs) == 0 && len(j.Tags) == 0 {
+			errs = append(errs, c.errorf(j.line, field, "say which VMs: vms (names or globs), tags, or all: true"))
+		}
+		for _, g := range j.VMs {
+			if _, err := path.Match(g, ""); err != nil {
+				errs = append(errs, c.errorf(at("vms"), field+".vms", "%q is not a valid glob", g))
+			}
+		}
+		switch j.Mode {
+		case "app", "crash", "suspend", "shutdown":
+		default:
+			errs = append(errs, c.errorf(at("mode"), field+".mode", "%q: use app, crash, suspend or shutdown", j.Mode))
+		}
+		if j.Schedule == "" {
+			errs = append(errs, c.errorf(at("schedule"), field+".schedule", "missing: a cron schedule like \"0 22 * * *\" or @daily"))
+		} else if err := checkCron(j.Schedule); err != nil {
+			errs = append(errs, c.errorf(at("schedule"), field+".schedule", "%v", err))
+		}
+		if w := j.Window; w != nil {
+			t, err := time.Parse("15:04", w.Start)
+			if err != nil {
+				errs = append(errs, c.errorf(w.lines["start"], field+".window.start", "%q: use HH:MM", w.Start))
+			}
+			w.StartOfDay = time.Duration(t.Hour())*time.Hour + time.Duration(t.Minute())*time.Minute
+			if w.Duration.Duration <= 0 || w.Duration.Duration > 24*time.Hour {
+				errs = append(errs, c.errorf(w.lines["duration"], field+".window.duration", "must be between 1m and 24h"))
+			}
+		}
+		if j.Retry.Attempts < 0 {
+			errs = append(errs, c.errorf(at("retry"), field+".retry.attempts", "cannot be negative"))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// parseRate reads "200MiB", "50MB", "1GiB" (per second).
+func parseRate(s string) (int64, error) {
+	units := []struct {
+		suffix string
+		mult   int64
+	}{{"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}, {"GB", 1e9}, {"MB", 1e6}, {"KB", 1e3}, {"B", 1}}
+	t := strings.TrimSuffix(strings.TrimSpace(s), "/s")
+	for _, u := range units {
+		if num, ok := strings.CutSuffix(t, u.suffix); ok {
+			v, err := strconv.ParseFloat(strings.TrimSpace(num), 64)
+			if err != nil || v <= 0 {
+				break
+			}
+			return int64(v * float64(u.mult)), nil
+		}
+	}
+	return 0, fmt.Errorf("%q is not a rate: use a size per second like 200MiB or 50MB", s)
+}
+
+// checkCron validates a 5-field cron expression or a descriptor
+// (@hourly, @daily, @weekly, @monthly, @every 30m).
+func checkCron(s string) error {
+	if strings.HasPrefix(s, "@") {
+		switch {
+		case s == "@hourly", s == "@daily", s == "@midnight", s == "@weekly", s == "@monthly", s == "@yearly", s == "@annually":
+			return nil
+		case strings.HasPrefix(s, "@every "):
+			d, err := parseDuration(strings.TrimSpace(strings.TrimPrefix(s, "@every ")))
+			if err != nil || d < time.Minute {
+				return fmt.Errorf("%q: @every needs a duration of at least 1m", s)
+			}
+			return nil
+		}
+		return fmt.Errorf("%q: unknown descriptor (use @hourly, @daily, @weekly, @monthly, @yearly or @every DURATION)", s)
+	}
+	fields := strings.Fields(s)
+	if len(fields) != 5 {
+		return fmt.Errorf("%q: expected exactly 5 fields (minute hour day-of-month month day-of-week), found %d", s, len(fields))
+	}
+	limits := []struct {
+		name     string
+		min, max int
+	}{{"minute", 0, 59}, {"hour", 0, 23}, {"day of month", 1, 31}, {"month", 1, 12}, {"day of week", 0, 7}}
+	for i, f := range fields {
+		if err := checkCronField(f, limits[i].min, limits[i].max); err != nil {
+			return fmt.Errorf("%q: %s field %q: %v", s, limits[i].name, f, err)
+		}
+	}
+	return nil
+}
+
+func checkCronField(f string, lo, hi int) error {
+	for _, part := range strings.Split(f, ",") {
+		rng, step, hasStep := strings.Cut(part, "/")
+		if hasStep {
+			if n, err := strconv.Atoi(step); err != nil || n <= 0 {
+				return fmt.Errorf("bad step %q", step)
+			}
+		}
+		if rng == "*" {
+			continue
+		}
+		a, b, isRange := strings.Cut(rng, "-")
+		for _, v := range []string{a, b} {
+			if v == "" && !isRange {
+				continue
+			}
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				return fmt.Errorf("%q is not a number", v)
+			}
+			if n < lo || n > hi {
+				return fmt.Errorf("%d is out of range %d-%d", n, lo, hi)
+			}
+		}
+	}
+	return nil
+}
+
+// UnmarshalYAML implements yaml.Unmarshaler, refusing unknown keys.
+func (r *Retention) UnmarshalYAML(n *yaml.Node) error {
+	type plain Retention
+	if err := checkKnown(n, (*plain)(r)); err != nil {
+		return err
+	}
+	return n.Decode((*plain)(r))
+}
+
+// UnmarshalYAML implements yaml.Unmarshaler, refusing unknown keys.
+func (r *Retry) UnmarshalYAML(n *yaml.Node) error {
+	type plain Retry
+	if err := checkKnown(n, (*plain)(r)); err != nil {
+		return err
+	}
+	return n.Decode((*plain)(r))
+}

@@ -1,0 +1,108 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+const good = `# kura daemon configuration
+repositories:
+  main:
+    path: /srv/kura
+    password_file: /etc/kura/main.pass
+limits:
+  per_host: 3
+  bandwidth: 200MiB
+latency:
+  threshold: 15ms
+jobs:
+  - name: nightly
+    repository: main
+    vms: [web*, db01]
+    schedule: "0 22 * * *"
+    window: {start: "22:00", duration: 8h}
+    rpo: 1d
+    retention: {keep_last: 3, keep_daily: 7}
+  - name: hourly-db
+    repository: main
+    tags: [database]
+    mode: crash
+    schedule: "@every 1h"
+server:
+  log_format: json
+`
+
+func TestParseGood(t *testing.T) {
+	c, err := Parse("kura.yaml", []byte(good))
+	if err != nil {
+		t.Fatal(err)
+	}
+	j := c.Jobs[0]
+	if j.Name != "nightly" || j.Mode != "app" || j.RPO.Duration != 24*time.Hour || j.Window.StartOfDay != 22*time.Hour ||
+		j.Window.Duration.Duration != 8*time.Hour || j.Retention.Policy().Daily != 7 || j.Retry.Attempts != 3 || j.Retry.Backoff.Duration != time.Minute {
+		t.Errorf("job 0: %+v", j)
+	}
+	if c.Jobs[1].Mode != "crash" || c.Jobs[1].Tags[0] != "database" {
+		t.Errorf("job 1: %+v", c.Jobs[1])
+	}
+	if c.Limits.PerHost != 3 || c.Limits.PerDatastore != 1 || c.Limits.BandwidthBytes != 200<<20 || c.Latency.Threshold.Duration != 15*time.Millisecond {
+		t.Errorf("limits %+v latency %+v", c.Limits, c.Latency)
+	}
+	if c.Server.Listen != "127.0.0.1:9470" || c.Server.Catalog != "/var/lib/kura/catalog.db" || c.Server.LogFormat != "json" || c.Libvirt.Connect != "qemu:///system" {
+		t.Errorf("server %+v libvirt %+v", c.Server, c.Libvirt)
+	}
+}
+
+// Every mistake is reported with the file, the line and the field.
+func TestParseErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name, edit, want string
+	}{
+		{"bad cron", `schedule: "0 22 * * *"|schedule: "0 22 * *"`, `kura.yaml:15: jobs[0] (nightly).schedule: "0 22 * *": expected exactly 5 fields`},
+		{"cron out of range", `schedule: "0 22 * * *"|schedule: "0 25 * * *"`, `kura.yaml:15: jobs[0] (nightly).schedule: "0 25 * * *": hour field "25": 25 is out of range 0-23`},
+		{"unknown field", `retention: {keep_last|retenton: {keep_last`, `kura.yaml: line 18: field retenton not found`},
+		{"unknown nested field", `keep_daily: 7|keep_dayly: 7`, `kura.yaml: line 18: field keep_dayly not found`},
+		{"unknown repository", `    repository: main
+    tags|    repository: backup
+    tags`, `kura.yaml:20: jobs[1] (hourly-db).repository: "backup" is not one of the repositories configured`},
+		{"bad mode", `mode: crash|mode: snapshot`, `kura.yaml:22: jobs[1] (hourly-db).mode: "snapshot": use app, crash, suspend or shutdown`},
+		{"bad duration", `rpo: 1d|rpo: one day`, `line 17: "one day" is not a duration`},
+		{"bad window", `start: "22:00"|start: "10pm"`, `kura.yaml:16: jobs[0] (nightly).window.start: "10pm": use HH:MM`},
+		{"bad bandwidth", `bandwidth: 200MiB|bandwidth: fast`, `kura.yaml:8: limits.bandwidth: "fast" is not a rate`},
+		{"duplicate name", `name: hourly-db|name: nightly`, `jobs[1] (nightly).name: "nightly" is also the name of the job at line 12`},
+		{"no vms", `    tags: [database]
+|`, `kura.yaml:19: jobs[1] (hourly-db): say which VMs`},
+		{"bad every", `"@every 1h"|"@every 10s"`, `@every needs a duration of at least 1m`},
+		{"wrong type", `per_host: 3|per_host: many`, `kura.yaml: line 7: cannot unmarshal !!str ` + "`many`"},
+		{"bad yaml", `jobs:|jobs: [`, `kura.yaml: line`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			from, to, _ := strings.Cut(tc.edit, "|")
+			if !strings.Contains(good, from) {
+				t.Fatalf("test edit %q does not apply", from)
+			}
+			_, err := Parse("kura.yaml", []byte(strings.Replace(good, from, to, 1)))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %v, want it to contain %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestLoad(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "kura.yaml")
+	if _, err := Load(p); err == nil || !strings.Contains(err.Error(), "reading the configuration") {
+		t.Fatalf("missing file: %v", err)
+	}
+	os.WriteFile(p, []byte(good), 0o600)
+	if _, err := Load(p); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(p, nil, 0o600)
+	if _, err := Load(p); err == nil || !strings.Contains(err.Error(), "empty") {
+		t.Fatalf("empty file: %v", err)
+	}
+}
