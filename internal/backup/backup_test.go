@@ -3,9 +3,11 @@ package backup
 import (
 	"bytes"
 	"context"
+	"errors"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 
 	"github.com/kura-backup/kura/internal/backend/local"
@@ -233,5 +235,33 @@ func TestIncrementalReadsOnlyChanges(t *testing.T) {
 	}
 	if other.Kind != "full" || other.Disks[0].Read == "changed" {
 		t.Fatalf("disk missing from parent: kind %q read %q", other.Kind, other.Disks[0].Read)
+	}
+}
+
+// ReadLimit is asked before every read, for exactly the bytes read, and
+// its error stops the backup without a snapshot.
+func TestReadLimit(t *testing.T) {
+	ctx := context.Background()
+	r := testRepo(t)
+	rng := rand.New(rand.NewPCG(5, 6))
+	a := &memDisk{name: "a", data: make([]byte, 3<<20)}
+	fill(rng, a.data[:1<<20])
+	fill(rng, a.data[2<<20:])
+	var asked atomic.Int64
+	limit := func(ctx context.Context, n int) error { asked.Add(int64(n)); return nil }
+	snap, err := Run(ctx, r, []source.Disk{a}, Options{Name: "vm", Source: "image", ReadLimit: limit})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if asked.Load() != snap.Stats.BytesRead || asked.Load() != 2<<20 {
+		t.Fatalf("limit asked for %d bytes, backup read %d (data is %d)", asked.Load(), snap.Stats.BytesRead, 2<<20)
+	}
+	stop := errors.New("throttled away")
+	_, err = Run(ctx, r, []source.Disk{a}, Options{Name: "vm2", Source: "image", ReadLimit: func(context.Context, int) error { return stop }})
+	if !errors.Is(err, stop) {
+		t.Fatalf("a failing limit: %v", err)
+	}
+	if ss, _ := r.Snapshots(ctx); len(ss) != 1 {
+		t.Fatalf("%d snapshots after a stopped backup, want 1", len(ss))
 	}
 }
