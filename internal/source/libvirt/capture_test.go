@@ -129,6 +129,22 @@ func TestLibvirtCapture(t *testing.T) {
 	}
 	vm := sv.(*VM)
 
+	t.Run("block stats", func(t *testing.T) {
+		before, err := conn.BlockStats(ctx, g.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		guestSh(t, ctx, g, "dd if=/dev/urandom of=/data/stats.bin bs=64k count=64 oflag=direct 2>/dev/null && rm /data/stats.bin")
+		after, err := conn.BlockStats(ctx, g.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, a := before["vdb"], after["vdb"]
+		if len(after) != 4 || a.WriteOps-b.WriteOps < 64 || a.WriteBytes-b.WriteBytes < 64*64<<10 || a.WriteTimeNs <= b.WriteTimeNs {
+			t.Fatalf("block stats of %s: before %+v after %+v (all: %v)", g.Name, b, a, after)
+		}
+	})
+
 	t.Run("list, lookup and config", func(t *testing.T) {
 		names, err := conn.List(ctx)
 		if err != nil || !slices.Contains(names, g.Name) {
