@@ -23,6 +23,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/kura-backup/kura/internal/retention"
+	"github.com/kura-backup/kura/internal/schedule"
 )
 
 // Config is a whole configuration file.
@@ -402,8 +403,12 @@ func (c *Config) validate() error {
 		}
 		if j.Schedule == "" {
 			errs = append(errs, c.errorf(at("schedule"), field+".schedule", "missing: a cron schedule like \"0 22 * * *\" or @daily"))
-		} else if err := checkCron(j.Schedule); err != nil {
-			errs = append(errs, c.errorf(at("schedule"), field+".schedule", "%v", err))
+		} else if err := schedule.CheckSchedule(j.Schedule); err != nil {
+			errs = append(errs, c.errorf(at("schedule"), field+".schedule", "%q: %v", j.Schedule, err))
+		} else if every, ok := strings.CutPrefix(j.Schedule, "@every "); ok {
+			if d, err := parseDuration(strings.TrimSpace(every)); err == nil && d < time.Minute {
+				errs = append(errs, c.errorf(at("schedule"), field+".schedule", "%q: @every needs at least 1m", j.Schedule))
+			}
 		}
 		if w := j.Window; w != nil {
 			t, err := time.Parse("15:04", w.Start)
@@ -439,66 +444,6 @@ func parseRate(s string) (int64, error) {
 		}
 	}
 	return 0, fmt.Errorf("%q is not a rate: use a size per second like 200MiB or 50MB", s)
-}
-
-// checkCron validates a 5-field cron expression or a descriptor
-// (@hourly, @daily, @weekly, @monthly, @every 30m).
-func checkCron(s string) error {
-	if strings.HasPrefix(s, "@") {
-		switch {
-		case s == "@hourly", s == "@daily", s == "@midnight", s == "@weekly", s == "@monthly", s == "@yearly", s == "@annually":
-			return nil
-		case strings.HasPrefix(s, "@every "):
-			d, err := parseDuration(strings.TrimSpace(strings.TrimPrefix(s, "@every ")))
-			if err != nil || d < time.Minute {
-				return fmt.Errorf("%q: @every needs a duration of at least 1m", s)
-			}
-			return nil
-		}
-		return fmt.Errorf("%q: unknown descriptor (use @hourly, @daily, @weekly, @monthly, @yearly or @every DURATION)", s)
-	}
-	fields := strings.Fields(s)
-	if len(fields) != 5 {
-		return fmt.Errorf("%q: expected exactly 5 fields (minute hour day-of-month month day-of-week), found %d", s, len(fields))
-	}
-	limits := []struct {
-		name     string
-		min, max int
-	}{{"minute", 0, 59}, {"hour", 0, 23}, {"day of month", 1, 31}, {"month", 1, 12}, {"day of week", 0, 7}}
-	for i, f := range fields {
-		if err := checkCronField(f, limits[i].min, limits[i].max); err != nil {
-			return fmt.Errorf("%q: %s field %q: %v", s, limits[i].name, f, err)
-		}
-	}
-	return nil
-}
-
-func checkCronField(f string, lo, hi int) error {
-	for _, part := range strings.Split(f, ",") {
-		rng, step, hasStep := strings.Cut(part, "/")
-		if hasStep {
-			if n, err := strconv.Atoi(step); err != nil || n <= 0 {
-				return fmt.Errorf("bad step %q", step)
-			}
-		}
-		if rng == "*" {
-			continue
-		}
-		a, b, isRange := strings.Cut(rng, "-")
-		for _, v := range []string{a, b} {
-			if v == "" && !isRange {
-				continue
-			}
-			n, err := strconv.Atoi(v)
-			if err != nil {
-				return fmt.Errorf("%q is not a number", v)
-			}
-			if n < lo || n > hi {
-				return fmt.Errorf("%d is out of range %d-%d", n, lo, hi)
-			}
-		}
-	}
-	return nil
 }
 
 // UnmarshalYAML implements yaml.Unmarshaler, refusing unknown keys.

@@ -62,7 +62,7 @@ func TestParseErrors(t *testing.T) {
 		name, edit, want string
 	}{
 		{"bad cron", `schedule: "0 22 * * *"|schedule: "0 22 * *"`, `kura.yaml:15: jobs[0] (nightly).schedule: "0 22 * *": expected exactly 5 fields`},
-		{"cron out of range", `schedule: "0 22 * * *"|schedule: "0 25 * * *"`, `kura.yaml:15: jobs[0] (nightly).schedule: "0 25 * * *": hour field "25": 25 is out of range 0-23`},
+		{"cron out of range", `schedule: "0 22 * * *"|schedule: "0 25 * * *"`, `kura.yaml:15: jobs[0] (nightly).schedule: "0 25 * * *": end of range (25) above maximum (23)`},
 		{"unknown field", `retention: {keep_last|retenton: {keep_last`, `kura.yaml: line 18: field retenton not found`},
 		{"unknown nested field", `keep_daily: 7|keep_dayly: 7`, `kura.yaml: line 18: field keep_dayly not found`},
 		{"unknown repository", `    repository: main
@@ -75,7 +75,7 @@ func TestParseErrors(t *testing.T) {
 		{"duplicate name", `name: hourly-db|name: nightly`, `jobs[1] (nightly).name: "nightly" is also the name of the job at line 12`},
 		{"no vms", `    tags: [database]
 |`, `kura.yaml:19: jobs[1] (hourly-db): say which VMs`},
-		{"bad every", `"@every 1h"|"@every 10s"`, `@every needs a duration of at least 1m`},
+		{"bad every", `"@every 1h"|"@every 10s"`, `kura.yaml:23: jobs[1] (hourly-db).schedule: "@every 10s": @every needs at least 1m`},
 		{"wrong type", `per_host: 3|per_host: many`, `kura.yaml: line 7: cannot unmarshal !!str ` + "`many`"},
 		{"bad yaml", `jobs:|jobs: [`, `kura.yaml: line`},
 	} {

@@ -129,3 +129,11 @@ func windowAt(w Window, t time.Time) (start, end time.Time) {
 		}
 	}
 }
+
+// CheckSchedule reports whether spec is a schedule a Job accepts (a
+// 5-field cron expression, a descriptor such as @daily, or @every
+// DURATION), for validating configuration before a Scheduler exists.
+func CheckSchedule(spec string) error {
+	_, err := parseSchedule(spec)
+	return err
+}
