@@ -338,4 +338,3 @@ var _ Store = (*SQLite)(nil)
 func IsDamaged(err error) bool {
 	return err != nil && strings.Contains(err.Error(), "the file is damaged")
 }
-
