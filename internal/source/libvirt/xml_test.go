@@ -252,3 +252,30 @@ func TestToExtents(t *testing.T) {
 		})
 	}
 }
+
+func TestDomainInfo(t *testing.T) {
+	x := `<domain type='qemu'><name>web01</name>
+  <metadata>
+    <kura:tags xmlns:kura="urn:kura:1">prod, web
+      frontend</kura:tags>
+    <other:tags xmlns:other="urn:other">not-ours</other:tags>
+  </metadata>
+  <devices>
+    <disk type='file' device='disk'><source file='/var/lib/libvirt/images/web01.qcow2'/><target dev='vda'/></disk>
+    <disk type='file' device='cdrom'><source file='/iso/debian.iso'/><target dev='sda'/></disk>
+    <disk type='block' device='disk'><source dev='/dev/vg0/web01-data'/><target dev='vdb'/></disk>
+  </devices></domain>`
+	info, err := domainInfo(x)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(info.Tags, "|") != "prod|web|frontend" {
+		t.Errorf("tags %q", info.Tags)
+	}
+	if len(info.Disks) != 2 || info.Disks[0] != (DiskPath{"vda", "/var/lib/libvirt/images/web01.qcow2"}) || info.Disks[1] != (DiskPath{"vdb", "/dev/vg0/web01-data"}) {
+		t.Errorf("disks %+v", info.Disks)
+	}
+	if _, err := domainInfo("<domain"); err == nil {
+		t.Error("bad XML accepted")
+	}
+}
