@@ -88,7 +88,8 @@ func (a *app) rootCmd() *cobra.Command {
 	root.PersistentFlags().StringVar(&a.cpuProfile, "cpuprofile", "", "write a CPU profile to `file`")
 	_ = root.PersistentFlags().MarkHidden("cpuprofile")
 	root.AddCommand(a.initCmd(), a.backupCmd(), a.snapshotsCmd(), a.restoreCmd(), a.verifyCmd(),
-		a.forgetCmd(), a.pruneCmd(), a.statsCmd(), a.keyCmd(), a.unlockCmd(), a.exportCmd(), a.instantCmd(), a.filesCmd(), a.mountCmd())
+		a.forgetCmd(), a.pruneCmd(), a.statsCmd(), a.keyCmd(), a.unlockCmd(), a.exportCmd(), a.instantCmd(), a.filesCmd(), a.mountCmd(),
+		a.serverCmd(), a.runNowCmd(), a.runsCmd(), a.jobsCmd())
 	return root
 }
 

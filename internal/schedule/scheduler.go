@@ -616,3 +616,22 @@ func (s *Scheduler) Reports() []RunReport {
 	s.reports = nil
 	return out
 }
+
+// Waiting returns how many VMs of open runs wait for an attempt (due, not
+// running, not settled): the queue length.
+func (s *Scheduler) Waiting() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.advance(s.clock.Now())
+	n := 0
+	for _, j := range s.jobs {
+		if r := j.open; r != nil && !r.closed {
+			for _, v := range r.vms {
+				if v.pending() && v.leave == "" {
+					n++
+				}
+			}
+		}
+	}
+	return n
+}

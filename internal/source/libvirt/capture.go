@@ -1064,3 +1064,37 @@ func (c *capture) dropOlderCheckpoints(ctx context.Context) error {
 	}
 	return errors.Join(errs...)
 }
+
+// ClearStale ends backup jobs that dead Kura processes left on the VM and
+// removes their scratch directories (the daemon calls it when it starts,
+// after a crash). A backup of a live process is left alone.
+func (v *VM) ClearStale(ctx context.Context) error {
+	if err := v.clearStaleJob(ctx); err != nil && !strings.Contains(err.Error(), "another backup is running") {
+		return err
+	}
+	return nil
+}
+
+// SweepScratch removes scratch directories in dir left by Kura processes
+// that no longer run, and returns them.
+func SweepScratch(dir string) []string {
+	if dir == "" {
+		dir = "/var/tmp"
+	}
+	ents, _ := os.ReadDir(dir)
+	var removed []string
+	for _, e := range ents {
+		m := staleDirPattern.FindStringSubmatch(e.Name())
+		if m == nil || !e.IsDir() {
+			continue
+		}
+		pid, _ := strconv.Atoi(m[1])
+		if pid != os.Getpid() && syscall.Kill(pid, 0) == syscall.ESRCH {
+			p := filepath.Join(dir, e.Name())
+			if os.RemoveAll(p) == nil {
+				removed = append(removed, p)
+			}
+		}
+	}
+	return removed
+}

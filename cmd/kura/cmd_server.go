@@ -1,0 +1,253 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/kura-backup/kura/internal/catalog"
+	"github.com/kura-backup/kura/internal/config"
+	"github.com/kura-backup/kura/internal/daemon"
+)
+
+const defaultConfig = "/etc/kura/kura.yaml"
+
+func (a *app) serverCmd() *cobra.Command {
+	var cfgPath string
+	cmd := &cobra.Command{
+		Use:   "server [--config FILE]",
+		Short: "Run the kura daemon: every job of the configuration on schedule, under limits and latency control",
+		Long: "server runs the jobs of its configuration file on their schedules, at most as many backups at once as the limits allow,\n" +
+			"slowing backups down (and starting no new ones on a datastore) while the guests' I/O latency is above the threshold.\n" +
+			"SIGHUP rereads the configuration without interrupting running backups. Metrics are on http://LISTEN/metrics.",
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			cfg, err := config.Load(cfgPath)
+			if err != nil {
+				return err
+			}
+			log := a.log
+			level := slog.LevelInfo
+			if a.verbose {
+				level = slog.LevelDebug
+			}
+			if cfg.Server.LogFormat == "json" {
+				log = slog.New(slog.NewJSONHandler(a.stderr, &slog.HandlerOptions{Level: level}))
+			} else {
+				log = slog.New(slog.NewTextHandler(a.stderr, &slog.HandlerOptions{Level: level}))
+			}
+			d, err := daemon.New(daemon.Options{ConfigPath: cfgPath, Logger: log})
+			if err != nil {
+				return err
+			}
+			hup := make(chan os.Signal, 1)
+			signal.Notify(hup, syscall.SIGHUP)
+			defer signal.Stop(hup)
+			go func() {
+				for {
+					select {
+					case <-hup:
+						d.Reload(ctx, true)
+					case <-ctx.Done():
+						return
+					}
+				}
+			}()
+			return d.Run(ctx)
+		},
+	}
+	cmd.Flags().StringVar(&cfgPath, "config", defaultConfig, "configuration `file`")
+	return cmd
+}
+
+func (a *app) runNowCmd() *cobra.Command {
+	var cfgPath string
+	cmd := &cobra.Command{
+		Use:   "run-now JOB [--config FILE]",
+		Short: "Ask the running kura server to start a run of JOB now",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cfg, err := config.Load(cfgPath)
+			if err != nil {
+				return err
+			}
+			msg, err := post(cmd.Context(), cfg.Server.Listen, "/run-now?job="+url.QueryEscape(args[0]))
+			if err != nil {
+				return err
+			}
+			fmt.Fprint(a.stdout, msg)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&cfgPath, "config", defaultConfig, "configuration `file`")
+	return cmd
+}
+
+// post sends a request to the daemon's HTTP endpoint.
+func post(ctx context.Context, listen, path string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+listen+path, nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return "", fmt.Errorf("the kura server does not answer on %s (is `kura server` running?): %w", listen, err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode >= 300 {
+		return "", errors.New(strings.TrimSpace(string(body)))
+	}
+	return string(body), nil
+}
+
+func (a *app) runsCmd() *cobra.Command {
+	var cfgPath, job string
+	var run int64
+	var asJSON bool
+	var limit int
+	cmd := &cobra.Command{
+		Use:   "runs [--job JOB] [--run ID] [--json]",
+		Short: "What the kura server ran and how it went (from its catalog)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			cfg, err := config.Load(cfgPath)
+			if err != nil {
+				return err
+			}
+			if _, err := os.Stat(cfg.Server.Catalog); err != nil {
+				return fmt.Errorf("no catalog at %s yet: the server has not run", cfg.Server.Catalog)
+			}
+			st, err := catalog.Open(ctx, cfg.Server.Catalog)
+			if err != nil {
+				return err
+			}
+			defer st.Close()
+			if run > 0 {
+				res, err := st.VMResults(ctx, run)
+				if err != nil {
+					return err
+				}
+				if asJSON {
+					return a.printJSON(res)
+				}
+				tw := tabwriter.NewWriter(a.stdout, 0, 2, 2, ' ', 0)
+				fmt.Fprintln(tw, "VM\tOUTCOME\tATTEMPTS\tSNAPSHOT\tREAD\tSTORED\tFREEZE\tREASON")
+				for _, v := range res {
+					snap := v.Snapshot
+					if len(snap) > 8 {
+						snap = snap[:8]
+					}
+					fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%.0fms\t%s\n", v.VM, v.Outcome, v.Attempts, snap, humanBytes(v.BytesRead), humanBytes(v.BytesStored), v.FreezeMs, v.Reason)
+				}
+				return tw.Flush()
+			}
+			runs, err := st.Runs(ctx, catalog.RunFilter{Job: job, Limit: limit})
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				if runs == nil {
+					runs = []catalog.Run{}
+				}
+				return a.printJSON(runs)
+			}
+			tw := tabwriter.NewWriter(a.stdout, 0, 2, 2, ' ', 0)
+			fmt.Fprintln(tw, "RUN\tJOB\tSTARTED\tDURATION\tSTATUS\tSUMMARY")
+			for _, r := range runs {
+				dur := "-"
+				if !r.Ended.IsZero() {
+					dur = r.Ended.Sub(r.Started).Round(time.Second).String()
+				}
+				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\n", r.ID, r.Job, r.Started.Local().Format("2006-01-02 15:04:05"), dur, r.Status, r.Summary)
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().StringVar(&cfgPath, "config", defaultConfig, "configuration `file`")
+	cmd.Flags().StringVar(&job, "job", "", "only runs of this job")
+	cmd.Flags().Int64Var(&run, "run", 0, "show the VMs of this run")
+	cmd.Flags().IntVar(&limit, "limit", 50, "at most this many runs, newest first")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "machine-readable output")
+	return cmd
+}
+
+func (a *app) jobsCmd() *cobra.Command {
+	var cfgPath string
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "jobs [--json]",
+		Short: "The jobs of the configuration and how each last ran",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			cfg, err := config.Load(cfgPath)
+			if err != nil {
+				return err
+			}
+			last := map[string]catalog.Run{}
+			if _, err := os.Stat(cfg.Server.Catalog); err == nil {
+				st, err := catalog.Open(ctx, cfg.Server.Catalog)
+				if err != nil {
+					return err
+				}
+				defer st.Close()
+				runs, err := st.Runs(ctx, catalog.RunFilter{Limit: 1000})
+				if err != nil {
+					return err
+				}
+				for i := len(runs) - 1; i >= 0; i-- {
+					last[runs[i].Job] = runs[i]
+				}
+			}
+			type jobView struct {
+				Name, Repository, Mode, Schedule, Selects string
+				LastRun                                   *catalog.Run `json:",omitempty"`
+			}
+			var out []jobView
+			for _, j := range cfg.Jobs {
+				sel := strings.Join(j.VMs, ",")
+				if len(j.Tags) > 0 {
+					sel = strings.TrimPrefix(sel+",tags:"+strings.Join(j.Tags, ","), ",")
+				}
+				if j.All {
+					sel = "all"
+				}
+				v := jobView{Name: j.Name, Repository: j.Repository, Mode: j.Mode, Schedule: j.Schedule, Selects: sel}
+				if r, ok := last[j.Name]; ok {
+					v.LastRun = &r
+				}
+				out = append(out, v)
+			}
+			if asJSON {
+				return a.printJSON(out)
+			}
+			tw := tabwriter.NewWriter(a.stdout, 0, 2, 2, ' ', 0)
+			fmt.Fprintln(tw, "JOB\tSCHEDULE\tVMS\tMODE\tREPOSITORY\tLAST RUN")
+			for _, v := range out {
+				lr := "never"
+				if v.LastRun != nil {
+					lr = fmt.Sprintf("%s %s", v.LastRun.Started.Local().Format("2006-01-02 15:04"), v.LastRun.Status)
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.Schedule, v.Selects, v.Mode, v.Repository, lr)
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().StringVar(&cfgPath, "config", defaultConfig, "configuration `file`")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "machine-readable output")
+	return cmd
+}

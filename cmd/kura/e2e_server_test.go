@@ -1,0 +1,226 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/kura-backup/kura/internal/catalog"
+)
+
+// server is a `kura server` process of a test.
+type server struct {
+	t      *testing.T
+	e      *env
+	cfg    string
+	listen string
+	cmd    *exec.Cmd
+	log    *syncBuffer
+}
+
+func (e *env) startServer(cfg, listen string) *server {
+	e.t.Helper()
+	s := &server{t: e.t, e: e, cfg: cfg, listen: listen, log: &syncBuffer{}}
+	s.cmd = e.cmd("server", "--config", cfg)
+	s.cmd.Stdout, s.cmd.Stderr = s.log, s.log
+	if err := s.cmd.Start(); err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { s.kill() })
+	s.waitFor(30*time.Second, "the server to answer", func() bool {
+		resp, err := http.Get("http://" + listen + "/healthz")
+		if err == nil {
+			resp.Body.Close()
+		}
+		return err == nil && resp.StatusCode == 200
+	})
+	return s
+}
+
+func (s *server) kill() {
+	if s.cmd.ProcessState == nil {
+		s.cmd.Process.Kill()
+		s.cmd.Wait()
+	}
+}
+
+func (s *server) waitFor(d time.Duration, what string, ok func() bool) {
+	s.t.Helper()
+	for end := time.Now().Add(d); time.Now().Before(end); time.Sleep(200 * time.Millisecond) {
+		if ok() {
+			return
+		}
+		if s.cmd.ProcessState != nil {
+			s.t.Fatalf("kura server exited while waiting for %s:\n%s", what, s.log.String())
+		}
+	}
+	s.t.Fatalf("timed out after %s waiting for %s; server log:\n%s", d, what, s.log.String())
+}
+
+func (s *server) runs() []catalog.Run {
+	s.t.Helper()
+	var runs []catalog.Run
+	if err := json.Unmarshal([]byte(s.e.ok("runs", "--config", s.cfg, "--json")), &runs); err != nil {
+		s.t.Fatal(err)
+	}
+	return runs
+}
+
+// runNow starts a run of job and waits until it ends; it returns the run.
+func (s *server) runNow(job string) catalog.Run {
+	s.t.Helper()
+	before := len(s.runs())
+	s.e.ok("run-now", job, "--config", s.cfg)
+	var last catalog.Run
+	s.waitFor(4*time.Minute, "run of "+job+" to end", func() bool {
+		runs := s.runs()
+		if len(runs) <= before {
+			return false
+		}
+		last = runs[0]
+		return last.Status != catalog.StatusRunning
+	})
+	return last
+}
+
+func (s *server) metrics() string {
+	s.t.Helper()
+	resp, err := http.Get("http://" + s.listen + "/metrics")
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
+func freePort(t *testing.T) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// The daemon against a real guest: run-now, catalog, metrics, retention,
+// a configuration reload during a backup (bad then good), and a daemon
+// killed mid-backup that, restarted, marks the run interrupted, clears
+// libvirt's job and backs up again.
+func TestServer(t *testing.T) {
+	needVM(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	g := dataGuest(ctx, t, dir, 8, 3)
+	e := newEnv(t)
+	e.ok("init")
+	pwFile := filepath.Join(dir, "pw")
+	os.WriteFile(pwFile, []byte(e.pw+"\n"), 0o600)
+	listen := freePort(t)
+	cfgPath := filepath.Join(dir, "kura.yaml")
+	writeCfg := func(extra string) {
+		cfg := fmt.Sprintf(`repositories:
+  main:
+    path: %s
+    password_file: %s
+latency:
+  interval: 1s
+jobs:
+  - name: nightly
+    repository: main
+    vms: [%s]
+    schedule: "0 3 * * *"
+    retention: {keep_last: 2}
+%s
+server:
+  listen: %s
+  state_dir: %s
+`, e.repo, pwFile, g.Name, extra, listen, filepath.Join(dir, "state"))
+		if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	writeCfg("")
+	e.fails("the kura server does not answer", "run-now", "nightly", "--config", cfgPath)
+	s := e.startServer(cfgPath, listen)
+
+	run := s.runNow("nightly")
+	if run.Status != catalog.StatusSucceeded || !strings.Contains(run.Summary, "1 of 1 VMs backed up") {
+		t.Fatalf("first run: %+v\n%s", run, s.log.String())
+	}
+	if out := e.ok("runs", "--config", cfgPath, "--run", fmt.Sprint(run.ID)); !strings.Contains(out, g.Name) || !strings.Contains(out, "succeeded") {
+		t.Fatalf("runs --run:\n%s", out)
+	}
+	m := s.metrics()
+	for _, want := range []string{`kura_backup_last_success_timestamp_seconds{vm="` + g.Name + `"}`, `kura_backups_total{vm="` + g.Name + `",result="ok"} 1`, "kura_backups_running 0"} {
+		if !strings.Contains(m, want) {
+			t.Errorf("metrics lack %q:\n%s", want, m)
+		}
+	}
+	e.fails("no such job", "run-now", "nosuch", "--config", cfgPath)
+	if out := e.ok("jobs", "--config", cfgPath); !strings.Contains(out, "nightly") || !strings.Contains(out, "succeeded") {
+		t.Errorf("jobs:\n%s", out)
+	}
+
+	// A bad configuration is refused on SIGHUP and the old one kept; a
+	// good one sent while a backup runs does not interrupt it.
+	os.WriteFile(cfgPath, []byte("jobs: [\n"), 0o600)
+	s.cmd.Process.Signal(syscall.SIGHUP)
+	s.waitFor(30*time.Second, "the bad configuration to be refused", func() bool {
+		return strings.Contains(s.log.String(), "configuration not reloaded")
+	})
+	writeCfg(`  - name: hourly
+    repository: main
+    vms: [` + g.Name + `]
+    schedule: "@hourly"`)
+	before := len(s.runs())
+	e.ok("run-now", "nightly", "--config", cfgPath)
+	s.waitFor(time.Minute, "the run to start", func() bool { return len(s.runs()) > before })
+	s.cmd.Process.Signal(syscall.SIGHUP)
+	s.waitFor(4*time.Minute, "the run during the reload to end", func() bool { return s.runs()[0].Status != catalog.StatusRunning })
+	if r := s.runs()[0]; r.Status != catalog.StatusSucceeded {
+		t.Fatalf("the run during the reload: %+v\n%s", r, s.log.String())
+	}
+	if !strings.Contains(s.log.String(), "configuration reloaded") {
+		t.Fatalf("the good configuration was not reloaded:\n%s", s.log.String())
+	}
+	if r := s.runNow("hourly"); r.Status != catalog.StatusSucceeded {
+		t.Fatalf("the reloaded job's run: %+v", r)
+	}
+
+	// Killed mid-backup.
+	before = len(s.runs())
+	e.ok("run-now", "nightly", "--config", cfgPath)
+	s.waitFor(time.Minute, "the run to start", func() bool { return len(s.runs()) > before })
+	s.kill()
+	s = e.startServer(cfgPath, listen)
+	killed := s.runs()[0]
+	if killed.Status != catalog.StatusInterrupted {
+		t.Fatalf("the run of the killed daemon: %+v", killed)
+	}
+	if out, _ := exec.Command("virsh", "domjobinfo", g.Name).CombinedOutput(); !strings.Contains(string(out), "None") {
+		t.Errorf("a libvirt job is left after the restart:\n%s", out)
+	}
+	if _, _, err := g.Exec(ctx, "/bin/true"); err != nil {
+		t.Fatalf("the guest does not answer after the daemon was killed: %v", err)
+	}
+	if r := s.runNow("nightly"); r.Status != catalog.StatusSucceeded {
+		t.Fatalf("the run after the restart: %+v\n%s", r, s.log.String())
+	}
+	// nightly keeps the last 2 restore points of the VM after each run.
+	if n := len(e.snapshots("--name", g.Name)); n != 2 {
+		t.Errorf("%d snapshots of %s after four backups with keep_last 2", n, g.Name)
+	}
+	e.ok("verify")
+}

@@ -1,0 +1,161 @@
+package daemon
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/kura-backup/kura/internal/catalog"
+	"github.com/kura-backup/kura/internal/throttle"
+)
+
+// datastoreOf names the datastore a disk path lives on: the block device
+// of its file system (or the device itself for a block disk), and that
+// device's name in /proc/diskstats ("" when it has none, e.g. tmpfs).
+func datastoreOf(p string) (name, diskstatsDev string) {
+	var st syscall.Stat_t
+	if err := syscall.Stat(p, &st); err != nil {
+		return "unknown", ""
+	}
+	dev := st.Dev
+	if st.Mode&syscall.S_IFMT == syscall.S_IFBLK {
+		dev = st.Rdev
+	}
+	major, minor := unix.Major(dev), unix.Minor(dev)
+	if link, err := os.Readlink(fmt.Sprintf("/sys/dev/block/%d:%d", major, minor)); err == nil {
+		n := filepath.Base(link)
+		return n, n
+	}
+	return fmt.Sprintf("dev-%d:%d", major, minor), ""
+}
+
+// controller returns the latency controller of a datastore, making it on
+// first use; nil when latency control is disabled.
+func (d *Daemon) controller(ds string) *throttle.Controller {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.cfg.Latency.Disabled || d.cfg.Latency.Threshold.Duration <= 0 {
+		return nil
+	}
+	if c := d.ctrls[ds]; c != nil {
+		return c
+	}
+	c, err := throttle.NewController(throttle.Config{Threshold: d.cfg.Latency.Threshold.Duration})
+	if err != nil {
+		d.log.Error("latency control", "datastore", ds, "err", err)
+		return nil
+	}
+	d.ctrls[ds] = c
+	return c
+}
+
+// sampleLatency feeds every datastore's controller with the interval's
+// guest latencies (QEMU block stats of the running VMs on it) and device
+// latency, applies its decision, and logs, counts and records the
+// decisions that change something.
+func (d *Daemon) sampleLatency(ctx context.Context) {
+	d.mu.Lock()
+	ctrls := map[string]*throttle.Controller{}
+	for ds, c := range d.ctrls {
+		ctrls[ds] = c
+	}
+	vms := map[string][]string{}
+	for name, dom := range d.domains {
+		if dom.Active {
+			vms[d.vmStore[name]] = append(vms[d.vmStore[name]], name)
+		}
+	}
+	devOf := d.devOf
+	d.mu.Unlock()
+	disk := readDiskstats()
+	now := time.Now()
+	for ds, ctrl := range ctrls {
+		var s throttle.Sample
+		for _, vm := range vms[ds] {
+			stats, err := d.conn.BlockStats(ctx, vm)
+			if err != nil {
+				continue // stopped or gone meanwhile
+			}
+			for target, bc := range stats {
+				cur := throttle.BlockStats{RdOperations: uint64(bc.ReadOps), WrOperations: uint64(bc.WriteOps), FlushOperations: uint64(bc.FlushOps),
+					RdTotalTimeNs: uint64(bc.ReadTimeNs), WrTotalTimeNs: uint64(bc.WriteTimeNs), FlushTotalTimeNs: uint64(bc.FlushTimeNs)}
+				key := vm + "/" + target
+				d.mu.Lock()
+				prev, had := d.prevBlk[key]
+				d.prevBlk[key] = cur
+				d.mu.Unlock()
+				if had {
+					if l, ok := throttle.BlockLatency(key, prev, cur); ok {
+						s.Disks = append(s.Disks, l)
+					}
+				}
+			}
+		}
+		if dev := devOf[ds]; dev != "" {
+			if cur, ok := disk[dev]; ok {
+				d.mu.Lock()
+				prev, had := d.prevDev[dev]
+				d.prevDev[dev] = cur
+				d.mu.Unlock()
+				if had {
+					if l, ok := throttle.DiskLatencyFromDiskStats(dev, prev, cur); ok {
+						s.Device = &l
+					}
+				}
+			}
+		}
+		ctrl.Observe(now, s)
+		dec := ctrl.Tick(now)
+		d.sched.PauseDatastore(ds, dec.PauseNewBackups)
+		d.m.latency.Set(float64(dec.Guest.Microseconds())/1000, ds)
+		paused := 0.0
+		if dec.PauseNewBackups {
+			paused = 1
+		}
+		d.m.paused.Set(paused, ds)
+		var sum float64
+		for _, r := range dec.Rates {
+			sum += r.New
+		}
+		d.m.rate.Set(sum, ds)
+		if dec.Actions == 0 {
+			continue
+		}
+		d.log.Info("latency control", "datastore", ds, "decision", dec)
+		for _, a := range strings.Split(dec.Actions.String(), "+") {
+			d.m.decisions.Inc(ds, a)
+		}
+		var detail []string
+		for _, r := range dec.Rates {
+			detail = append(detail, fmt.Sprintf("%s %.0f->%.0f B/s", r.ID, r.Old, r.New))
+		}
+		if err := d.store.AddThrottleEvent(ctx, catalog.ThrottleEvent{Time: now, Datastore: ds, Action: dec.Actions.String(),
+			SignalMs: float64(dec.Guest.Microseconds()) / 1000, Detail: strings.Join(detail, ", ")}); err != nil {
+			d.log.Error("recording a throttle event", "err", err)
+		}
+	}
+}
+
+// readDiskstats reads /proc/diskstats by device name.
+func readDiskstats() map[string]throttle.DiskStats {
+	out := map[string]throttle.DiskStats{}
+	f, err := os.Open("/proc/diskstats")
+	if err != nil {
+		return out
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if name, s, err := throttle.ParseDiskStats(sc.Text()); err == nil {
+			out[name] = s
+		}
+	}
+	return out
+}
