@@ -67,20 +67,20 @@ type Daemon struct {
 	ctrls    map[string]*throttle.Controller
 	prevBlk  map[string]throttle.BlockStats // "vm/target" -> last counters
 	prevDev  map[string]throttle.DiskStats
-	active   map[string]int            // datastore -> running backups
-	runIDs   map[string]int64          // job + due -> catalog run id
-	outcomes map[string]*taskOutcome   // job + due + vm -> the latest attempt's details
+	active   map[string]int          // datastore -> running backups
+	runIDs   map[string]int64        // job + due -> catalog run id
+	outcomes map[string]*taskOutcome // job + due + vm -> the latest attempt's details
 	cancel   map[string]context.CancelFunc
 	wake     chan struct{}
 	wg       sync.WaitGroup
 }
 
 type taskOutcome struct {
-	snapshot        string
-	started, ended  time.Time
-	read, stored    int64
-	freezeMs        float64
-	err             error
+	snapshot       string
+	started, ended time.Time
+	read, stored   int64
+	freezeMs       float64
+	err            error
 }
 
 type daemonMetrics struct {
@@ -385,7 +385,9 @@ func (d *Daemon) RunNow(job string) error {
 	return nil
 }
 
-func runKey(job string, due time.Time) string { return job + "\x00" + due.UTC().Format(time.RFC3339Nano) }
+func runKey(job string, due time.Time) string {
+	return job + "\x00" + due.UTC().Format(time.RFC3339Nano)
+}
 
 // startReady starts the tasks the scheduler hands out.
 func (d *Daemon) startReady(ctx context.Context) {
