@@ -106,3 +106,10 @@ func TestLoad(t *testing.T) {
 		t.Fatalf("empty file: %v", err)
 	}
 }
+
+// The example configuration shipped in dist/ is valid.
+func TestExampleConfig(t *testing.T) {
+	if _, err := Load("../../dist/kura.yaml"); err != nil {
+		t.Fatal(err)
+	}
+}
