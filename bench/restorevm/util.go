@@ -1,0 +1,347 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Meas is what one measured command cost. Seconds includes SyncS when the
+// command was followed by a sync (restores: the data must be on disk).
+type Meas struct {
+	Seconds  float64   `json:"seconds"`
+	SyncS    float64   `json:"sync_s,omitempty"`
+	MaxRSSKB int64     `json:"max_rss_kb"`
+	User     float64   `json:"user_s"`
+	Sys      float64   `json:"sys_s"`
+	OtherCPU float64   `json:"other_cpu_s"` // CPU the rest of the machine used meanwhile: noise
+	Start    time.Time `json:"start"`
+	End      time.Time `json:"end"`
+	Log      string    `json:"log"` // output of the command, relative to the output directory
+}
+
+// measure runs argv under /usr/bin/time -v (and nice when BENCH_NICE is set)
+// with env added to the environment (and the names in unset removed), then
+// `sync` when withSync is set (counted in Seconds), writes its output to
+// logs/NAME.log, and returns the measurement and the output. A non-zero exit
+// is an error carrying the end of the output.
+func (b *bench) measure(ctx context.Context, name string, withSync bool, env, unset []string, argv ...string) (Meas, string, error) {
+	logPath := filepath.Join(b.cfg.Out, "logs", name+".log")
+	timePath := filepath.Join(b.cfg.Out, "logs", name+".time")
+	full := []string{"/usr/bin/time", "-v", "-o", timePath}
+	if b.cfg.Nice != 0 {
+		full = append([]string{"nice", "-n", strconv.Itoa(b.cfg.Nice)}, full...)
+	}
+	full = append(full, argv...)
+	cmd := exec.CommandContext(ctx, full[0], full[1:]...)
+	cmd.Env = mergeEnv(env, unset)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	logf("%s: %s", name, strings.Join(argv, " "))
+	busy0 := cpuBusy()
+	m := Meas{Start: time.Now(), Log: filepath.Join("logs", name+".log")}
+	err := cmd.Run()
+	if err == nil && withSync {
+		s := time.Now()
+		_, err = run(ctx, "sync")
+		m.SyncS = time.Since(s).Seconds()
+	}
+	m.End = time.Now()
+	busy1 := cpuBusy()
+	m.Seconds = m.End.Sub(m.Start).Seconds()
+	os.WriteFile(logPath, out.Bytes(), 0o644)
+	tv := parseTimeV(readFile(timePath))
+	m.MaxRSSKB = int64(tv["Maximum resident set size (kbytes)"])
+	m.User, m.Sys = tv["User time (seconds)"], tv["System time (seconds)"]
+	m.OtherCPU = max(0, busy1-busy0-m.User-m.Sys)
+	if err != nil {
+		return m, out.String(), fmt.Errorf("%s failed (%v); see %s:\n%s", argv[0], err, logPath, lastLines(out.String(), 15))
+	}
+	logf("%s: %.2f s (sync %.2f s), peak RSS %d MiB, CPU %.1f+%.1f s, other %.1f CPU-s", name, m.Seconds, m.SyncS, m.MaxRSSKB>>10, m.User, m.Sys, m.OtherCPU)
+	return m, out.String(), nil
+}
+
+// dropCaches writes dirty pages back and empties the host's page cache, so
+// that the next step reads from disk.
+func dropCaches(ctx context.Context) error {
+	if _, err := run(ctx, "sync"); err != nil {
+		return err
+	}
+	return os.WriteFile("/proc/sys/vm/drop_caches", []byte("3\n"), 0o200)
+}
+
+func mergeEnv(env, unset []string) []string {
+	drop := map[string]bool{}
+	for _, k := range unset {
+		drop[k] = true
+	}
+	for _, kv := range env {
+		k, _, _ := strings.Cut(kv, "=")
+		drop[k] = true
+	}
+	var out []string
+	for _, kv := range os.Environ() {
+		k, _, _ := strings.Cut(kv, "=")
+		if !drop[k] {
+			out = append(out, kv)
+		}
+	}
+	return append(out, env...)
+}
+
+// run runs an untimed helper command and fails with its output.
+func run(ctx context.Context, name string, args ...string) (string, error) {
+	return runWith(ctx, nil, name, args...)
+}
+
+// runWith is run with the environment env (nil: this process's).
+func runWith(ctx context.Context, env []string, name string, args ...string) (string, error) {
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Env = env
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Run(); err != nil {
+		return out.String(), fmt.Errorf("%s %s: %v\n%s", name, strings.Join(args, " "), err, lastLines(out.String(), 15))
+	}
+	return out.String(), nil
+}
+
+func runEnv(ctx context.Context, env, unset []string, name string, args ...string) (string, error) {
+	return runWith(ctx, mergeEnv(env, unset), name, args...)
+}
+
+func cmdOut(ctx context.Context, name string, args ...string) string {
+	out, _ := exec.CommandContext(ctx, name, args...).CombinedOutput()
+	return string(out)
+}
+
+func parseTimeV(s string) map[string]float64 {
+	m := map[string]float64{}
+	for _, line := range strings.Split(s, "\n") {
+		k, v, ok := strings.Cut(strings.TrimSpace(line), ": ")
+		if !ok {
+			continue
+		}
+		if f, err := strconv.ParseFloat(strings.TrimSpace(v), 64); err == nil {
+			m[k] = f
+		}
+	}
+	return m
+}
+
+var clkTck = 100.0 // USER_HZ on Linux
+
+// cpuBusy is the CPU seconds the whole machine has been busy.
+func cpuBusy() float64 {
+	f, err := os.Open("/proc/stat")
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	if !sc.Scan() {
+		return 0
+	}
+	fl := strings.Fields(sc.Text()) // cpu user nice system idle iowait irq softirq steal
+	var busy float64
+	for i, v := range fl[1:] {
+		if i == 3 || i == 4 { // idle, iowait
+			continue
+		}
+		if i > 7 { // guest, guest_nice are included in user
+			break
+		}
+		n, _ := strconv.ParseFloat(v, 64)
+		busy += n
+	}
+	return busy / clkTck
+}
+
+func readFile(p string) string {
+	b, _ := os.ReadFile(p)
+	return string(b)
+}
+
+func firstLine(s string) string {
+	s = strings.TrimSpace(s)
+	if i := strings.IndexByte(s, '\n'); i >= 0 {
+		s = s[:i]
+	}
+	return s
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return "    " + strings.Join(lines, "\n    ")
+}
+
+func loadavg() string {
+	f := strings.Fields(readFile("/proc/loadavg"))
+	if len(f) < 3 {
+		return ""
+	}
+	return strings.Join(f[:3], " ")
+}
+
+func cpuModel() string {
+	for _, line := range strings.Split(readFile("/proc/cpuinfo"), "\n") {
+		if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+			return strings.TrimSpace(v)
+		}
+	}
+	return ""
+}
+
+// dirBytes is the apparent size of every file under dir (du -sb).
+func dirBytes(dir string) (int64, error) {
+	var n int64
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.Type().IsRegular() {
+			fi, err := d.Info()
+			if err != nil {
+				return err
+			}
+			n += fi.Size()
+		}
+		return nil
+	})
+	return n, err
+}
+
+// findFiles lists the regular files under dir whose base name satisfies ok.
+func findFiles(dir string, ok func(string) bool) []string {
+	var out []string
+	filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err == nil && d.Type().IsRegular() && ok(d.Name()) {
+			out = append(out, p)
+		}
+		return nil
+	})
+	sort.Strings(out)
+	return out
+}
+
+// allocated is the number of bytes qemu-img map reports as data in image
+// (through its backing chain; for a raw file, its data extents).
+func allocated(ctx context.Context, image string) (int64, error) {
+	out, err := run(ctx, "qemu-img", "map", "-U", "--output=json", image)
+	if err != nil {
+		return 0, err
+	}
+	var ext []struct {
+		Start  int64 `json:"start"`
+		Length int64 `json:"length"`
+		Data   bool  `json:"data"`
+	}
+	if err := json.Unmarshal([]byte(out), &ext); err != nil {
+		return 0, fmt.Errorf("qemu-img map %s: %w", image, err)
+	}
+	var n int64
+	for _, e := range ext {
+		if e.Data {
+			n += e.Length
+		}
+	}
+	return n, nil
+}
+
+// allocatedIn is the number of data bytes of image in [0, end).
+func allocatedIn(ctx context.Context, image string, end int64) (int64, error) {
+	out, err := run(ctx, "qemu-img", "map", "-U", "--output=json", image)
+	if err != nil {
+		return 0, err
+	}
+	var ext []struct {
+		Start  int64 `json:"start"`
+		Length int64 `json:"length"`
+		Data   bool  `json:"data"`
+	}
+	if err := json.Unmarshal([]byte(out), &ext); err != nil {
+		return 0, fmt.Errorf("qemu-img map %s: %w", image, err)
+	}
+	var n int64
+	for _, e := range ext {
+		if e.Data && e.Start < end {
+			n += min(e.Start+e.Length, end) - e.Start
+		}
+	}
+	return n, nil
+}
+
+func virtualSize(ctx context.Context, image string) (int64, error) {
+	out, err := run(ctx, "qemu-img", "info", "-U", "--output=json", image)
+	if err != nil {
+		return 0, err
+	}
+	var info struct {
+		VirtualSize int64 `json:"virtual-size"`
+	}
+	if err := json.Unmarshal([]byte(out), &info); err != nil {
+		return 0, err
+	}
+	return info.VirtualSize, nil
+}
+
+func writeJSON(path string, v any) error {
+	bs, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, append(bs, '\n'), 0o644)
+}
+
+// median of a sample (the mean of the two middle values for an even count).
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	n := len(s)
+	if n%2 == 1 {
+		return s[n/2]
+	}
+	return (s[n/2-1] + s[n/2]) / 2
+}
+
+// sleep waits d or until ctx ends.
+func sleep(ctx context.Context, d time.Duration) error {
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(d):
+		return nil
+	}
+}
+
+// otherGuests lists the running libvirt domains that are not this run's:
+// on a shared machine, other work that competes for the CPU.
+func (b *bench) otherGuests(ctx context.Context) []string {
+	out, err := run(ctx, "virsh", "list", "--name")
+	if err != nil {
+		return nil
+	}
+	var o []string
+	for _, n := range strings.Fields(out) {
+		if n != b.guestName && n != b.localName && n != b.irName {
+			o = append(o, n)
+		}
+	}
+	return o
+}
