@@ -2,7 +2,7 @@
 export PATH := $(PATH):/usr/local/go/bin
 GO ?= go
 
-.PHONY: all build deps guest demo demo-image test test-short bench bench-vm vet clean
+.PHONY: all build deps guest demo demo-image test test-short bench bench-vm bench-restore vet clean
 
 all: build
 
@@ -42,6 +42,11 @@ bench: deps build
 # Live VMs: kura backup vm against virtnbdbackup on the same guest (root).
 bench-vm: deps build guest
 	bash bench/vm.sh
+
+# Getting VMs back: restore against restic and virtnbdrestore, instant
+# recovery against cold boot, file listing (root).
+bench-restore: deps build guest
+	bash bench/restore-vm.sh
 
 clean:
 	rm -rf bin
