@@ -14,7 +14,8 @@ import (
 // Tests that talk to libvirt share libvirtd with every other test binary
 // that runs at the same time (go test runs packages in parallel). A test
 // that restarts libvirtd would break them, so libvirtd has a reader-writer
-// lock across processes, two flock files in CacheDir:
+// lock across processes, two flock files in /run/lock (one libvirtd per
+// host, one lock per host):
 //
 //   - libvirtd-users.lock: every libvirt user holds it shared (StartLibvirt
 //     takes it for the guest's lifetime, Destroy releases it); a test that
@@ -259,14 +260,14 @@ func startLibvirtdAgain(ctx context.Context) error {
 }
 
 func openLock(name string) (*os.File, error) {
-	cache, err := CacheDir()
-	if err != nil {
-		return nil, err
+	// libvirtd is one per host, so its lock is too: not in CacheDir, which
+	// differs between processes with different KURA_CACHE (a CI run beside
+	// a benchmark).
+	dir := "/run/lock"
+	if st, err := os.Stat(dir); err != nil || !st.IsDir() {
+		dir = os.TempDir()
 	}
-	if err := os.MkdirAll(cache, 0o755); err != nil {
-		return nil, fmt.Errorf("creating cache directory: %w", err)
-	}
-	path := filepath.Join(cache, name)
+	path := filepath.Join(dir, "kura-"+name)
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
 	if err != nil {
 		return nil, fmt.Errorf("opening lock %s: %w", path, err)
