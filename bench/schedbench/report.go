@@ -1,0 +1,415 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// Results is everything the run measured (results.json).
+type Results struct {
+	Meta    Meta                    `json:"meta"`
+	Phases  []*Phase                `json:"phases"`
+	Summary []SummaryRow            `json:"summary"`
+	Base    map[string]WindowStats  `json:"baseline"` // per guest: every phase's idle lead-in pooled
+	Targets map[string]TargetResult `json:"targets,omitempty"`
+	Error   string                  `json:"error,omitempty"`
+}
+
+// Meta describes the machine and the settings.
+type Meta struct {
+	Date           string  `json:"date"`
+	Host           string  `json:"host"`
+	Cores          int     `json:"cores"`
+	CPU            string  `json:"cpu"`
+	Kernel         string  `json:"kernel"`
+	Accel          string  `json:"accel"`
+	LoadAvgStart   string  `json:"loadavg_start"`
+	LoadAvgEnd     string  `json:"loadavg_end"`
+	KuraBinary     string  `json:"kura_binary"`
+	KuraVersion    string  `json:"kura_version"`
+	QEMUVersion    string  `json:"qemu_version"`
+	LibvirtVersion string  `json:"libvirt_version"`
+	FioVersion     string  `json:"fio_version"`
+	GuestImage     string  `json:"guest_image"`
+	Device         Device  `json:"device"`
+	Limit          string  `json:"limit"`
+	TotalSeconds   float64 `json:"total_seconds"`
+	Config         config  `json:"config"`
+}
+
+// Phase is one strategy's measurement.
+type Phase struct {
+	Strategy string `json:"strategy"`
+	Kind     string `json:"kind"`
+	// FioStart..FioEnd is the plotted span; IdleFrom..IdleTo the idle
+	// lead-in; Start..End the backups (from the first start to the moment
+	// every VM was protected).
+	FioStart time.Time      `json:"fio_start"`
+	IdleFrom time.Time      `json:"idle_from"`
+	IdleTo   time.Time      `json:"idle_to"`
+	Start    time.Time      `json:"start"`
+	End      time.Time      `json:"end"`
+	FioEnd   time.Time      `json:"fio_end"`
+	Seconds  float64        `json:"seconds"` // time to protect every VM
+	VMs      []VMBackup     `json:"vms"`
+	Guests   []GuestPhase   `json:"guests"`
+	IO       []ioSample     `json:"datastore_io"` // the limited cgroups' throughput, per second
+	Metrics  []metricSample `json:"daemon_metrics,omitempty"`
+	// The scheduler's settings and run.
+	ThresholdMS     float64   `json:"threshold_ms,omitempty"`
+	ThresholdSource string    `json:"threshold_source,omitempty"`
+	PerHost         int       `json:"per_host,omitempty"`
+	PerDatastore    int       `json:"per_datastore,omitempty"`
+	ServerConfig    string    `json:"server_config,omitempty"`
+	ServerLog       string    `json:"server_log,omitempty"`
+	RunStatus       string    `json:"run_status,omitempty"`
+	RunSummary      string    `json:"run_summary,omitempty"`
+	RunEnded        time.Time `json:"run_ended,omitzero"`
+	Decisions       []string  `json:"latency_control,omitempty"` // the daemon's "latency control" log lines
+}
+
+// VMBackup is one VM's restore point in a phase.
+type VMBackup struct {
+	VM        string    `json:"vm"`
+	Kind      string    `json:"kind"`
+	Mode      string    `json:"mode"`
+	Start     time.Time `json:"start"`
+	End       time.Time `json:"end"`
+	Seconds   float64   `json:"seconds"`
+	BytesRead int64     `json:"bytes_read"`
+	FreezeMS  float64   `json:"freeze_ms"`
+}
+
+// GuestPhase is one guest's I/O latency in a phase.
+type GuestPhase struct {
+	Guest  string      `json:"guest"`
+	Idle   WindowStats `json:"idle"`   // the lead-in, no backup running
+	Backup WindowStats `json:"backup"` // while the phase's backups ran
+	series []latSample
+}
+
+// WindowStats are fio's completion latencies in a window, in ms.
+type WindowStats struct {
+	Seconds float64 `json:"seconds"`
+	All     Dist    `json:"all"`
+	Read    Dist    `json:"read"`
+	Write   Dist    `json:"write"`
+	IOPS    float64 `json:"iops"`
+}
+
+func window(s []latSample, from, to time.Time) WindowStats {
+	var all, rd, wr []float64
+	for _, x := range s {
+		if x.at.Before(from) || x.at.After(to) {
+			continue
+		}
+		ms := x.lat.Seconds() * 1000
+		all = append(all, ms)
+		if x.write {
+			wr = append(wr, ms)
+		} else {
+			rd = append(rd, ms)
+		}
+	}
+	w := WindowStats{Seconds: to.Sub(from).Seconds(), All: dist(all), Read: dist(rd), Write: dist(wr)}
+	if w.Seconds > 0 {
+		w.IOPS = float64(len(all)) / w.Seconds
+	}
+	return w
+}
+
+// baseline pools a guest's idle samples over every phase so far.
+func (r *Results) baseline(guest string) WindowStats {
+	var s []latSample
+	var sec float64
+	for _, p := range r.Phases {
+		for _, g := range p.Guests {
+			if g.Guest != guest {
+				continue
+			}
+			for _, x := range g.series {
+				if !x.at.Before(p.IdleFrom) && !x.at.After(p.IdleTo) {
+					s = append(s, x)
+				}
+			}
+			sec += p.IdleTo.Sub(p.IdleFrom).Seconds()
+		}
+	}
+	if len(s) == 0 {
+		return WindowStats{}
+	}
+	w := window(s, s[0].at.Add(-time.Hour), s[len(s)-1].at.Add(time.Hour))
+	w.Seconds = sec
+	if sec > 0 {
+		w.IOPS = float64(w.All.N) / sec
+	}
+	return w
+}
+
+// SummaryRow is one guest in one phase, against the baseline.
+type SummaryRow struct {
+	Strategy      string  `json:"strategy"`
+	Guest         string  `json:"guest"`
+	BaseP50       float64 `json:"baseline_p50_ms"`
+	BaseP99       float64 `json:"baseline_p99_ms"`
+	P50           float64 `json:"p50_ms"`
+	P99           float64 `json:"p99_ms"`
+	RiseP99       float64 `json:"p99_rise_pct"` // over the pooled baseline
+	LeadP99       float64 `json:"lead_in_p99_ms"`
+	RiseP99Lead   float64 `json:"p99_rise_over_lead_in_pct"` // over this phase's own lead-in
+	ReadP99       float64 `json:"read_p99_ms"`
+	WriteP99      float64 `json:"write_p99_ms"`
+	Max           float64 `json:"max_ms"`
+	IOPS          float64 `json:"iops"`
+	PhaseSeconds  float64 `json:"phase_seconds"`
+	TimeVsAllOnce float64 `json:"time_vs_all_at_once"`
+}
+
+// TargetResult is one of the issue's targets for one strategy.
+type TargetResult struct {
+	LatencyTarget string  `json:"latency_target"`
+	WorstRiseP99  float64 `json:"worst_p99_rise_pct"`
+	LatencyPass   bool    `json:"latency_pass"`
+	TimeTarget    string  `json:"time_target"`
+	TimeRatio     float64 `json:"time_vs_all_at_once"`
+	TimePass      bool    `json:"time_pass"`
+}
+
+func pct(x, base float64) float64 {
+	if base <= 0 {
+		return 0
+	}
+	return (x/base - 1) * 100
+}
+
+func (b *bench) summarize() {
+	r := b.res
+	r.Base = map[string]WindowStats{}
+	for _, g := range b.guestNames() {
+		r.Base[g] = r.baseline(g)
+	}
+	var allOnce float64
+	for _, p := range r.Phases {
+		if p.Kind == "all-at-once" && len(p.Guests) > 0 {
+			allOnce = p.Seconds
+		}
+	}
+	r.Summary = nil
+	r.Targets = map[string]TargetResult{}
+	for _, p := range r.Phases {
+		if len(p.Guests) == 0 {
+			continue
+		}
+		worst := -1e9
+		for _, g := range p.Guests {
+			base := r.Base[g.Guest]
+			row := SummaryRow{Strategy: p.Strategy, Guest: g.Guest, BaseP50: base.All.P50, BaseP99: base.All.P99,
+				P50: g.Backup.All.P50, P99: g.Backup.All.P99, RiseP99: pct(g.Backup.All.P99, base.All.P99),
+				LeadP99: g.Idle.All.P99, RiseP99Lead: pct(g.Backup.All.P99, g.Idle.All.P99),
+				ReadP99: g.Backup.Read.P99, WriteP99: g.Backup.Write.P99, Max: g.Backup.All.Max, IOPS: g.Backup.IOPS,
+				PhaseSeconds: p.Seconds}
+			if allOnce > 0 {
+				row.TimeVsAllOnce = p.Seconds / allOnce
+			}
+			worst = max(worst, row.RiseP99)
+			r.Summary = append(r.Summary, row)
+		}
+		if p.Kind == "scheduler" {
+			t := TargetResult{LatencyTarget: "every guest's p99 rises < 20% over its baseline", WorstRiseP99: worst, LatencyPass: worst < 20,
+				TimeTarget: "≤ 1.5× the time of all-at-once"}
+			if allOnce > 0 {
+				t.TimeRatio = p.Seconds / allOnce
+				t.TimePass = t.TimeRatio <= 1.5
+			}
+			r.Targets[p.Strategy] = t
+		}
+	}
+}
+
+func (b *bench) guestNames() []string {
+	var n []string
+	seen := map[string]bool{}
+	for _, p := range b.res.Phases {
+		for _, g := range p.Guests {
+			if !seen[g.Guest] {
+				seen[g.Guest] = true
+				n = append(n, g.Guest)
+			}
+		}
+	}
+	return n
+}
+
+func (b *bench) writeReport() error {
+	b.summarize()
+	var pngs []string
+	for _, p := range b.res.Phases {
+		if len(p.Guests) == 0 {
+			continue
+		}
+		name := "latency-" + p.Strategy + ".png"
+		if err := b.plotPhase(p, filepath.Join(b.cfg.Out, name)); err != nil {
+			logf("plot %s: %v", name, err)
+			continue
+		}
+		pngs = append(pngs, name)
+	}
+	if err := writeJSON(filepath.Join(b.cfg.Out, "results.json"), b.res); err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(b.cfg.Out, "results.md"), []byte(b.markdown(pngs)), 0o644)
+}
+
+func writeJSON(path string, v any) error {
+	bs, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, append(bs, '\n'), 0o644)
+}
+
+func passMiss(ok bool) string {
+	if ok {
+		return "PASS"
+	}
+	return "MISS"
+}
+
+func (b *bench) markdown(pngs []string) string {
+	r, c := b.res, b.cfg
+	var w strings.Builder
+	p := func(format string, a ...any) { fmt.Fprintf(&w, format, a...) }
+	m := r.Meta
+	p("# Protecting every VM at once: the scheduler under I/O contention\n\n")
+	p("%s on %s (%d cores, %s, kernel %s), guests under %s; kura %s; %s; %s; fio %s.\n\n",
+		m.Date, m.Host, m.Cores, m.CPU, m.Kernel, strings.ToUpper(m.Accel), m.KuraVersion, m.QEMUVersion, m.LibvirtVersion, m.FioVersion)
+	p("Load average at start %s, at end %s (other work on the machine shows here).\n\n", m.LoadAvgStart, m.LoadAvgEnd)
+	if r.Error != "" {
+		p("**The run FAILED:** %s\n\n", r.Error)
+	}
+	p("**Setup.** %d guests (%d vCPU, %d MiB), each with a %d GiB data disk holding %d MiB of random files and fio's %d MiB file; "+
+		"disks opened with cache=%s. Datastore limit: %s. "+
+		"In every guest fio does %d random 4 KiB reads and %d random 4 KiB writes per second (O_DIRECT, queue depth 1) and logs every completion latency. "+
+		"After a %d s warm-up (fio running, not measured), each strategy starts from a fresh repository (a full backup of the same data), after a %d s idle lead-in with fio running and no backup. "+
+		"Baseline = each guest's idle lead-ins of all phases pooled; \"during\" = the I/Os completed between the first backup's start and the moment every VM was protected.\n\n",
+		c.Guests, c.CPUs, c.MemoryMiB, c.DataGiB, c.DataMiB, c.FioMiB, c.Cache, m.Limit, c.ReadIOPS, c.WriteIOPS, c.WarmupSec, c.BaselineSec)
+
+	p("## Targets\n\n")
+	if len(r.Targets) == 0 {
+		p("No scheduler phase finished.\n\n")
+	}
+	for _, ph := range r.Phases {
+		t, ok := r.Targets[ph.Strategy]
+		if !ok {
+			continue
+		}
+		p("- **%s**: worst guest p99 rise %+.0f%% (target < +20%%): **%s**; time %.2f× all-at-once (target ≤ 1.5×): **%s**\n",
+			ph.Strategy, t.WorstRiseP99, passMiss(t.LatencyPass), t.TimeRatio, passMiss(t.TimePass))
+	}
+	for _, ph := range r.Phases {
+		if ph.Kind == "all-at-once" && len(ph.Guests) > 0 {
+			worst := -1e9
+			for _, s := range r.Summary {
+				if s.Strategy == ph.Strategy {
+					worst = max(worst, s.RiseP99)
+				}
+			}
+			p("- all-at-once (no target, for comparison): worst guest p99 rise %+.0f%%\n", worst)
+		}
+	}
+	p("\n## Time to protect every VM\n\n| strategy | time (s) | × all-at-once | read (MB) | per VM: backup time (s) |\n|---|---:|---:|---:|---|\n")
+	var allOnce float64
+	for _, ph := range r.Phases {
+		if ph.Kind == "all-at-once" && len(ph.Guests) > 0 {
+			allOnce = ph.Seconds
+		}
+	}
+	for _, ph := range r.Phases {
+		if len(ph.Guests) == 0 {
+			continue
+		}
+		var read int64
+		var per []string
+		for _, v := range ph.VMs {
+			read += v.BytesRead
+			per = append(per, fmt.Sprintf("%.0f (%s)", v.Seconds, v.Kind))
+		}
+		ratio := "-"
+		if allOnce > 0 {
+			ratio = fmt.Sprintf("%.2f", ph.Seconds/allOnce)
+		}
+		p("| %s | %.1f | %s | %.0f | %s |\n", ph.Strategy, ph.Seconds, ratio, float64(read)/1e6, strings.Join(per, ", "))
+	}
+	p("\n## Guest I/O latency during the backups (fio completion latency, ms)\n\n")
+	p("| strategy | guest | baseline p50 | baseline p99 | p50 | p99 | p99 rise | lead-in p99 | rise over lead-in | read p99 | write p99 | max |\n")
+	p("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	for _, s := range r.Summary {
+		p("| %s | %s | %.2f | %.2f | %.2f | %.2f | %+.0f%% | %.2f | %+.0f%% | %.2f | %.2f | %.1f |\n", s.Strategy, shortName(s.Guest),
+			s.BaseP50, s.BaseP99, s.P50, s.P99, s.RiseP99, s.LeadP99, s.RiseP99Lead, s.ReadP99, s.WriteP99, s.Max)
+	}
+	p("\n## Datastore throughput (the limited cgroup, MiB/s per second)\n\n| strategy | mean read during the backups | max read (1 s) | mean write |\n|---|---:|---:|---:|\n")
+	for _, ph := range r.Phases {
+		if len(ph.IO) == 0 {
+			continue
+		}
+		var sr, sw, mr float64
+		for _, s := range ph.IO {
+			sr += s.ReadMiBs
+			sw += s.WriteMiBs
+			mr = max(mr, s.ReadMiBs)
+		}
+		n := float64(len(ph.IO))
+		p("| %s | %.1f | %.1f | %.1f |\n", ph.Strategy, sr/n, mr, sw/n)
+	}
+	for _, ph := range r.Phases {
+		if ph.Kind != "scheduler" {
+			continue
+		}
+		p("\n## What the scheduler did (%s)\n\n", ph.Strategy)
+		p("Limits per_host %d, per_datastore %d; latency threshold %.2f ms (%s), interval %gs. Run: %s, %s.\n\n",
+			ph.PerHost, ph.PerDatastore, ph.ThresholdMS, ph.ThresholdSource, c.IntervalS, ph.RunStatus, ph.RunSummary)
+		var paused, samples int
+		var maxLat float64
+		for _, m := range ph.Metrics {
+			samples++
+			if m.Paused {
+				paused++
+			}
+			maxLat = max(maxLat, m.LatencyMS)
+		}
+		p("From /metrics every second: paused for new backups in %d of %d samples; the controller's smoothed guest latency peaked at %.2f ms.\n\n", paused, samples, maxLat)
+		p("The daemon's latency control decisions (%d; all in %s):\n\n```\n", len(ph.Decisions), ph.ServerLog)
+		for i, d := range ph.Decisions {
+			if i == 40 {
+				p("… %d more\n", len(ph.Decisions)-40)
+				break
+			}
+			p("%s\n", d)
+		}
+		p("```\n")
+		p("\nStart and end of each VM's backup (seconds after the run-now):\n\n")
+		for _, v := range ph.VMs {
+			p("- %s: %.1f → %.1f s (%s, read %.0f MB)\n", shortName(v.VM), v.Start.Sub(ph.Start).Seconds(), v.End.Sub(ph.Start).Seconds(), v.Kind, float64(v.BytesRead)/1e6)
+		}
+	}
+	if len(pngs) > 0 {
+		p("\n## Plots\n\nEach guest's p99 I/O latency per 1 s (log scale), the idle lead-in shaded, the backup window between the dashed lines; below, the datastore's read throughput.\n\n")
+		for _, f := range pngs {
+			p("![%s](%s)\n\n", f, f)
+		}
+	}
+	p("\nLogs: bench.log, logs/ (kura's output of every command, the server's configuration and log). Raw figures: results.json.\n")
+	return w.String()
+}
+
+// shortName drops the "kura-sched-PID-" prefix of a guest name.
+func shortName(n string) string {
+	if i := strings.LastIndexByte(n, '-'); i >= 0 {
+		return n[i+1:]
+	}
+	return n
+}
