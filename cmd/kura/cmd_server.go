@@ -116,10 +116,11 @@ func post(ctx context.Context, listen, path string) (string, error) {
 func (a *app) runsCmd() *cobra.Command {
 	var cfgPath, job string
 	var run int64
-	var asJSON bool
+	var asJSON, throttled bool
 	var limit int
+	var since time.Duration
 	cmd := &cobra.Command{
-		Use:   "runs [--job JOB] [--run ID] [--json]",
+		Use:   "runs [--job JOB] [--run ID] [--throttle] [--json]",
 		Short: "What the kura server ran and how it went (from its catalog)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -136,6 +137,24 @@ func (a *app) runsCmd() *cobra.Command {
 				return err
 			}
 			defer st.Close()
+			if throttled {
+				evs, err := st.ThrottleEvents(ctx, time.Now().Add(-since))
+				if err != nil {
+					return err
+				}
+				if asJSON {
+					if evs == nil {
+						evs = []catalog.ThrottleEvent{}
+					}
+					return a.printJSON(evs)
+				}
+				tw := tabwriter.NewWriter(a.stdout, 0, 2, 2, ' ', 0)
+				fmt.Fprintln(tw, "TIME\tDATASTORE\tACTION\tLATENCY\tRATES")
+				for _, e := range evs {
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%.1fms\t%s\n", e.Time.Local().Format("2006-01-02 15:04:05.000"), e.Datastore, e.Action, e.SignalMs, e.Detail)
+				}
+				return tw.Flush()
+			}
 			if run > 0 {
 				res, err := st.VMResults(ctx, run)
 				if err != nil {
@@ -181,6 +200,8 @@ func (a *app) runsCmd() *cobra.Command {
 	cmd.Flags().StringVar(&job, "job", "", "only runs of this job")
 	cmd.Flags().Int64Var(&run, "run", 0, "show the VMs of this run")
 	cmd.Flags().IntVar(&limit, "limit", 50, "at most this many runs, newest first")
+	cmd.Flags().BoolVar(&throttled, "throttle", false, "show latency control decisions instead of runs")
+	cmd.Flags().DurationVar(&since, "since", 24*time.Hour, "with --throttle: decisions of this last `duration`")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "machine-readable output")
 	return cmd
 }

@@ -68,6 +68,14 @@ type Latency struct {
 	Threshold Duration `yaml:"threshold"` // default 20ms; 0 disables control
 	Interval  Duration `yaml:"interval"`  // sampling interval, default 2s
 	Disabled  bool     `yaml:"disabled"`
+	// MinRate is the floor a throttled backup's read rate never goes
+	// below, Increase what is added per recovered interval (per second,
+	// e.g. "4MiB"); defaults 8MiB and 16MiB. Set them well below the
+	// datastore's throughput divided by the backups that may run on it.
+	MinRate  string `yaml:"min_rate"`
+	Increase string `yaml:"increase"`
+
+	MinRateBytes, IncreaseBytes int64 `yaml:"-"`
 }
 
 // Job is one scheduled backup.
@@ -360,6 +368,20 @@ func (c *Config) validate() error {
 			errs = append(errs, c.errorf(c.Limits.lines["bandwidth"], "limits.bandwidth", "%v", err))
 		}
 		c.Limits.BandwidthBytes = n
+	}
+	for _, r := range []struct {
+		field string
+		s     string
+		n     *int64
+	}{{"latency.min_rate", c.Latency.MinRate, &c.Latency.MinRateBytes}, {"latency.increase", c.Latency.Increase, &c.Latency.IncreaseBytes}} {
+		if r.s == "" {
+			continue
+		}
+		n, err := parseRate(r.s)
+		if err != nil {
+			errs = append(errs, c.errorf(c.lines["latency"], r.field, "%v", err))
+		}
+		*r.n = n
 	}
 	if c.Server.LogFormat != "text" && c.Server.LogFormat != "json" {
 		errs = append(errs, c.errorf(c.lines["server"], "server.log_format", "%q: use text or json", c.Server.LogFormat))

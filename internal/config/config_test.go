@@ -17,7 +17,7 @@ limits:
   per_host: 3
   bandwidth: 200MiB
 latency:
-  threshold: 15ms
+  {threshold: 15ms, min_rate: 2MiB}
 jobs:
   - name: nightly
     repository: main
@@ -47,6 +47,9 @@ func TestParseGood(t *testing.T) {
 	}
 	if c.Jobs[1].Mode != "crash" || c.Jobs[1].Tags[0] != "database" {
 		t.Errorf("job 1: %+v", c.Jobs[1])
+	}
+	if c.Latency.MinRateBytes != 2<<20 || c.Latency.IncreaseBytes != 0 {
+		t.Errorf("latency rates: %+v", c.Latency)
 	}
 	if c.Limits.PerHost != 3 || c.Limits.PerDatastore != 1 || c.Limits.BandwidthBytes != 200<<20 || c.Latency.Threshold.Duration != 15*time.Millisecond {
 		t.Errorf("limits %+v latency %+v", c.Limits, c.Latency)

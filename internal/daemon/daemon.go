@@ -68,6 +68,7 @@ type Daemon struct {
 	prevBlk  map[string]throttle.BlockStats // "vm/target" -> last counters
 	prevDev  map[string]throttle.DiskStats
 	active   map[string]int          // datastore -> running backups
+	hold     map[string]time.Time    // datastore -> no new backup before (latency control)
 	runIDs   map[string]int64        // job + due -> catalog run id
 	outcomes map[string]*taskOutcome // job + due + vm -> the latest attempt's details
 	cancel   map[string]context.CancelFunc
@@ -106,7 +107,7 @@ func New(opts Options) (*Daemon, error) {
 		opts: opts, log: opts.Logger, reg: reg, cfg: cfg,
 		repos: map[string]*repo.Repo{}, ctrls: map[string]*throttle.Controller{},
 		prevBlk: map[string]throttle.BlockStats{}, prevDev: map[string]throttle.DiskStats{},
-		active: map[string]int{}, runIDs: map[string]int64{}, outcomes: map[string]*taskOutcome{},
+		active: map[string]int{}, hold: map[string]time.Time{}, runIDs: map[string]int64{}, outcomes: map[string]*taskOutcome{},
 		cancel: map[string]context.CancelFunc{}, wake: make(chan struct{}, 1),
 		m: daemonMetrics{
 			lastSuccess: reg.Gauge("kura_backup_last_success_timestamp_seconds", "When the VM's last successful backup started (Unix time).", "vm"),
@@ -175,6 +176,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 		return fmt.Errorf("%s: %w", d.opts.ConfigPath, err)
 	}
 	d.sched = sched
+	if !cfg.Latency.Disabled && cfg.Latency.Threshold.Duration > 0 {
+		// Backups start on a datastore one at a time, each after the
+		// controller has seen what the previous one did (see holdAfterStart).
+		sched.SetStagger(1)
+	}
 
 	l, err := net.Listen("tcp", cfg.Server.Listen)
 	if err != nil {
@@ -408,6 +414,7 @@ func (d *Daemon) startReady(ctx context.Context) {
 			d.runIDs[key] = id
 			d.mu.Unlock()
 		}
+		d.holdAfterStart(t.Datastore)
 		tctx, cancel := context.WithCancel(ctx)
 		d.mu.Lock()
 		d.cancel[t.VM+"\x00"+t.Job] = cancel

@@ -47,7 +47,8 @@ func (d *Daemon) controller(ds string) *throttle.Controller {
 	if c := d.ctrls[ds]; c != nil {
 		return c
 	}
-	c, err := throttle.NewController(throttle.Config{Threshold: d.cfg.Latency.Threshold.Duration})
+	c, err := throttle.NewController(throttle.Config{Threshold: d.cfg.Latency.Threshold.Duration,
+		MinRate: float64(d.cfg.Latency.MinRateBytes), Increase: float64(d.cfg.Latency.IncreaseBytes)})
 	if err != nil {
 		d.log.Error("latency control", "datastore", ds, "err", err)
 		return nil
@@ -62,10 +63,6 @@ func (d *Daemon) controller(ds string) *throttle.Controller {
 // decisions that change something.
 func (d *Daemon) sampleLatency(ctx context.Context) {
 	d.mu.Lock()
-	ctrls := map[string]*throttle.Controller{}
-	for ds, c := range d.ctrls {
-		ctrls[ds] = c
-	}
 	vms := map[string][]string{}
 	for name, dom := range d.domains {
 		if dom.Active {
@@ -74,6 +71,14 @@ func (d *Daemon) sampleLatency(ctx context.Context) {
 	}
 	devOf := d.devOf
 	d.mu.Unlock()
+	// Every datastore with running guests is watched, backups or not, so
+	// that a datastore already over the threshold gets no new backup.
+	ctrls := map[string]*throttle.Controller{}
+	for ds := range vms {
+		if c := d.controller(ds); c != nil {
+			ctrls[ds] = c
+		}
+	}
 	disk := readDiskstats()
 	now := time.Now()
 	for ds, ctrl := range ctrls {
@@ -113,7 +118,10 @@ func (d *Daemon) sampleLatency(ctx context.Context) {
 		}
 		ctrl.Observe(now, s)
 		dec := ctrl.Tick(now)
-		d.sched.PauseDatastore(ds, dec.PauseNewBackups)
+		d.mu.Lock()
+		held := now.Before(d.hold[ds])
+		d.mu.Unlock()
+		d.sched.PauseDatastore(ds, dec.PauseNewBackups || held)
 		d.m.latency.Set(float64(dec.Guest.Microseconds())/1000, ds)
 		paused := 0.0
 		if dec.PauseNewBackups {
@@ -122,6 +130,10 @@ func (d *Daemon) sampleLatency(ctx context.Context) {
 		d.m.paused.Set(paused, ds)
 		var sum float64
 		for _, r := range dec.Rates {
+			if r.New <= 0 { // one unlimited backup: the datastore is unlimited
+				sum = 0
+				break
+			}
 			sum += r.New
 		}
 		d.m.rate.Set(sum, ds)
@@ -158,4 +170,18 @@ func readDiskstats() map[string]throttle.DiskStats {
 		}
 	}
 	return out
+}
+
+// holdAfterStart keeps new backups off a datastore for two sampling
+// intervals after one started there, so that the next one starts only
+// once the controller has seen what this one does to the guests'
+// latency. Without latency control it does nothing.
+func (d *Daemon) holdAfterStart(ds string) {
+	if d.controller(ds) == nil {
+		return
+	}
+	d.mu.Lock()
+	d.hold[ds] = time.Now().Add(2 * d.cfg.Latency.Interval.Duration)
+	d.mu.Unlock()
+	d.sched.PauseDatastore(ds, true)
 }

@@ -25,6 +25,9 @@ type Scheduler struct {
 	paused  map[string]bool     // by datastore
 	reports []RunReport
 	lastID  uint64
+	// stagger caps the tasks one Ready call starts per datastore (0: no
+	// cap); see SetStagger.
+	stagger int
 }
 
 // jobState is a job's configuration and what the scheduler keeps about it.
@@ -417,6 +420,7 @@ func (s *Scheduler) plan(now time.Time) ([]candidate, map[*vmRun]string) {
 	}
 	var start []candidate
 	why := make(map[*vmRun]string)
+	newDS := make(map[string]int)
 	for _, c := range cands {
 		ds, repo := c.vm.vm.Datastore, c.job.job.Repository
 		var reason string
@@ -431,12 +435,15 @@ func (s *Scheduler) plan(now time.Time) ([]candidate, map[*vmRun]string) {
 			reason = "limit datastore " + ds
 		case s.limits.PerRepository > 0 && perRepo[repo] >= s.limits.PerRepository:
 			reason = "limit repository " + repo
+		case s.stagger > 0 && newDS[ds] >= s.stagger:
+			reason = "datastore " + ds + " ramping up"
 		}
 		if reason != "" {
 			why[c.vm] = reason
 			continue
 		}
 		host++
+		newDS[ds]++
 		perDS[ds]++
 		perRepo[repo]++
 		busy[c.vm.vm.Name] = c.job.job.Name
@@ -634,4 +641,14 @@ func (s *Scheduler) Waiting() int {
 		}
 	}
 	return n
+}
+
+// SetStagger caps how many tasks one Ready call starts on each datastore
+// (0: no cap). With latency control the caller starts backups on a
+// datastore one at a time and pauses it until it has seen what the last
+// one did to the guests' latency.
+func (s *Scheduler) SetStagger(n int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.stagger = max(n, 0)
 }

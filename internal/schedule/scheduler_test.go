@@ -549,3 +549,21 @@ func TestConcurrentDone(t *testing.T) {
 		t.Errorf("report %+v", rep)
 	}
 }
+
+// With a stagger of 1, each Ready call starts at most one backup per
+// datastore; the limits still cap the total.
+func TestStagger(t *testing.T) {
+	clock := &fakeClock{now: t0}
+	job := Job{Name: "j", Repository: "r", Schedule: "0 13 * * *", VMs: vms("a1", "a2", "a3", "b1")}
+	s := newScheduler(t, []Job{job}, Limits{PerDatastore: 2}, clock)
+	s.SetStagger(1)
+	if err := s.RunNow("j"); err != nil {
+		t.Fatal(err)
+	}
+	equal(t, "first call", ids(s.Ready()), []string{"j/a1", "j/b1"})
+	equal(t, "second call", ids(s.Ready()), []string{"j/a2"})
+	equal(t, "third call (limit 2 on a)", ids(s.Ready()), nil)
+	if n := s.Waiting(); n != 1 {
+		t.Errorf("Waiting = %d, want 1 (a3)", n)
+	}
+}
