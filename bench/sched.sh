@@ -45,6 +45,10 @@
 #                                 phases' idle lead-ins of the highest guest p99 there [0]
 #   BENCH_SCHED_THRESHOLD_X       that X [1.2]
 #   BENCH_SCHED_INTERVAL_S        latency.interval, seconds [1]
+#   BENCH_SCHED_MIN_RATE          latency.min_rate: a throttled backup's floor per second [2MiB]
+#   BENCH_SCHED_INCREASE          latency.increase: added per recovered interval [4MiB]
+#                                 (both sized for the default 32 MiB/s datastore and 3 backups:
+#                                 the floor of all three together stays under a fifth of it)
 #   BENCH_SCHED_MEMORY_MIB, BENCH_SCHED_CPUS  guest size [768, 1]
 #   BENCH_SCHED_SEED              seed of the data disk's files [42]
 #   BENCH_SCHED_OUT               output directory [$KURA_CACHE/bench/sched-results/<timestamp>]

@@ -68,6 +68,7 @@ type config struct {
 	PerHost, PerDatastore         int // scheduler limits
 	ThresholdMS                   float64
 	ThresholdX                    float64 // threshold = X × baseline p99 when ThresholdMS is 0
+	MinRate, Increase             string  // latency.min_rate and latency.increase of the scheduler's config
 	IntervalS                     float64
 	Seed                          int64
 	Keep                          bool
@@ -116,6 +117,8 @@ func loadConfig() config {
 		Kura:           os.Getenv("BENCH_KURA_BIN"),
 		KuraFlags:      strings.Fields(os.Getenv("BENCH_SCHED_KURA_FLAGS")),
 		Guests:         envInt("BENCH_SCHED_GUESTS", 3),
+		MinRate:        envStr("BENCH_SCHED_MIN_RATE", "2MiB"),
+		Increase:       envStr("BENCH_SCHED_INCREASE", "4MiB"),
 		Strategies:     strings.Fields(envStr("BENCH_SCHED_STRATEGIES", "all-at-once sequential scheduler")),
 		DataMiB:        envInt("BENCH_SCHED_DATA_MIB", 256),
 		FioMiB:         envInt("BENCH_SCHED_FIO_MIB", 64),
