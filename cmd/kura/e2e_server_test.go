@@ -218,9 +218,37 @@ server:
 	if r := s.runNow("nightly"); r.Status != catalog.StatusSucceeded {
 		t.Fatalf("the run after the restart: %+v\n%s", r, s.log.String())
 	}
-	// nightly keeps the last 2 restore points of the VM after each run.
-	if n := len(e.snapshots("--name", g.Name)); n != 2 {
-		t.Errorf("%d snapshots of %s after four backups with keep_last 2", n, g.Name)
+	// A VM deleted while scheduled: recorded as not found, the others are
+	// backed up, the daemon keeps running.
+	gone := g.Name + "-gone"
+	domXML := filepath.Join(dir, "gone.xml")
+	os.WriteFile(domXML, []byte("<domain type='qemu'><name>"+gone+"</name><memory unit='MiB'>64</memory><os><type arch='x86_64'>hvm</type></os></domain>"), 0o600)
+	if out, err := exec.Command("virsh", "define", domXML).CombinedOutput(); err != nil {
+		t.Fatalf("virsh define: %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("virsh", "undefine", gone).Run() })
+	writeCfg(`  - name: twovms
+    repository: main
+    vms: [` + g.Name + `, ` + gone + `]
+    schedule: "@hourly"`)
+	reloads := strings.Count(s.log.String(), "configuration reloaded")
+	s.cmd.Process.Signal(syscall.SIGHUP)
+	s.waitFor(time.Minute, "the reload", func() bool { return strings.Count(s.log.String(), "configuration reloaded") > reloads })
+	if out, err := exec.Command("virsh", "undefine", gone).CombinedOutput(); err != nil {
+		t.Fatalf("virsh undefine: %v %s", err, out)
+	}
+	r := s.runNow("twovms")
+	if r.Status != catalog.StatusPartial || !strings.Contains(r.Summary, gone+": not found") {
+		t.Fatalf("the run with a deleted VM: %+v\n%s", r, s.log.String())
+	}
+	if out := e.ok("runs", "--config", cfgPath, "--run", fmt.Sprint(r.ID)); !strings.Contains(out, "not-found") {
+		t.Errorf("runs --run of the run with a deleted VM:\n%s", out)
+	}
+
+	// nightly keeps the last 2 restore points of the VM after each of its
+	// runs; twovms (no retention) added one since.
+	if n := len(e.snapshots("--name", g.Name)); n != 3 {
+		t.Errorf("%d snapshots of %s after nightly's keep_last 2 and one more backup", n, g.Name)
 	}
 	e.ok("verify")
 }
