@@ -95,10 +95,10 @@ func TestLimiterSetRateReachesWaiters(t *testing.T) {
 		want      time.Duration
 		waitBytes int
 	}{
-		// 64 MiB at 8 MiB/s: 4 MiB burst + 8 MiB paid by 1 s, then 52 MiB at 64 MiB/s.
-		{"faster", 8 * MiB, 64 * MiB, time.Second + seconds(52*MiB, 64*MiB), 64 * MiB},
-		// 64 MiB at 32 MiB/s: 8 MiB burst + 32 MiB by 1 s, then 24 MiB at 8 MiB/s.
-		{"slower", 32 * MiB, 8 * MiB, 4 * time.Second, 64 * MiB},
+		// 64 MiB at 8 MiB/s: the burst + 8 MiB paid by 1 s, the rest at 64 MiB/s.
+		{"faster", 8 * MiB, 64 * MiB, time.Second + seconds(64*MiB-burstFor(8*MiB)-8*MiB, 64*MiB), 64 * MiB},
+		// 64 MiB at 32 MiB/s: the burst + 32 MiB by 1 s, the rest at 8 MiB/s.
+		{"slower", 32 * MiB, 8 * MiB, time.Second + seconds(64*MiB-burstFor(32*MiB)-32*MiB, 8*MiB), 64 * MiB},
 		{"unlimited releases", 8 * MiB, 0, time.Second, 64 * MiB},
 	}
 	for _, tc := range cases {
