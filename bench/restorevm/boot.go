@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"github.com/kura-backup/kura/bench/internal/benchutil"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -42,7 +43,7 @@ func (b *bench) boots(ctx context.Context) error {
 		return err
 	}
 	b.res.LocalRestore = &m
-	if out, err := run(ctx, "virsh", "domblklist", b.localName); err == nil {
+	if out, err := benchutil.Run(ctx, "virsh", "domblklist", b.localName); err == nil {
 		logf("%s disks:\n%s", b.localName, strings.TrimSpace(out))
 	}
 	for i := 1; i <= b.cfg.BootRuns; i++ {
@@ -70,7 +71,7 @@ func (b *bench) bootPair(ctx context.Context, br *BootRun) error {
 	}
 	br.ColdOthers = b.otherGuests(ctx)
 	start := time.Now()
-	if _, err := run(ctx, "virsh", "start", b.localName); err != nil {
+	if _, err := benchutil.Run(ctx, "virsh", "start", b.localName); err != nil {
 		return err
 	}
 	d, err := b.waitPing(ctx, b.localName, start)
@@ -105,7 +106,7 @@ func (b *bench) bootPair(ctx context.Context, br *BootRun) error {
 		}
 	}
 	if br.InstantAnsweredS == 0 {
-		return fmt.Errorf("kura instant did not say when the guest agent answered; see %s:\n%s", m.Log, lastLines(out, 10))
+		return fmt.Errorf("kura instant did not say when the guest agent answered; see %s:\n%s", m.Log, benchutil.LastLines(out, 10))
 	}
 	logf("instant recovery #%d: command %.2f s, guest agent answered %.2f s after it started", br.Run, m.Seconds, br.InstantAnsweredS)
 	if br.DDInstant, err = b.guestRead(ctx, b.irName, fmt.Sprintf("dd-instant-%d", br.Run)); err != nil {
@@ -127,7 +128,7 @@ func (b *bench) bootPair(ctx context.Context, br *BootRun) error {
 func (b *bench) waitPing(ctx context.Context, name string, start time.Time) (time.Duration, error) {
 	deadline := start.Add(5 * time.Minute)
 	ping := func(ctx context.Context) error {
-		_, err := run(ctx, "virsh", "qemu-agent-command", name, `{"execute":"guest-ping"}`)
+		_, err := benchutil.Run(ctx, "virsh", "qemu-agent-command", name, `{"execute":"guest-ping"}`)
 		return err
 	}
 	if b.cfg.BootPing == "api" {

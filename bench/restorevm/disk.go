@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"github.com/kura-backup/kura/bench/internal/benchutil"
 	"io"
 	"math/rand/v2"
 	"os"
@@ -77,7 +78,7 @@ func (b *bench) makeDataDisk(ctx context.Context) error {
 			return err
 		}
 		os.RemoveAll(stage)
-		if _, err := run(ctx, "cp", "--sparse=always", q, b.vdb+".tmp"); err != nil {
+		if _, err := benchutil.Run(ctx, "cp", "--sparse=always", q, b.vdb+".tmp"); err != nil {
 			return err
 		}
 		os.Remove(q)
@@ -91,7 +92,7 @@ func (b *bench) makeDataDisk(ctx context.Context) error {
 			return err
 		}
 	}
-	if err := json.Unmarshal([]byte(readFile(lay.Manifest)), &b.manifest); err != nil || len(b.manifest) == 0 {
+	if err := json.Unmarshal([]byte(benchutil.ReadFile(lay.Manifest)), &b.manifest); err != nil || len(b.manifest) == 0 {
 		return fmt.Errorf("reading the manifest %s: %v (remove it and the disk beside it to rebuild them)", lay.Manifest, err)
 	}
 	dirs := map[string]bool{}
@@ -149,11 +150,11 @@ func (b *bench) mkfsQcow2(ctx context.Context, stage, base string) (string, erro
 		return "", err
 	}
 	defer os.Remove(raw)
-	if _, err := run(ctx, "mkfs.ext4", "-q", "-F", "-L", "kuradata", "-U", "6b757261-7265-7374-6f72-766462000001",
+	if _, err := benchutil.Run(ctx, "mkfs.ext4", "-q", "-F", "-L", "kuradata", "-U", "6b757261-7265-7374-6f72-766462000001",
 		"-E", "lazy_itable_init=0,lazy_journal_init=0,hash_seed=6b757261-7265-7374-6f72-766462000002", "-d", stage, raw); err != nil {
 		return "", err
 	}
-	if _, err := run(ctx, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, q); err != nil {
+	if _, err := benchutil.Run(ctx, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, q); err != nil {
 		return "", err
 	}
 	return q, nil
@@ -163,7 +164,7 @@ func (b *bench) mkfsQcow2(ctx context.Context, stage, base string) (string, erro
 // finds nothing to fix, and every file of the manifest, copied out with
 // debugfs (not with kura), has the size and sha256 it was written with.
 func (b *bench) checkFiles(ctx context.Context, raw, scratch string) (string, error) {
-	if _, err := run(ctx, "e2fsck", "-fn", raw); err != nil {
+	if _, err := benchutil.Run(ctx, "e2fsck", "-fn", raw); err != nil {
 		return "", fmt.Errorf("the restored data disk does not fsck clean: %w", err)
 	}
 	dump := filepath.Join(scratch, "dump")
@@ -172,7 +173,7 @@ func (b *bench) checkFiles(ctx context.Context, raw, scratch string) (string, er
 		return "", err
 	}
 	defer os.RemoveAll(dump)
-	if _, err := run(ctx, "debugfs", "-R", "rdump /tree "+dump, raw); err != nil {
+	if _, err := benchutil.Run(ctx, "debugfs", "-R", "rdump /tree "+dump, raw); err != nil {
 		return "", err
 	}
 	var bytes int64

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"github.com/kura-backup/kura/bench/internal/benchutil"
 	"os"
 	"path/filepath"
 	"strings"
@@ -49,7 +50,7 @@ func (b *bench) bootGuest(ctx context.Context) error {
 	}
 	vdb := filepath.Join(dir, "vdb.qcow2")
 	logf("copying the data disk")
-	if _, err := run(ctx, "cp", "--sparse=always", b.vdb, vdb); err != nil {
+	if _, err := benchutil.Run(ctx, "cp", "--sparse=always", b.vdb, vdb); err != nil {
 		return err
 	}
 	g, err := testvm.StartLibvirt(ctx, testvm.Options{
@@ -77,7 +78,7 @@ func (b *bench) bootGuest(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		vs, err := virtualSize(ctx, d.Path)
+		vs, err := benchutil.VirtualSize(ctx, d.Path)
 		if err != nil {
 			return err
 		}
@@ -112,7 +113,7 @@ func (b *bench) backups(ctx context.Context) error {
 			return fmt.Errorf("virtnbdbackup did not say \"Finished successfully\"; see %s", m.Log)
 		}
 		bk := Backup{Tool: "vnb", Meas: m, What: "live, app-consistent (`virtnbdbackup -l full`, uncompressed)"}
-		bk.Stored, _ = dirBytes(out)
+		bk.Stored, _ = benchutil.DirBytes(out)
 		b.res.Backups = append(b.res.Backups, bk)
 	}
 
@@ -125,7 +126,7 @@ func (b *bench) backups(ctx context.Context) error {
 		return err
 	}
 	bk := Backup{Tool: "kura", Meas: m, What: "live, app-consistent (`kura backup vm`)"}
-	bk.Stored, _ = dirBytes(filepath.Join(b.work, "kura-repo"))
+	bk.Stored, _ = benchutil.DirBytes(filepath.Join(b.work, "kura-repo"))
 	if out, err := b.kura(ctx, "snapshots", "--name", b.guestName); err == nil {
 		logf("kura snapshots:\n%s", strings.TrimSpace(out))
 	}
@@ -143,7 +144,7 @@ func (b *bench) backups(ctx context.Context) error {
 		d := &b.disks[i]
 		d.Raw = filepath.Join(refDir, d.Target+".raw")
 		logf("reference: qemu-img convert -O raw %s %s", d.Image, d.Raw)
-		if _, err := run(ctx, "qemu-img", "convert", "-O", "raw", d.Image, d.Raw); err != nil {
+		if _, err := benchutil.Run(ctx, "qemu-img", "convert", "-O", "raw", d.Image, d.Raw); err != nil {
 			return err
 		}
 		if d.Allocated, err = allocated(ctx, d.Raw); err != nil {
@@ -164,7 +165,7 @@ func (b *bench) backups(ctx context.Context) error {
 			return err
 		}
 		bk := Backup{Tool: "restic", Meas: m, What: "the shut-off guest's disks as raw files (`restic backup`, compression auto)"}
-		bk.Stored, _ = dirBytes(filepath.Join(b.work, "restic-repo"))
+		bk.Stored, _ = benchutil.DirBytes(filepath.Join(b.work, "restic-repo"))
 		b.res.Backups = append(b.res.Backups, bk)
 	}
 	return nil
@@ -188,13 +189,13 @@ func (b *bench) shutdown(ctx context.Context, name string) error {
 	// Detached and delayed, so that the agent answers before it goes.
 	if r, err := g.ExecFull(ctx, nil, "/bin/sh", "-c", "sync; (sleep 0.5; systemctl poweroff) </dev/null >/dev/null 2>&1 &"); err != nil || r.ExitCode != 0 {
 		logf("systemctl poweroff in %s: %v %s; trying virsh shutdown", name, err, strings.TrimSpace(r.Stderr))
-		if _, err := run(ctx, "virsh", "shutdown", name); err != nil {
+		if _, err := benchutil.Run(ctx, "virsh", "shutdown", name); err != nil {
 			return err
 		}
 	}
 	t := time.Now()
 	for time.Since(t) < 3*time.Minute {
-		st, _ := run(ctx, "virsh", "domstate", name)
+		st, _ := benchutil.Run(ctx, "virsh", "domstate", name)
 		if strings.TrimSpace(st) == "shut off" {
 			logf("%s is shut off after %.1f s", name, time.Since(t).Seconds())
 			return nil

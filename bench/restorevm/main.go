@@ -29,6 +29,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"github.com/kura-backup/kura/bench/internal/benchutil"
 	"io"
 	"os"
 	"os/signal"
@@ -221,7 +222,7 @@ func main() {
 		logf("ERROR: %v", runErr)
 	}
 	b.res.Meta.TotalSeconds = time.Since(t0).Seconds()
-	b.res.Meta.LoadAvgEnd = loadavg()
+	b.res.Meta.LoadAvgEnd = benchutil.Loadavg()
 	if err := b.writeReport(); err != nil {
 		logf("ERROR: writing the report: %v", err)
 		os.Exit(1)
@@ -304,7 +305,7 @@ func (b *bench) cleanup() {
 
 // removeDomain stops a libvirt domain if it runs and undefines it.
 func removeDomain(ctx context.Context, name string) error {
-	state, err := run(ctx, "virsh", "domstate", name)
+	state, err := benchutil.Run(ctx, "virsh", "domstate", name)
 	if err != nil {
 		if strings.Contains(state, "failed to get domain") {
 			return nil
@@ -312,11 +313,11 @@ func removeDomain(ctx context.Context, name string) error {
 		return err
 	}
 	if strings.TrimSpace(state) != "shut off" {
-		if out, err := run(ctx, "virsh", "destroy", name); err != nil && !strings.Contains(out, "not running") {
+		if out, err := benchutil.Run(ctx, "virsh", "destroy", name); err != nil && !strings.Contains(out, "not running") {
 			return err
 		}
 	}
-	if out, err := run(ctx, "virsh", "undefine", "--checkpoints-metadata", "--snapshots-metadata", name); err != nil && !strings.Contains(out, "failed to get domain") {
+	if out, err := benchutil.Run(ctx, "virsh", "undefine", "--checkpoints-metadata", "--snapshots-metadata", name); err != nil && !strings.Contains(out, "failed to get domain") {
 		return err
 	}
 	return nil
@@ -327,23 +328,23 @@ func (b *bench) meta(ctx context.Context) {
 	m.Date = time.Now().UTC().Format(time.RFC3339)
 	m.Host, _ = os.Hostname()
 	m.Cores = runtime.NumCPU()
-	m.CPU = cpuModel()
-	m.Kernel = strings.TrimSpace(readFile("/proc/sys/kernel/osrelease"))
-	for _, line := range strings.Split(readFile("/proc/meminfo"), "\n") {
+	m.CPU = benchutil.CPUModel()
+	m.Kernel = strings.TrimSpace(benchutil.ReadFile("/proc/sys/kernel/osrelease"))
+	for _, line := range strings.Split(benchutil.ReadFile("/proc/meminfo"), "\n") {
 		if f := strings.Fields(line); len(f) >= 2 && f[0] == "MemTotal:" {
 			if kb, err := strconv.ParseInt(f[1], 10, 64); err == nil {
 				m.MemTotal = fmt.Sprintf("%.1f GiB RAM", float64(kb)/(1<<20))
 			}
 		}
 	}
-	m.LoadAvgStart = loadavg()
+	m.LoadAvgStart = benchutil.Loadavg()
 	m.KuraBinary = b.cfg.Kura
 	m.KuraVersion = strings.TrimSpace(os.Getenv("BENCH_KURA_VERSION"))
 	if b.cfg.Restic != "" {
-		m.ResticVersion = firstLine(cmdOut(ctx, b.cfg.Restic, "version"))
+		m.ResticVersion = benchutil.FirstLine(benchutil.CmdOut(ctx, b.cfg.Restic, "version"))
 	}
-	m.VNBVersion = firstLine(cmdOut(ctx, "virtnbdbackup", "-V"))
-	m.QEMUVersion = firstLine(cmdOut(ctx, "qemu-system-x86_64", "--version"))
-	m.LibvirtVersion = firstLine(cmdOut(ctx, "libvirtd", "--version"))
+	m.VNBVersion = benchutil.FirstLine(benchutil.CmdOut(ctx, "virtnbdbackup", "-V"))
+	m.QEMUVersion = benchutil.FirstLine(benchutil.CmdOut(ctx, "qemu-system-x86_64", "--version"))
+	m.LibvirtVersion = benchutil.FirstLine(benchutil.CmdOut(ctx, "libvirtd", "--version"))
 	m.Config = b.cfg
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"github.com/kura-backup/kura/bench/internal/benchutil"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -85,7 +86,7 @@ func (b *bench) checkRestore(ctx context.Context, tool, dest string, r *RestoreR
 		if err != nil {
 			return "", err
 		}
-		vs, err := virtualSize(ctx, img)
+		vs, err := benchutil.VirtualSize(ctx, img)
 		if err != nil {
 			return "", err
 		}
@@ -123,7 +124,7 @@ func (b *bench) checkRestore(ctx context.Context, tool, dest string, r *RestoreR
 			}
 			notes = append(notes, "vdb: "+detail)
 		case !same:
-			if _, err := run(ctx, "e2fsck", "-fn", raw); err != nil {
+			if _, err := benchutil.Run(ctx, "e2fsck", "-fn", raw); err != nil {
 				return "", fmt.Errorf("the restored %s does not fsck clean: %w", d.Target, err)
 			}
 			notes = append(notes, d.Target+": e2fsck -fn clean")
@@ -165,7 +166,7 @@ func findRestored(tool, dest string, d diskRef) (string, string, error) {
 // still holds the image's lock.
 func convertWhenFree(ctx context.Context, img, raw string) error {
 	for i := 0; ; i++ {
-		out, err := run(ctx, "qemu-img", "convert", "-O", "raw", img, raw)
+		out, err := benchutil.Run(ctx, "qemu-img", "convert", "-O", "raw", img, raw)
 		if err == nil {
 			return nil
 		}

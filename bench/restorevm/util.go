@@ -1,11 +1,11 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/kura-backup/kura/bench/internal/benchutil"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -44,28 +44,28 @@ func (b *bench) measure(ctx context.Context, name string, withSync bool, env, un
 	}
 	full = append(full, argv...)
 	cmd := exec.CommandContext(ctx, full[0], full[1:]...)
-	cmd.Env = mergeEnv(env, unset)
+	cmd.Env = benchutil.MergeEnv(env, unset)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	logf("%s: %s", name, strings.Join(argv, " "))
-	busy0 := cpuBusy()
+	busy0 := benchutil.CPUBusy()
 	m := Meas{Start: time.Now(), Log: filepath.Join("logs", name+".log")}
 	err := cmd.Run()
 	if err == nil && withSync {
 		s := time.Now()
-		_, err = run(ctx, "sync")
+		_, err = benchutil.Run(ctx, "sync")
 		m.SyncS = time.Since(s).Seconds()
 	}
 	m.End = time.Now()
-	busy1 := cpuBusy()
+	busy1 := benchutil.CPUBusy()
 	m.Seconds = m.End.Sub(m.Start).Seconds()
 	os.WriteFile(logPath, out.Bytes(), 0o644)
-	tv := parseTimeV(readFile(timePath))
+	tv := benchutil.ParseTimeV(benchutil.ReadFile(timePath))
 	m.MaxRSSKB = int64(tv["Maximum resident set size (kbytes)"])
 	m.User, m.Sys = tv["User time (seconds)"], tv["System time (seconds)"]
 	m.OtherCPU = max(0, busy1-busy0-m.User-m.Sys)
 	if err != nil {
-		return m, out.String(), fmt.Errorf("%s failed (%v); see %s:\n%s", argv[0], err, logPath, lastLines(out.String(), 15))
+		return m, out.String(), fmt.Errorf("%s failed (%v); see %s:\n%s", argv[0], err, logPath, benchutil.LastLines(out.String(), 15))
 	}
 	logf("%s: %.2f s (sync %.2f s), peak RSS %d MiB, CPU %.1f+%.1f s, other %.1f CPU-s", name, m.Seconds, m.SyncS, m.MaxRSSKB>>10, m.User, m.Sys, m.OtherCPU)
 	return m, out.String(), nil
@@ -74,154 +74,14 @@ func (b *bench) measure(ctx context.Context, name string, withSync bool, env, un
 // dropCaches writes dirty pages back and empties the host's page cache, so
 // that the next step reads from disk.
 func dropCaches(ctx context.Context) error {
-	if _, err := run(ctx, "sync"); err != nil {
+	if _, err := benchutil.Run(ctx, "sync"); err != nil {
 		return err
 	}
 	return os.WriteFile("/proc/sys/vm/drop_caches", []byte("3\n"), 0o200)
 }
 
-func mergeEnv(env, unset []string) []string {
-	drop := map[string]bool{}
-	for _, k := range unset {
-		drop[k] = true
-	}
-	for _, kv := range env {
-		k, _, _ := strings.Cut(kv, "=")
-		drop[k] = true
-	}
-	var out []string
-	for _, kv := range os.Environ() {
-		k, _, _ := strings.Cut(kv, "=")
-		if !drop[k] {
-			out = append(out, kv)
-		}
-	}
-	return append(out, env...)
-}
-
-// run runs an untimed helper command and fails with its output.
-func run(ctx context.Context, name string, args ...string) (string, error) {
-	return runWith(ctx, nil, name, args...)
-}
-
-// runWith is run with the environment env (nil: this process's).
-func runWith(ctx context.Context, env []string, name string, args ...string) (string, error) {
-	cmd := exec.CommandContext(ctx, name, args...)
-	cmd.Env = env
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Run(); err != nil {
-		return out.String(), fmt.Errorf("%s %s: %v\n%s", name, strings.Join(args, " "), err, lastLines(out.String(), 15))
-	}
-	return out.String(), nil
-}
-
 func runEnv(ctx context.Context, env, unset []string, name string, args ...string) (string, error) {
-	return runWith(ctx, mergeEnv(env, unset), name, args...)
-}
-
-func cmdOut(ctx context.Context, name string, args ...string) string {
-	out, _ := exec.CommandContext(ctx, name, args...).CombinedOutput()
-	return string(out)
-}
-
-func parseTimeV(s string) map[string]float64 {
-	m := map[string]float64{}
-	for _, line := range strings.Split(s, "\n") {
-		k, v, ok := strings.Cut(strings.TrimSpace(line), ": ")
-		if !ok {
-			continue
-		}
-		if f, err := strconv.ParseFloat(strings.TrimSpace(v), 64); err == nil {
-			m[k] = f
-		}
-	}
-	return m
-}
-
-var clkTck = 100.0 // USER_HZ on Linux
-
-// cpuBusy is the CPU seconds the whole machine has been busy.
-func cpuBusy() float64 {
-	f, err := os.Open("/proc/stat")
-	if err != nil {
-		return 0
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	if !sc.Scan() {
-		return 0
-	}
-	fl := strings.Fields(sc.Text()) // cpu user nice system idle iowait irq softirq steal
-	var busy float64
-	for i, v := range fl[1:] {
-		if i == 3 || i == 4 { // idle, iowait
-			continue
-		}
-		if i > 7 { // guest, guest_nice are included in user
-			break
-		}
-		n, _ := strconv.ParseFloat(v, 64)
-		busy += n
-	}
-	return busy / clkTck
-}
-
-func readFile(p string) string {
-	b, _ := os.ReadFile(p)
-	return string(b)
-}
-
-func firstLine(s string) string {
-	s = strings.TrimSpace(s)
-	if i := strings.IndexByte(s, '\n'); i >= 0 {
-		s = s[:i]
-	}
-	return s
-}
-
-func lastLines(s string, n int) string {
-	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return "    " + strings.Join(lines, "\n    ")
-}
-
-func loadavg() string {
-	f := strings.Fields(readFile("/proc/loadavg"))
-	if len(f) < 3 {
-		return ""
-	}
-	return strings.Join(f[:3], " ")
-}
-
-func cpuModel() string {
-	for _, line := range strings.Split(readFile("/proc/cpuinfo"), "\n") {
-		if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
-			return strings.TrimSpace(v)
-		}
-	}
-	return ""
-}
-
-// dirBytes is the apparent size of every file under dir (du -sb).
-func dirBytes(dir string) (int64, error) {
-	var n int64
-	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		if d.Type().IsRegular() {
-			fi, err := d.Info()
-			if err != nil {
-				return err
-			}
-			n += fi.Size()
-		}
-		return nil
-	})
-	return n, err
+	return benchutil.RunWith(ctx, benchutil.MergeEnv(env, unset), name, args...)
 }
 
 // findFiles lists the regular files under dir whose base name satisfies ok.
@@ -240,7 +100,7 @@ func findFiles(dir string, ok func(string) bool) []string {
 // allocated is the number of bytes qemu-img map reports as data in image
 // (through its backing chain; for a raw file, its data extents).
 func allocated(ctx context.Context, image string) (int64, error) {
-	out, err := run(ctx, "qemu-img", "map", "-U", "--output=json", image)
+	out, err := benchutil.Run(ctx, "qemu-img", "map", "-U", "--output=json", image)
 	if err != nil {
 		return 0, err
 	}
@@ -263,7 +123,7 @@ func allocated(ctx context.Context, image string) (int64, error) {
 
 // allocatedIn is the number of data bytes of image in [0, end).
 func allocatedIn(ctx context.Context, image string, end int64) (int64, error) {
-	out, err := run(ctx, "qemu-img", "map", "-U", "--output=json", image)
+	out, err := benchutil.Run(ctx, "qemu-img", "map", "-U", "--output=json", image)
 	if err != nil {
 		return 0, err
 	}
@@ -282,20 +142,6 @@ func allocatedIn(ctx context.Context, image string, end int64) (int64, error) {
 		}
 	}
 	return n, nil
-}
-
-func virtualSize(ctx context.Context, image string) (int64, error) {
-	out, err := run(ctx, "qemu-img", "info", "-U", "--output=json", image)
-	if err != nil {
-		return 0, err
-	}
-	var info struct {
-		VirtualSize int64 `json:"virtual-size"`
-	}
-	if err := json.Unmarshal([]byte(out), &info); err != nil {
-		return 0, err
-	}
-	return info.VirtualSize, nil
 }
 
 func writeJSON(path string, v any) error {
@@ -333,7 +179,7 @@ func sleep(ctx context.Context, d time.Duration) error {
 // otherGuests lists the running libvirt domains that are not this run's:
 // on a shared machine, other work that competes for the CPU.
 func (b *bench) otherGuests(ctx context.Context) []string {
-	out, err := run(ctx, "virsh", "list", "--name")
+	out, err := benchutil.Run(ctx, "virsh", "list", "--name")
 	if err != nil {
 		return nil
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/kura-backup/kura/bench/internal/benchutil"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -41,11 +42,11 @@ func blockDeviceOf(path string) (Device, error) {
 	// whole-disk MAJ:MIN).
 	if _, err := os.Stat(filepath.Join("/sys/class/block", name, "partition")); err == nil {
 		parent := filepath.Base(filepath.Dir(filepath.Join("/sys/dev/block", link)))
-		if dev := strings.TrimSpace(readFile(filepath.Join("/sys/class/block", parent, "dev"))); dev != "" {
+		if dev := strings.TrimSpace(benchutil.ReadFile(filepath.Join("/sys/class/block", parent, "dev"))); dev != "" {
 			name, mm = parent, dev
 		}
 	}
-	if !strings.Contains(readFile("/proc/diskstats"), " "+name+" ") {
+	if !strings.Contains(benchutil.ReadFile("/proc/diskstats"), " "+name+" ") {
 		return Device{}, fmt.Errorf("device %s (%s) is not in /proc/diskstats", name, mm)
 	}
 	return Device{Name: name, MajMin: mm}, nil
@@ -136,7 +137,7 @@ func (d *datastore) check(guests []*vmGuest) error {
 			return fmt.Errorf("%s: QEMU pid %d has no threads (gone?)", vg.name, vg.pid)
 		}
 		for _, t := range tasks {
-			cg := cgroupLine(readFile(fmt.Sprintf("/proc/%d/task/%s/cgroup", vg.pid, t.Name())))
+			cg := cgroupLine(benchutil.ReadFile(fmt.Sprintf("/proc/%d/task/%s/cgroup", vg.pid, t.Name())))
 			if !want[cg] {
 				return fmt.Errorf("%s: QEMU thread %s is in blkio cgroup %s, not in a limited one (%v)", vg.name, t.Name(), cg, want)
 			}
@@ -174,7 +175,7 @@ func (d *datastore) describe() string {
 // on the device so far.
 func (d *datastore) counters() (read, write uint64) {
 	for _, g := range d.groups {
-		for _, line := range strings.Split(readFile(filepath.Join(g, "blkio.throttle.io_service_bytes")), "\n") {
+		for _, line := range strings.Split(benchutil.ReadFile(filepath.Join(g, "blkio.throttle.io_service_bytes")), "\n") {
 			f := strings.Fields(line)
 			if len(f) != 3 || f[0] != d.dev.MajMin {
 				continue
@@ -227,7 +228,7 @@ func (d *datastore) remove() error {
 
 // blkioCgroupOf is the blkio cgroup of pid, relative to blkioRoot.
 func blkioCgroupOf(pid int) string {
-	return cgroupLine(readFile(fmt.Sprintf("/proc/%d/cgroup", pid)))
+	return cgroupLine(benchutil.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid)))
 }
 
 func cgroupLine(s string) string {

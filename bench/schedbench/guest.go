@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"github.com/kura-backup/kura/bench/internal/benchutil"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -72,14 +73,14 @@ func (b *bench) makeDataDisk(ctx context.Context) error {
 		return err
 	}
 	defer os.Remove(raw)
-	if _, err := run(ctx, "mkfs.ext4", "-q", "-F", "-L", "kuradata",
+	if _, err := benchutil.Run(ctx, "mkfs.ext4", "-q", "-F", "-L", "kuradata",
 		"-E", "lazy_itable_init=0,lazy_journal_init=0", "-d", stage, raw); err != nil {
 		return err
 	}
-	if _, err := run(ctx, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, q); err != nil {
+	if _, err := benchutil.Run(ctx, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, q); err != nil {
 		return err
 	}
-	if _, err := run(ctx, "cp", q, b.vdb+".tmp"); err != nil {
+	if _, err := benchutil.Run(ctx, "cp", q, b.vdb+".tmp"); err != nil {
 		return err
 	}
 	os.Remove(q)
@@ -127,7 +128,7 @@ func (b *bench) bootGuests(ctx context.Context) error {
 			return err
 		}
 		vdb := filepath.Join(dir, "vdb.qcow2")
-		if _, err := run(ctx, "cp", "--sparse=always", b.vdb, vdb); err != nil {
+		if _, err := benchutil.Run(ctx, "cp", "--sparse=always", b.vdb, vdb); err != nil {
 			return err
 		}
 		g, err := testvm.StartLibvirt(ctx, testvm.Options{
@@ -206,7 +207,7 @@ func (vg *vmGuest) setCache(ctx context.Context, mode string) error {
 	if _, err := virsh(ctx, "start", vg.name); err != nil {
 		return err
 	}
-	vg.pid, _ = strconv.Atoi(strings.TrimSpace(readFile(filepath.Join("/run/libvirt/qemu", vg.name+".pid"))))
+	vg.pid, _ = strconv.Atoi(strings.TrimSpace(benchutil.ReadFile(filepath.Join("/run/libvirt/qemu", vg.name+".pid"))))
 	vg.g.PID = vg.pid
 	return nil
 }
@@ -226,7 +227,7 @@ func (vg *vmGuest) checkCache(ctx context.Context, mode string) error {
 		return fmt.Errorf("%s: %d of %d disks have cache='%s' in the live XML", vg.name, m, n, mode)
 	}
 	if mode == "none" || mode == "directsync" {
-		cmdline := strings.ReplaceAll(readFile(fmt.Sprintf("/proc/%d/cmdline", vg.pid)), "\x00", " ")
+		cmdline := strings.ReplaceAll(benchutil.ReadFile(fmt.Sprintf("/proc/%d/cmdline", vg.pid)), "\x00", " ")
 		if !strings.Contains(cmdline, `"direct":true`) {
 			return fmt.Errorf("%s: QEMU (pid %d) does not open its images with O_DIRECT (no \"direct\":true in its -blockdev options)", vg.name, vg.pid)
 		}

@@ -26,6 +26,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/kura-backup/kura/bench/internal/benchutil"
 	"io"
 	"os"
 	"os/signal"
@@ -223,7 +224,7 @@ func main() {
 		logf("ERROR: %v", runErr)
 	}
 	b.res.Meta.TotalSeconds = time.Since(t0).Seconds()
-	b.res.Meta.LoadAvgEnd = loadavg()
+	b.res.Meta.LoadAvgEnd = benchutil.Loadavg()
 	if err := b.writeReport(); err != nil {
 		logf("ERROR: writing the report: %v", err)
 		os.Exit(1)
@@ -329,13 +330,13 @@ func (b *bench) meta(ctx context.Context) {
 	m.Date = time.Now().UTC().Format(time.RFC3339)
 	m.Host, _ = os.Hostname()
 	m.Cores = runtime.NumCPU()
-	m.CPU = cpuModel()
-	m.Kernel = strings.TrimSpace(readFile("/proc/sys/kernel/osrelease"))
-	m.LoadAvgStart = loadavg()
+	m.CPU = benchutil.CPUModel()
+	m.Kernel = strings.TrimSpace(benchutil.ReadFile("/proc/sys/kernel/osrelease"))
+	m.LoadAvgStart = benchutil.Loadavg()
 	m.KuraBinary = b.cfg.Kura
 	m.KuraVersion = strings.TrimSpace(os.Getenv("BENCH_KURA_VERSION"))
-	m.QEMUVersion = firstLine(cmdOut(ctx, "qemu-system-x86_64", "--version"))
-	m.LibvirtVersion = firstLine(cmdOut(ctx, "libvirtd", "--version"))
+	m.QEMUVersion = benchutil.FirstLine(benchutil.CmdOut(ctx, "qemu-system-x86_64", "--version"))
+	m.LibvirtVersion = benchutil.FirstLine(benchutil.CmdOut(ctx, "libvirtd", "--version"))
 	m.Config = b.cfg
 }
 

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/kura-backup/kura/bench/internal/benchutil"
 	"io"
 	"net"
 	"net/http"
@@ -252,7 +253,7 @@ func (b *bench) kura(ctx context.Context, name string, args ...string) (string, 
 	out, err := cmd.CombinedOutput()
 	os.WriteFile(filepath.Join(b.cfg.Out, "logs", name+".log"), out, 0o644)
 	if err != nil {
-		return string(out), fmt.Errorf("kura %s: %v\n%s", strings.Join(args, " "), err, lastLines(string(out), 15))
+		return string(out), fmt.Errorf("kura %s: %v\n%s", strings.Join(args, " "), err, benchutil.LastLines(string(out), 15))
 	}
 	return string(out), nil
 }
@@ -393,7 +394,7 @@ server:
 		}
 		select {
 		case <-s.done:
-			return nil, fmt.Errorf("kura server exited at start:\n%s", lastLines(readFile(s.logPath), 15))
+			return nil, fmt.Errorf("kura server exited at start:\n%s", benchutil.LastLines(benchutil.ReadFile(s.logPath), 15))
 		case <-ctx.Done():
 			s.stop()
 			return nil, ctx.Err()
@@ -401,7 +402,7 @@ server:
 		}
 		if time.Now().After(end) {
 			s.stop()
-			return nil, fmt.Errorf("kura server did not answer on %s within 60 s:\n%s", listen, lastLines(readFile(s.logPath), 15))
+			return nil, fmt.Errorf("kura server did not answer on %s within 60 s:\n%s", listen, benchutil.LastLines(benchutil.ReadFile(s.logPath), 15))
 		}
 	}
 }
@@ -453,7 +454,7 @@ func (s *server) runNow(ctx context.Context, ph *Phase) error {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-s.done:
-			return fmt.Errorf("kura server exited during the run:\n%s", lastLines(readFile(s.logPath), 15))
+			return fmt.Errorf("kura server exited during the run:\n%s", benchutil.LastLines(benchutil.ReadFile(s.logPath), 15))
 		case <-time.After(500 * time.Millisecond):
 		}
 		runs, err := s.runs(ctx)

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"github.com/kura-backup/kura/bench/internal/benchutil"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -47,7 +48,7 @@ func (b *bench) makeDataDisk(ctx context.Context) error {
 	if lay.RootAllocated, err = allocated(ctx, b.img.RootQcow2); err != nil {
 		return err
 	}
-	if lay.RootVirtual, err = virtualSize(ctx, b.img.RootQcow2); err != nil {
+	if lay.RootVirtual, err = benchutil.VirtualSize(ctx, b.img.RootQcow2); err != nil {
 		return err
 	}
 	lay.DataVirtual = int64(b.cfg.DataGiB) * GiB
@@ -55,7 +56,7 @@ func (b *bench) makeDataDisk(ctx context.Context) error {
 	// What an empty file system of this size allocates (its metadata).
 	emptyJSON := filepath.Join(dir, fmt.Sprintf("empty-ext4-%dg.json", b.cfg.DataGiB))
 	var empty struct{ Allocated int64 }
-	if json.Unmarshal([]byte(readFile(emptyJSON)), &empty) != nil || empty.Allocated == 0 {
+	if json.Unmarshal([]byte(benchutil.ReadFile(emptyJSON)), &empty) != nil || empty.Allocated == 0 {
 		logf("measuring the allocation of an empty %d GiB ext4", b.cfg.DataGiB)
 		stage := filepath.Join(b.work, "empty-stage")
 		if err := os.MkdirAll(stage, 0o755); err != nil {
@@ -111,7 +112,7 @@ func (b *bench) makeDataDisk(ctx context.Context) error {
 		os.RemoveAll(stage)
 		if err := os.Rename(q, b.vdb); err != nil {
 			// b.work may be on another file system than the cache.
-			if _, err := run(ctx, "cp", q, b.vdb+".tmp"); err != nil {
+			if _, err := benchutil.Run(ctx, "cp", q, b.vdb+".tmp"); err != nil {
 				return err
 			}
 			if err := os.Rename(b.vdb+".tmp", b.vdb); err != nil {
@@ -144,11 +145,11 @@ func (b *bench) mkfsQcow2(ctx context.Context, stage, base string) (string, erro
 		return "", err
 	}
 	defer os.Remove(raw)
-	if _, err := run(ctx, "mkfs.ext4", "-q", "-F", "-L", "kuradata", "-U", "6b757261-6265-6e63-682d-766462000001",
+	if _, err := benchutil.Run(ctx, "mkfs.ext4", "-q", "-F", "-L", "kuradata", "-U", "6b757261-6265-6e63-682d-766462000001",
 		"-E", "lazy_itable_init=0,lazy_journal_init=0,hash_seed=6b757261-6265-6e63-682d-766462000002", "-d", stage, raw); err != nil {
 		return "", err
 	}
-	if _, err := run(ctx, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, q); err != nil {
+	if _, err := benchutil.Run(ctx, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, q); err != nil {
 		return "", err
 	}
 	return q, nil

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"github.com/kura-backup/kura/bench/internal/benchutil"
 	"os"
 	"path/filepath"
 	"strings"
@@ -79,7 +80,7 @@ func (b *bench) runTool(ctx context.Context, tool string) error {
 	}
 	vdb := filepath.Join(dir, "vdb.qcow2")
 	logf("%s: copying the data disk", tool)
-	if _, err := run(ctx, "cp", b.vdb, vdb); err != nil {
+	if _, err := benchutil.Run(ctx, "cp", b.vdb, vdb); err != nil {
 		return err
 	}
 	name := fmt.Sprintf("kura-vmbench-%s-%d", tool, os.Getpid())
@@ -114,7 +115,7 @@ func (b *bench) runTool(ctx context.Context, tool string) error {
 		if err != nil {
 			return err
 		}
-		vs, _ := virtualSize(ctx, d.Path)
+		vs, _ := benchutil.VirtualSize(ctx, d.Path)
 		switch d.Target {
 		case "vda":
 			lay.RootAllocated, lay.RootVirtual = a, vs

@@ -33,6 +33,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/kura-backup/kura/bench/internal/benchutil"
 	"io"
 	"os"
 	"os/signal"
@@ -213,7 +214,7 @@ func main() {
 		logf("ERROR: %v", runErr)
 	}
 	b.res.Meta.TotalSeconds = time.Since(t0).Seconds()
-	b.res.Meta.LoadAvgEnd = loadavg()
+	b.res.Meta.LoadAvgEnd = benchutil.Loadavg()
 	if err := b.writeReport(); err != nil {
 		logf("ERROR: writing the report: %v", err)
 		os.Exit(1)
@@ -286,14 +287,14 @@ func (b *bench) meta(ctx context.Context) {
 	m.Date = time.Now().UTC().Format(time.RFC3339)
 	m.Host, _ = os.Hostname()
 	m.Cores = runtime.NumCPU()
-	m.CPU = cpuModel()
-	m.Kernel = strings.TrimSpace(readFile("/proc/sys/kernel/osrelease"))
-	m.LoadAvgStart = loadavg()
+	m.CPU = benchutil.CPUModel()
+	m.Kernel = strings.TrimSpace(benchutil.ReadFile("/proc/sys/kernel/osrelease"))
+	m.LoadAvgStart = benchutil.Loadavg()
 	m.KuraBinary = b.cfg.Kura
 	m.KuraVersion = strings.TrimSpace(os.Getenv("BENCH_KURA_VERSION"))
-	m.VNBVersion = firstLine(cmdOut(ctx, "virtnbdbackup", "-V"))
-	m.QEMUVersion = firstLine(cmdOut(ctx, "qemu-system-x86_64", "--version"))
-	m.LibvirtVersion = firstLine(cmdOut(ctx, "libvirtd", "--version"))
+	m.VNBVersion = benchutil.FirstLine(benchutil.CmdOut(ctx, "virtnbdbackup", "-V"))
+	m.QEMUVersion = benchutil.FirstLine(benchutil.CmdOut(ctx, "qemu-system-x86_64", "--version"))
+	m.LibvirtVersion = benchutil.FirstLine(benchutil.CmdOut(ctx, "libvirtd", "--version"))
 	m.FioVersion = "" // filled in from the guest
 	m.Config = b.cfg
 }

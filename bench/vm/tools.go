@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"github.com/kura-backup/kura/bench/internal/benchutil"
 	"io"
 	"os"
 	"path/filepath"
@@ -124,7 +125,7 @@ func (k *kuraDriver) backup(ctx context.Context, step, level string) (Row, error
 	}
 	var ss []kuraSnapshot
 	if err := json.Unmarshal([]byte(out), &ss); err != nil || len(ss) == 0 {
-		return row, fmt.Errorf("kura snapshots --json: %v: %s", err, firstLine(out))
+		return row, fmt.Errorf("kura snapshots --json: %v: %s", err, benchutil.FirstLine(out))
 	}
 	s := ss[len(ss)-1]
 	row.Kind, row.Mode = s.Kind, s.Mode
@@ -143,7 +144,7 @@ func (k *kuraDriver) backup(ctx context.Context, step, level string) (Row, error
 	if s.Mode != "app" {
 		return row, fmt.Errorf("kura %s: snapshot %s has mode %q, not app (note: %s)", step, s.ID[:8], s.Mode, s.Stats.Note)
 	}
-	if row.Stored, err = dirBytes(k.repo); err != nil {
+	if row.Stored, err = benchutil.DirBytes(k.repo); err != nil {
 		return row, err
 	}
 	row.StoredDelta, k.stored = row.Stored-k.stored, row.Stored
@@ -229,7 +230,7 @@ func (v *vnbDriver) backup(ctx context.Context, step, level string) (Row, error)
 			row.DataFiles += n
 		}
 	}
-	if row.Stored, err = dirBytes(v.out); err != nil {
+	if row.Stored, err = benchutil.DirBytes(v.out); err != nil {
 		return row, err
 	}
 	row.StoredDelta, v.stored = row.Stored-v.stored, row.Stored
@@ -256,7 +257,7 @@ func (v *vnbDriver) restore(ctx context.Context, dest string) (string, error) {
 	// restore disconnects: wait for it to release the image.
 	raw := filepath.Join(dest, "vdb.raw")
 	for i := 0; ; i++ {
-		out, err := run(ctx, "qemu-img", "convert", "-O", "raw", images[0], raw)
+		out, err := benchutil.Run(ctx, "qemu-img", "convert", "-O", "raw", images[0], raw)
 		if err == nil {
 			break
 		}
@@ -274,14 +275,14 @@ func (v *vnbDriver) restore(ctx context.Context, dest string) (string, error) {
 // checkRestored fscks a restored data disk and checks the files the guest
 // wrote before the measured incremental backup against the guest's manifest.
 func checkRestored(ctx context.Context, raw, dest string) (string, error) {
-	if _, err := run(ctx, "e2fsck", "-fn", raw); err != nil {
+	if _, err := benchutil.Run(ctx, "e2fsck", "-fn", raw); err != nil {
 		return "", fmt.Errorf("the restored data disk does not fsck clean: %w", err)
 	}
 	dump := filepath.Join(dest, "dump")
 	if err := os.MkdirAll(dump, 0o755); err != nil {
 		return "", err
 	}
-	if _, err := run(ctx, "debugfs", "-R", "rdump /inc "+dump, raw); err != nil {
+	if _, err := benchutil.Run(ctx, "debugfs", "-R", "rdump /inc "+dump, raw); err != nil {
 		return "", err
 	}
 	dir := filepath.Join(dump, "inc")
@@ -336,7 +337,7 @@ func readLines(p string) []string {
 }
 
 func runEnv(ctx context.Context, env, unset []string, name string, args ...string) (string, error) {
-	return runWith(ctx, mergeEnv(env, unset), name, args...)
+	return benchutil.RunWith(ctx, benchutil.MergeEnv(env, unset), name, args...)
 }
 
 func sortedKeys(m map[string]int64) []string {

@@ -1,11 +1,11 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/kura-backup/kura/bench/internal/benchutil"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -43,119 +43,38 @@ func (b *bench) measure(ctx context.Context, name string, qemuPID int, env, unse
 	}
 	full = append(full, argv...)
 	cmd := exec.CommandContext(ctx, full[0], full[1:]...)
-	cmd.Env = mergeEnv(env, unset)
+	cmd.Env = benchutil.MergeEnv(env, unset)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	logf("%s: %s", name, strings.Join(argv, " "))
-	lvPID, _ := strconv.Atoi(strings.TrimSpace(readFile("/run/libvirtd.pid")))
-	busy0, q0, l0 := cpuBusy(), procCPU(qemuPID), procCPU(lvPID)
+	lvPID, _ := strconv.Atoi(strings.TrimSpace(benchutil.ReadFile("/run/libvirtd.pid")))
+	busy0, q0, l0 := benchutil.CPUBusy(), procCPU(qemuPID), procCPU(lvPID)
 	m := Meas{Start: time.Now(), Log: filepath.Join("logs", name+".log")}
 	err := cmd.Run()
 	m.End = time.Now()
-	busy1, q1, l1 := cpuBusy(), procCPU(qemuPID), procCPU(lvPID)
+	busy1, q1, l1 := benchutil.CPUBusy(), procCPU(qemuPID), procCPU(lvPID)
 	m.Seconds = m.End.Sub(m.Start).Seconds()
 	os.WriteFile(logPath, out.Bytes(), 0o644)
-	tv := parseTimeV(readFile(timePath))
+	tv := benchutil.ParseTimeV(benchutil.ReadFile(timePath))
 	m.MaxRSSKB = int64(tv["Maximum resident set size (kbytes)"])
 	m.User, m.Sys = tv["User time (seconds)"], tv["System time (seconds)"]
 	m.QEMUCPU, m.VirtCPU = q1-q0, l1-l0
 	m.OtherCPU = max(0, busy1-busy0-m.User-m.Sys-m.QEMUCPU-m.VirtCPU)
 	if err != nil {
-		return m, out.String(), fmt.Errorf("%s failed (%v); see %s:\n%s", argv[0], err, logPath, lastLines(out.String(), 15))
+		return m, out.String(), fmt.Errorf("%s failed (%v); see %s:\n%s", argv[0], err, logPath, benchutil.LastLines(out.String(), 15))
 	}
 	logf("%s: %.2f s, peak RSS %d MiB, CPU %.1f+%.1f s, QEMU %.1f s, libvirtd %.1f s, other %.1f CPU-s", name, m.Seconds, m.MaxRSSKB>>10, m.User, m.Sys, m.QEMUCPU, m.VirtCPU, m.OtherCPU)
 	return m, out.String(), nil
 }
 
-func mergeEnv(env, unset []string) []string {
-	drop := map[string]bool{}
-	for _, k := range unset {
-		drop[k] = true
-	}
-	for _, kv := range env {
-		k, _, _ := strings.Cut(kv, "=")
-		drop[k] = true
-	}
-	var out []string
-	for _, kv := range os.Environ() {
-		k, _, _ := strings.Cut(kv, "=")
-		if !drop[k] {
-			out = append(out, kv)
-		}
-	}
-	return append(out, env...)
-}
-
-// run runs an untimed helper command and fails with its output.
-func run(ctx context.Context, name string, args ...string) (string, error) {
-	return runWith(ctx, nil, name, args...)
-}
-
-// runWith is run with the environment env (nil: this process's).
-func runWith(ctx context.Context, env []string, name string, args ...string) (string, error) {
-	cmd := exec.CommandContext(ctx, name, args...)
-	cmd.Env = env
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Run(); err != nil {
-		return out.String(), fmt.Errorf("%s %s: %v\n%s", name, strings.Join(args, " "), err, lastLines(out.String(), 15))
-	}
-	return out.String(), nil
-}
-
-func cmdOut(ctx context.Context, name string, args ...string) string {
-	out, _ := exec.CommandContext(ctx, name, args...).CombinedOutput()
-	return string(out)
-}
-
-func parseTimeV(s string) map[string]float64 {
-	m := map[string]float64{}
-	for _, line := range strings.Split(s, "\n") {
-		k, v, ok := strings.Cut(strings.TrimSpace(line), ": ")
-		if !ok {
-			continue
-		}
-		if f, err := strconv.ParseFloat(strings.TrimSpace(v), 64); err == nil {
-			m[k] = f
-		}
-	}
-	return m
-}
-
 var clkTck = 100.0 // USER_HZ on Linux
-
-// cpuBusy is the CPU seconds the whole machine has been busy.
-func cpuBusy() float64 {
-	f, err := os.Open("/proc/stat")
-	if err != nil {
-		return 0
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	if !sc.Scan() {
-		return 0
-	}
-	fl := strings.Fields(sc.Text()) // cpu user nice system idle iowait irq softirq steal
-	var busy float64
-	for i, v := range fl[1:] {
-		if i == 3 || i == 4 { // idle, iowait
-			continue
-		}
-		if i > 7 { // guest, guest_nice are included in user
-			break
-		}
-		n, _ := strconv.ParseFloat(v, 64)
-		busy += n
-	}
-	return busy / clkTck
-}
 
 // procCPU is the CPU seconds process pid has used (0 if it is gone).
 func procCPU(pid int) float64 {
 	if pid <= 0 {
 		return 0
 	}
-	s := readFile(fmt.Sprintf("/proc/%d/stat", pid))
+	s := benchutil.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	i := strings.LastIndexByte(s, ')')
 	if i < 0 {
 		return 0
@@ -167,63 +86,6 @@ func procCPU(pid int) float64 {
 	u, _ := strconv.ParseFloat(fl[11], 64)
 	st, _ := strconv.ParseFloat(fl[12], 64)
 	return (u + st) / clkTck
-}
-
-func readFile(p string) string {
-	b, _ := os.ReadFile(p)
-	return string(b)
-}
-
-func firstLine(s string) string {
-	s = strings.TrimSpace(s)
-	if i := strings.IndexByte(s, '\n'); i >= 0 {
-		s = s[:i]
-	}
-	return s
-}
-
-func lastLines(s string, n int) string {
-	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return "    " + strings.Join(lines, "\n    ")
-}
-
-func loadavg() string {
-	f := strings.Fields(readFile("/proc/loadavg"))
-	if len(f) < 3 {
-		return ""
-	}
-	return strings.Join(f[:3], " ")
-}
-
-func cpuModel() string {
-	for _, line := range strings.Split(readFile("/proc/cpuinfo"), "\n") {
-		if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
-			return strings.TrimSpace(v)
-		}
-	}
-	return ""
-}
-
-// dirBytes is the apparent size of every file under dir (du -sb).
-func dirBytes(dir string) (int64, error) {
-	var n int64
-	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		if d.Type().IsRegular() {
-			fi, err := d.Info()
-			if err != nil {
-				return err
-			}
-			n += fi.Size()
-		}
-		return nil
-	})
-	return n, err
 }
 
 // fileSizes maps each regular file under dir (relative path) to its size.
@@ -245,7 +107,7 @@ func fileSizes(dir string) map[string]int64 {
 // (through its backing chain): what an NBD export's base:allocation context
 // calls data.
 func allocated(ctx context.Context, image string) (int64, error) {
-	out, err := run(ctx, "qemu-img", "map", "-U", "--output=json", image)
+	out, err := benchutil.Run(ctx, "qemu-img", "map", "-U", "--output=json", image)
 	if err != nil {
 		return 0, err
 	}
@@ -263,20 +125,6 @@ func allocated(ctx context.Context, image string) (int64, error) {
 		}
 	}
 	return n, nil
-}
-
-func virtualSize(ctx context.Context, image string) (int64, error) {
-	out, err := run(ctx, "qemu-img", "info", "-U", "--output=json", image)
-	if err != nil {
-		return 0, err
-	}
-	var info struct {
-		VirtualSize int64 `json:"virtual-size"`
-	}
-	if err := json.Unmarshal([]byte(out), &info); err != nil {
-		return 0, err
-	}
-	return info.VirtualSize, nil
 }
 
 // precache reads files into the page cache, as bench/run.sh does before each
