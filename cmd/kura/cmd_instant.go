@@ -19,6 +19,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/kura-backup/kura/internal/export"
+	"github.com/kura-backup/kura/internal/repo"
 	"github.com/kura-backup/kura/internal/source/libvirt"
 )
 
@@ -166,13 +167,12 @@ func (a *app) instantStart(ctx context.Context, arg, as, connect, dir string, wa
 		if _, err := os.Stat(ov); err == nil {
 			return fmt.Errorf("%s exists (left by an earlier instant recovery?): remove it or choose another --dir", ov)
 		}
-		uri := export.URI(s.Socket, d.Name)
-		out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", uri, ov, strconv.FormatInt(d.Size, 10)).CombinedOutput()
+		rd, err := newOverlay(ctx, s.Socket, d, ov)
 		if err != nil {
-			return fmt.Errorf("creating the overlay of disk %s: %v: %s", d.Name, err, strings.TrimSpace(string(out)))
+			return err
 		}
 		s.Overlays[d.Name] = ov
-		disks[d.Name] = libvirt.RestoredDisk{Path: ov, Format: "qcow2", Backing: &libvirt.NBDBacking{Socket: s.Socket, Export: d.Name}}
+		disks[d.Name] = rd
 	}
 	if err := s.save(); err != nil {
 		return err
@@ -199,6 +199,17 @@ func (a *app) instantStart(ctx context.Context, arg, as, connect, dir string, wa
 	}
 	fmt.Fprintf(a.stdout, "keep it: kura instant --migrate %s --to DIR   discard it: kura instant --stop %s\n", name, name)
 	return nil
+}
+
+// newOverlay creates path, a qcow2 overlay over disk d's NBD export on
+// socket, and describes it for the domain definition.
+func newOverlay(ctx context.Context, socket string, d repo.Disk, path string) (libvirt.RestoredDisk, error) {
+	out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", export.URI(socket, d.Name),
+		path, strconv.FormatInt(d.Size, 10)).CombinedOutput()
+	if err != nil {
+		return libvirt.RestoredDisk{}, fmt.Errorf("creating the overlay of disk %s: %v: %s", d.Name, err, strings.TrimSpace(string(out)))
+	}
+	return libvirt.RestoredDisk{Path: path, Format: "qcow2", Backing: &libvirt.NBDBacking{Socket: socket, Export: d.Name}}, nil
 }
 
 // startServer starts `kura export` of the session's restore point as a

@@ -5,10 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"time"
 
 	"github.com/kura-backup/kura/internal/crypt"
@@ -62,12 +59,11 @@ func (a *app) verifyBoot(ctx context.Context, arg string, o bootOptions) error {
 	defer srv.Close()
 	disks := map[string]libvirt.RestoredDisk{}
 	for _, d := range snap.Disks {
-		ov := filepath.Join(work, d.Name+".qcow2")
-		out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", srv.URI(d.Name), ov, strconv.FormatInt(d.Size, 10)).CombinedOutput()
+		rd, err := newOverlay(ctx, srv.Socket(), d, filepath.Join(work, d.Name+".qcow2"))
 		if err != nil {
-			return fmt.Errorf("creating the overlay of disk %s: %v: %s", d.Name, err, strings.TrimSpace(string(out)))
+			return err
 		}
-		disks[d.Name] = libvirt.RestoredDisk{Path: ov, Format: "qcow2", Backing: &libvirt.NBDBacking{Socket: srv.Socket(), Export: d.Name}}
+		disks[d.Name] = rd
 	}
 	def, err := libvirt.RestoreDefinition(snap.Config.Data, name, true, disks)
 	if err == nil {
