@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs what Kura needs on a Debian 12 machine: QEMU tools (the NBD data
 # path for image formats), libvirt (live VM backup), debootstrap (test
-# guests), and the Go modules. Idempotent; quiet when all is present.
+# guests), aiosmtpd (a real SMTP server for the e-mail notification test),
+# and the Go modules. Idempotent; quiet when all is present.
 set -euo pipefail
 
 export PATH="$PATH:/usr/local/go/bin"
 pkgs=(qemu-utils qemu-system-x86 qemu-block-extra libvirt-daemon-system libvirt-clients
       nbdkit libnbd-bin debootstrap e2fsprogs xfsprogs time
-      dosfstools mtools ntfs-3g lvm2 fdisk gdisk)
+      dosfstools mtools ntfs-3g lvm2 fdisk gdisk
+      python3-aiosmtpd)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

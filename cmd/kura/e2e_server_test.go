@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,6 +17,7 @@ import (
 	"time"
 
 	"github.com/kura-backup/kura/internal/catalog"
+	"github.com/kura-backup/kura/internal/notify/smtptest"
 )
 
 // server is a `kura server` process of a test.
@@ -129,6 +131,7 @@ func TestServer(t *testing.T) {
 	os.WriteFile(pwFile, []byte(e.pw+"\n"), 0o600)
 	listen := freePort(t)
 	cfgPath := filepath.Join(dir, "kura.yaml")
+	serverExtra := ""
 	writeCfg := func(extra string) {
 		cfg := fmt.Sprintf(`repositories:
   main:
@@ -146,7 +149,7 @@ jobs:
 server:
   listen: %s
   state_dir: %s
-`, e.repo, pwFile, g.Name, extra, listen, filepath.Join(dir, "state"))
+%s`, e.repo, pwFile, g.Name, extra, listen, filepath.Join(dir, "state"), serverExtra)
 		if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 			t.Fatal(err)
 		}
@@ -218,36 +221,80 @@ server:
 	if r := s.runNow("nightly"); r.Status != catalog.StatusSucceeded {
 		t.Fatalf("the run after the restart: %+v\n%s", r, s.log.String())
 	}
-	// A VM deleted while scheduled: recorded as not found, the others are
-	// backed up, the daemon keeps running.
-	gone := g.Name + "-gone"
-	domXML := filepath.Join(dir, "gone.xml")
-	os.WriteFile(domXML, []byte("<domain type='qemu'><name>"+gone+"</name><memory unit='MiB'>64</memory><os><type arch='x86_64'>hvm</type></os></domain>"), 0o600)
-	if out, err := exec.Command("virsh", "define", domXML).CombinedOutput(); err != nil {
-		t.Fatalf("virsh define: %v %s", err, out)
+	// VMs deleted and renamed while scheduled: recorded as not found, the
+	// others are backed up, the daemon keeps running, and the failed run
+	// is reported to the webhook and by e-mail through a real SMTP server.
+	gone, renamed := g.Name+"-gone", g.Name+"-renamed"
+	for _, name := range []string{gone, renamed} {
+		domXML := filepath.Join(dir, name+".xml")
+		os.WriteFile(domXML, []byte("<domain type='qemu'><name>"+name+"</name><memory unit='MiB'>64</memory><os><type arch='x86_64'>hvm</type></os></domain>"), 0o600)
+		if out, err := exec.Command("virsh", "define", domXML).CombinedOutput(); err != nil {
+			t.Fatalf("virsh define: %v %s", err, out)
+		}
+		t.Cleanup(func() { exec.Command("virsh", "undefine", name).Run() })
 	}
-	t.Cleanup(func() { exec.Command("virsh", "undefine", gone).Run() })
-	writeCfg(`  - name: twovms
+	t.Cleanup(func() { exec.Command("virsh", "undefine", renamed+"-new").Run() })
+	hooks := make(chan map[string]any, 4)
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var m map[string]any
+		json.NewDecoder(r.Body).Decode(&m)
+		hooks <- m
+	}))
+	defer hook.Close()
+	mailServer := smtptest.Start(t, "", "")
+	serverExtra = "  webhook: " + hook.URL + "\n  email: {smtp: \"" + mailServer.Addr + "\", from: kura@test.example, to: [ops@test.example], tls: none}\n"
+	twovms := `  - name: twovms
     repository: main
-    vms: [` + g.Name + `, ` + gone + `]
-    schedule: "@hourly"`)
+    vms: [` + g.Name + `, ` + gone + `, ` + renamed + `]
+    schedule: "@hourly"`
+	writeCfg(twovms)
 	reloads := strings.Count(s.log.String(), "configuration reloaded")
 	s.cmd.Process.Signal(syscall.SIGHUP)
 	s.waitFor(time.Minute, "the reload", func() bool { return strings.Count(s.log.String(), "configuration reloaded") > reloads })
 	if out, err := exec.Command("virsh", "undefine", gone).CombinedOutput(); err != nil {
 		t.Fatalf("virsh undefine: %v %s", err, out)
 	}
+	if out, err := exec.Command("virsh", "domrename", renamed, renamed+"-new").CombinedOutput(); err != nil {
+		t.Fatalf("virsh domrename: %v %s", err, out)
+	}
 	r := s.runNow("twovms")
-	if r.Status != catalog.StatusPartial || !strings.Contains(r.Summary, gone+": not found") {
-		t.Fatalf("the run with a deleted VM: %+v\n%s", r, s.log.String())
+	if r.Status != catalog.StatusPartial || !strings.Contains(r.Summary, gone+": not found") || !strings.Contains(r.Summary, renamed+": not found") {
+		t.Fatalf("the run with a deleted and a renamed VM: %+v\n%s", r, s.log.String())
 	}
 	if out := e.ok("runs", "--config", cfgPath, "--run", fmt.Sprint(r.ID)); !strings.Contains(out, "not-found") {
 		t.Errorf("runs --run of the run with a deleted VM:\n%s", out)
 	}
+	select {
+	case m := <-hooks:
+		if m["job"] != "twovms" || m["status"] != "partial" || m["run"] != float64(r.ID) || !strings.Contains(fmt.Sprint(m["summary"]), gone) {
+			t.Errorf("webhook message %v", m)
+		}
+	case <-time.After(30 * time.Second):
+		t.Errorf("no webhook message for the partial run:\n%s", s.log.String())
+	}
+	s.waitFor(30*time.Second, "the e-mail", func() bool { return len(mailServer.Messages(t)) == 1 })
+	if subj := mailServer.Messages(t)[0].Header.Get("Subject"); !strings.Contains(subj, fmt.Sprintf("job twovms run %d partial", r.ID)) {
+		t.Errorf("e-mail subject %q", subj)
+	}
+	// Nowhere to deliver: logged and counted, and the daemon goes on.
+	serverExtra = "  webhook: http://" + smtptest.FreeAddr(t) + "/hook\n"
+	writeCfg(twovms)
+	reloads = strings.Count(s.log.String(), "configuration reloaded")
+	s.cmd.Process.Signal(syscall.SIGHUP)
+	s.waitFor(time.Minute, "the reload", func() bool { return strings.Count(s.log.String(), "configuration reloaded") > reloads })
+	if r := s.runNow("twovms"); r.Status != catalog.StatusPartial {
+		t.Fatalf("the second run with a deleted VM: %+v\n%s", r, s.log.String())
+	}
+	s.waitFor(30*time.Second, "the failed delivery to be logged", func() bool {
+		return strings.Contains(s.log.String(), "the notification of a failed run was not delivered")
+	})
+	if m := s.metrics(); !strings.Contains(m, `kura_errors_total{kind="notify"} 1`) {
+		t.Errorf("the failed delivery is not counted:\n%s", m)
+	}
 
 	// nightly keeps the last 2 restore points of the VM after each of its
-	// runs; twovms (no retention) added one since.
-	if n := len(e.snapshots("--name", g.Name)); n != 3 {
+	// runs; twovms (no retention) added two since.
+	if n := len(e.snapshots("--name", g.Name)); n != 4 {
 		t.Errorf("%d snapshots of %s after nightly's keep_last 2 and one more backup", n, g.Name)
 	}
 	e.ok("verify")

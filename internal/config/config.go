@@ -12,6 +12,8 @@ package config
 import (
 	"errors"
 	"fmt"
+	"net"
+	"net/mail"
 	"os"
 	"path"
 	"reflect"
@@ -133,6 +135,21 @@ type Server struct {
 	StateDir  string `yaml:"state_dir"`  // default /var/lib/kura
 	LogFormat string `yaml:"log_format"` // text (default) or json
 	Webhook   string `yaml:"webhook"`    // URL posted a JSON message when a run fails
+	Email     *Email `yaml:"email"`      // e-mail sent when a run fails
+}
+
+// Email says how the daemon sends the e-mail about a failed run.
+type Email struct {
+	SMTP         string   `yaml:"smtp"` // host:port of the SMTP server
+	From         string   `yaml:"from"`
+	To           []string `yaml:"to"`
+	Username     string   `yaml:"username"`
+	PasswordFile string   `yaml:"password_file"` // the SMTP password, read at start and on reload
+	TLS          string   `yaml:"tls"`           // starttls (default), tls, none
+	CAFile       string   `yaml:"ca_file"`       // PEM roots the server's certificate must chain to
+
+	Password string `yaml:"-"`
+	lines    map[string]int
 }
 
 // Duration is a time.Duration written as "20ms", "1h30m", "7d".
@@ -240,6 +257,19 @@ func (w *Window) UnmarshalYAML(n *yaml.Node) error {
 }
 
 // UnmarshalYAML implements yaml.Unmarshaler, recording key lines.
+func (e *Email) UnmarshalYAML(n *yaml.Node) error {
+	type plain Email
+	if err := checkKnown(n, (*plain)(e)); err != nil {
+		return err
+	}
+	if err := n.Decode((*plain)(e)); err != nil {
+		return err
+	}
+	e.lines = keyLines(n)
+	return nil
+}
+
+// UnmarshalYAML implements yaml.Unmarshaler, recording key lines.
 func (l *Limits) UnmarshalYAML(n *yaml.Node) error {
 	type plain Limits
 	if err := checkKnown(n, (*plain)(l)); err != nil {
@@ -340,6 +370,51 @@ func (c *Config) defaults() {
 	}
 }
 
+func (c *Config) validateEmail(e *Email) []error {
+	var errs []error
+	at := func(key string) int {
+		if l, ok := e.lines[key]; ok {
+			return l
+		}
+		return e.lines[""]
+	}
+	if _, port, err := net.SplitHostPort(e.SMTP); err != nil || port == "" {
+		errs = append(errs, c.errorf(at("smtp"), "server.email.smtp", "%q: give the SMTP server as host:port (587 for STARTTLS, 465 for TLS, 25 for a local relay)", e.SMTP))
+	}
+	if _, err := mail.ParseAddress(e.From); err != nil {
+		errs = append(errs, c.errorf(at("from"), "server.email.from", "%q is not an e-mail address", e.From))
+	}
+	if len(e.To) == 0 {
+		errs = append(errs, c.errorf(at("to"), "server.email.to", "no recipient"))
+	}
+	for _, a := range e.To {
+		if _, err := mail.ParseAddress(a); err != nil {
+			errs = append(errs, c.errorf(at("to"), "server.email.to", "%q is not an e-mail address", a))
+		}
+	}
+	switch e.TLS {
+	case "", "starttls", "tls", "none":
+	default:
+		errs = append(errs, c.errorf(at("tls"), "server.email.tls", "%q: use starttls, tls or none", e.TLS))
+	}
+	if e.Username != "" && e.TLS == "none" {
+		errs = append(errs, c.errorf(at("username"), "server.email.username", "a password is only sent over TLS: use tls: starttls or tls"))
+	}
+	if e.PasswordFile != "" {
+		b, err := os.ReadFile(e.PasswordFile)
+		if err != nil {
+			errs = append(errs, c.errorf(at("password_file"), "server.email.password_file", "%v", err))
+		}
+		e.Password = strings.TrimRight(string(b), "\r\n")
+	}
+	if e.CAFile != "" {
+		if _, err := os.Stat(e.CAFile); err != nil {
+			errs = append(errs, c.errorf(at("ca_file"), "server.email.ca_file", "%v", err))
+		}
+	}
+	return errs
+}
+
 // errorf makes a validation error at line of field.
 func (c *Config) errorf(line int, field, format string, args ...any) error {
 	return fmt.Errorf("%s:%d: %s: %s", c.file, line, field, fmt.Sprintf(format, args...))
@@ -385,6 +460,9 @@ func (c *Config) validate() error {
 	}
 	if c.Server.LogFormat != "text" && c.Server.LogFormat != "json" {
 		errs = append(errs, c.errorf(c.lines["server"], "server.log_format", "%q: use text or json", c.Server.LogFormat))
+	}
+	if e := c.Server.Email; e != nil {
+		errs = append(errs, c.validateEmail(e)...)
 	}
 	if len(c.Jobs) == 0 {
 		errs = append(errs, c.errorf(c.lines[""], "jobs", "no job is configured"))

@@ -33,6 +33,10 @@ jobs:
     schedule: "@every 1h"
 server:
   log_format: json
+  email:
+    smtp: mail.example.com:587
+    from: Kura <kura@host1.example>
+    to: [ops@example.com]
 `
 
 func TestParseGood(t *testing.T) {
@@ -53,6 +57,9 @@ func TestParseGood(t *testing.T) {
 	}
 	if c.Limits.PerHost != 3 || c.Limits.PerDatastore != 1 || c.Limits.BandwidthBytes != 200<<20 || c.Latency.Threshold.Duration != 15*time.Millisecond {
 		t.Errorf("limits %+v latency %+v", c.Limits, c.Latency)
+	}
+	if e := c.Server.Email; e == nil || e.SMTP != "mail.example.com:587" || len(e.To) != 1 {
+		t.Errorf("email %+v", e)
 	}
 	if c.Server.Listen != "127.0.0.1:9470" || c.Server.Catalog != "/var/lib/kura/catalog.db" || c.Server.LogFormat != "json" || c.Libvirt.Connect != "qemu:///system" {
 		t.Errorf("server %+v libvirt %+v", c.Server, c.Libvirt)
@@ -81,6 +88,19 @@ func TestParseErrors(t *testing.T) {
 		{"bad every", `"@every 1h"|"@every 10s"`, `kura.yaml:23: jobs[1] (hourly-db).schedule: "@every 10s": @every needs at least 1m`},
 		{"wrong type", `per_host: 3|per_host: many`, `kura.yaml: line 7: cannot unmarshal !!str ` + "`many`"},
 		{"bad yaml", `jobs:|jobs: [`, `kura.yaml: line`},
+		{"smtp without port", `smtp: mail.example.com:587|smtp: mail.example.com`, `kura.yaml:27: server.email.smtp: "mail.example.com": give the SMTP server as host:port`},
+		{"bad sender", `from: Kura <kura@host1.example>|from: kura at host1`, `kura.yaml:28: server.email.from: "kura at host1" is not an e-mail address`},
+		{"no recipient", `to: [ops@example.com]|to: []`, `kura.yaml:29: server.email.to: no recipient`},
+		{"bad tls", `to: [ops@example.com]|to: [ops@example.com]
+    tls: yes-please`, `kura.yaml:30: server.email.tls: "yes-please": use starttls, tls or none`},
+		{"password in clear", `to: [ops@example.com]|to: [ops@example.com]
+    tls: none
+    username: kura`, `kura.yaml:31: server.email.username: a password is only sent over TLS`},
+		{"missing password file", `to: [ops@example.com]|to: [ops@example.com]
+    username: kura
+    password_file: /nonexistent/smtp.pass`, `kura.yaml:31: server.email.password_file: open /nonexistent/smtp.pass: no such file`},
+		{"unknown email field", `to: [ops@example.com]|to: [ops@example.com]
+    port: 25`, `line 30: field port not found`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			from, to, _ := strings.Cut(tc.edit, "|")

@@ -1,14 +1,15 @@
 package daemon
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
+	"os"
+	"strings"
 	"time"
 
+	"github.com/kura-backup/kura/internal/notify"
 	"github.com/kura-backup/kura/internal/schedule"
 )
 
@@ -46,33 +47,38 @@ func (d *Daemon) handler() http.Handler {
 	return mux
 }
 
-// notify posts a failed run to the configured webhook as JSON
-// ({"job", "run", "status", "summary", "time"}); failures are logged.
+// notify tells the configured webhook and e-mail recipients about a run
+// that did not fully succeed. It returns at once: the deliveries run in the
+// background, each bounded by its timeout, and a failed delivery is logged
+// and counted (kura_errors_total{kind="notify"}), never retried.
 func (d *Daemon) notify(ctx context.Context, job string, run int64, status, summary string) {
 	d.mu.Lock()
-	url := d.cfg.Server.Webhook
+	var senders []sender
+	if u := d.cfg.Server.Webhook; u != "" {
+		senders = append(senders, sender{"webhook " + u, notify.Webhook{URL: u}.Send})
+	}
+	if e := d.cfg.Server.Email; e != nil {
+		em := notify.Email{Server: e.SMTP, From: e.From, To: e.To, Username: e.Username, Password: e.Password, TLS: e.TLS, CAFile: e.CAFile}
+		senders = append(senders, sender{"e-mail to " + strings.Join(e.To, ", "), em.Send})
+	}
 	d.mu.Unlock()
-	if url == "" {
-		return
+	host, _ := os.Hostname()
+	m := notify.Message{Job: job, Run: run, Status: status, Summary: summary, Time: time.Now().UTC(), Host: host}
+	for _, s := range senders {
+		d.wg.Add(1)
+		go func() {
+			defer d.wg.Done()
+			if err := s.send(context.WithoutCancel(ctx), m); err != nil {
+				d.log.Error("the notification of a failed run was not delivered", "to", s.to, "job", job, "run", run, "err", err)
+				d.m.errs.Inc("notify")
+				return
+			}
+			d.log.Info("notified of a failed run", "to", s.to, "job", job, "run", run)
+		}()
 	}
-	body, _ := json.Marshal(map[string]any{"job": job, "run": run, "status": status, "summary": summary, "time": time.Now().UTC()})
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
-	if err != nil {
-		d.log.Error("webhook", "err", err)
-		return
-	}
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		d.log.Error("webhook: the notification of a failed run was not delivered", "url", url, "err", err)
-		d.m.errs.Inc("webhook")
-		return
-	}
-	resp.Body.Close()
-	if resp.StatusCode >= 300 {
-		d.log.Error("webhook: the notification of a failed run was refused", "url", url, "status", resp.Status)
-		d.m.errs.Inc("webhook")
-	}
+}
+
+type sender struct {
+	to   string
+	send func(context.Context, notify.Message) error
 }
