@@ -19,8 +19,11 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/kura-backup/kura/internal/export"
+	"github.com/kura-backup/kura/internal/guest"
+	"github.com/kura-backup/kura/internal/qemuargs"
 	"github.com/kura-backup/kura/internal/repo"
 	"github.com/kura-backup/kura/internal/source/libvirt"
+	"github.com/kura-backup/kura/internal/source/qmp"
 )
 
 // defaultInstantDir holds the overlays of instant-recovered VMs: what
@@ -38,9 +41,20 @@ type instantSession struct {
 	Socket    string            `json:"socket"`
 	ServerPID int               `json:"server_pid"`
 	Overlays  map[string]string `json:"overlays"` // disk target -> overlay file
-	// OverlayDir holds the overlays and the VM's own files (console log).
+	// OverlayDir holds the overlays and the VM's own files (console log;
+	// for plain QEMU also its sockets).
 	OverlayDir string    `json:"overlay_dir"`
 	Started    time.Time `json:"started"`
+
+	// Kind is "libvirt" (a transient libvirt domain) or "qemu" (a QEMU
+	// process started from the command line saved with the backup).
+	Kind string `json:"kind"`
+	// Plain QEMU: the process, its QMP monitor for kura, the guest agent's
+	// socket and the command line it runs.
+	QEMUPID     int      `json:"qemu_pid,omitempty"`
+	QMPSocket   string   `json:"qmp_socket,omitempty"`
+	AgentSocket string   `json:"agent_socket,omitempty"`
+	Cmdline     []string `json:"cmdline,omitempty"`
 }
 
 func sessionDir(name string) string { return filepath.Join(runDir, "instant", name) }
@@ -124,20 +138,34 @@ func (a *app) instantStart(ctx context.Context, arg, as, connect, dir string, wa
 	if err != nil {
 		return err
 	}
-	if snap.Config == nil || snap.Config.Type != "libvirt-xml" {
-		return fmt.Errorf("restore point %s (%s) is not of a libvirt VM: serve its disks with `kura export %s` and attach them to a VM yourself", snap.ID[:8], snap.Name, snap.ID[:8])
+	kind := ""
+	if snap.Config != nil {
+		switch snap.Config.Type {
+		case "libvirt-xml":
+			kind = "libvirt"
+		case qmp.ConfigType:
+			kind = "qemu"
+		}
+	}
+	if kind == "" {
+		return fmt.Errorf("restore point %s (%s) is not of a VM: serve its disks with `kura export %s` and attach them to a VM yourself", snap.ID[:8], snap.Name, snap.ID[:8])
 	}
 	name := snap.Name
 	if as != "" {
 		name = as
 	}
-	conn, err := libvirt.Connect(ctx, connect)
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
-	if err := conn.CanDefine(ctx, name, false); err != nil {
-		return err
+	var conn *libvirt.Conn
+	var cmdline []string
+	if kind == "libvirt" {
+		if conn, err = libvirt.Connect(ctx, connect); err != nil {
+			return err
+		}
+		defer conn.Close()
+		if err := conn.CanDefine(ctx, name, false); err != nil {
+			return err
+		}
+	} else if cmdline, err = qmp.SavedCommandLine(snap.Config.Data); err != nil {
+		return fmt.Errorf("restore point %s: %w: serve its disks with `kura export %s` and start QEMU on them yourself", snap.ID[:8], err, snap.ID[:8])
 	}
 	sdir := sessionDir(name)
 	if _, err := os.Stat(filepath.Join(sdir, "session.json")); err == nil {
@@ -151,11 +179,11 @@ func (a *app) instantStart(ctx context.Context, arg, as, connect, dir string, wa
 		return fmt.Errorf("making the overlay directory: %w", err)
 	}
 	repoPath, _ := filepath.Abs(a.repoPath)
-	s := &instantSession{Name: name, Snapshot: snap.ID, Repo: repoPath, Connect: connect,
+	s := &instantSession{Name: name, Snapshot: snap.ID, Repo: repoPath, Connect: connect, Kind: kind,
 		Socket: filepath.Join(sdir, "nbd.sock"), Overlays: map[string]string{}, OverlayDir: odir, Started: began}
 	defer func() {
 		if err != nil {
-			a.instantCleanup(context.WithoutCancel(ctx), conn, s)
+			a.instantCleanup(context.WithoutCancel(ctx), s, true)
 		}
 	}()
 	if err := a.startServer(ctx, s); err != nil {
@@ -177,20 +205,33 @@ func (a *app) instantStart(ctx context.Context, arg, as, connect, dir string, wa
 	if err := s.save(); err != nil {
 		return err
 	}
-	def, err := libvirt.RestoreDefinition(snap.Config.Data, name, as != "", disks)
-	if err != nil {
-		return fmt.Errorf("restore point %s: %w", snap.ID[:8], err)
-	}
-	if err := conn.CreateTransient(ctx, name, def); err != nil {
+	if kind == "libvirt" {
+		def, err := libvirt.RestoreDefinition(snap.Config.Data, name, as != "", disks)
+		if err != nil {
+			return fmt.Errorf("restore point %s: %w", snap.ID[:8], err)
+		}
+		if err := conn.CreateTransient(ctx, name, def); err != nil {
+			return err
+		}
+	} else if err := a.startQEMU(ctx, s, snap, cmdline, as != ""); err != nil {
 		return err
 	}
 	started := time.Since(began)
 	fmt.Fprintf(a.stdout, "VM %s runs from restore point %s (%s, %s), started in %s; its writes go to %s\n",
 		name, snap.ID[:8], snap.Name, snap.Time.Local().Format("2006-01-02 15:04:05"), started.Round(10*time.Millisecond), odir)
+	if kind == "qemu" {
+		fmt.Fprintf(a.stdout, "QEMU pid %d, QMP socket %s, console and logs in %s\n", s.QEMUPID, s.QMPSocket, odir)
+	}
 	if wait {
 		wctx, cancel := context.WithTimeout(ctx, waitAgent)
 		defer cancel()
-		if err := conn.WaitAgent(wctx, name); err != nil {
+		var err error
+		if kind == "libvirt" {
+			err = conn.WaitAgent(wctx, name)
+		} else {
+			err = waitSocketAgent(wctx, s)
+		}
+		if err != nil {
 			// The VM runs; the user decides what to do with it.
 			fmt.Fprintf(a.stdout, "warning: %v\n", err)
 		} else {
@@ -199,6 +240,66 @@ func (a *app) instantStart(ctx context.Context, arg, as, connect, dir string, wa
 	}
 	fmt.Fprintf(a.stdout, "keep it: kura instant --migrate %s --to DIR   discard it: kura instant --stop %s\n", name, name)
 	return nil
+}
+
+// startQEMU starts a plain QEMU VM from the command line saved with snap,
+// every backed-up disk replaced by its overlay, and records it in s.
+func (a *app) startQEMU(ctx context.Context, s *instantSession, snap *repo.Snapshot, cmdline []string, newIdentity bool) error {
+	plan := qemuargs.Plan{Disks: map[string]qemuargs.Image{}, RunDir: s.OverlayDir, NewIdentity: newIdentity}
+	if newIdentity {
+		plan.Name = s.Name
+	}
+	for _, d := range snap.Disks {
+		if d.SourcePath == "" {
+			return fmt.Errorf("restore point %s does not say which image disk %s was read from", snap.ID[:8], d.Name)
+		}
+		plan.Disks[d.SourcePath] = qemuargs.Image{Path: s.Overlays[d.Name], Format: "qcow2"}
+	}
+	rw, err := qemuargs.Rewrite(cmdline, plan)
+	if err != nil {
+		return fmt.Errorf("restore point %s: %w", snap.ID[:8], err)
+	}
+	s.QMPSocket, s.AgentSocket, s.Cmdline = rw.QMPSocket, rw.AgentSocket, rw.Args
+	pid, err := qmp.Start(ctx, rw.Args, filepath.Join(s.OverlayDir, "qemu.log"), rw.QMPSocket)
+	if err != nil {
+		return err
+	}
+	s.QEMUPID = pid
+	return s.save()
+}
+
+// waitSocketAgent waits until the guest agent of a plain QEMU session
+// answers, or QEMU ends.
+func waitSocketAgent(ctx context.Context, s *instantSession) error {
+	if s.AgentSocket == "" {
+		return errors.New("the VM has no guest agent port on a unix socket: not waiting for its agent")
+	}
+	ag := guest.NewSocket(s.AgentSocket, guest.Timeouts{Ping: 2 * time.Second})
+	for {
+		if !processAlive(s.QEMUPID) {
+			log, _ := os.ReadFile(filepath.Join(s.OverlayDir, "qemu.log"))
+			return fmt.Errorf("QEMU ended before the guest agent answered: %s", lastLine(string(log)))
+		}
+		if err := ag.Ping(ctx); err == nil {
+			return nil
+		} else if ctx.Err() != nil {
+			return fmt.Errorf("the guest agent did not answer: %w", err)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("the guest agent did not answer: %w", ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// processAlive reports whether pid runs (and is not a zombie).
+func processAlive(pid int) bool {
+	if pid <= 0 || syscall.Kill(pid, 0) != nil {
+		return false
+	}
+	st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	return err == nil && !strings.Contains(string(st), ") Z ")
 }
 
 // newOverlay creates path, a qcow2 overlay over disk d's NBD export on
@@ -293,11 +394,12 @@ func stopServer(s *instantSession) {
 	p.Kill()
 }
 
-// instantCleanup undoes a session: the VM, the server, the overlays.
-func (a *app) instantCleanup(ctx context.Context, conn *libvirt.Conn, s *instantSession) error {
+// instantCleanup undoes a session: the VM (when destroy is set), the
+// server, the overlays.
+func (a *app) instantCleanup(ctx context.Context, s *instantSession, destroy bool) error {
 	var errs []error
-	if conn != nil {
-		errs = append(errs, conn.Destroy(ctx, s.Name))
+	if destroy {
+		errs = append(errs, destroyInstantVM(ctx, s))
 	}
 	stopServer(s)
 	for _, ov := range s.Overlays {
@@ -305,7 +407,7 @@ func (a *app) instantCleanup(ctx context.Context, conn *libvirt.Conn, s *instant
 			errs = append(errs, err)
 		}
 	}
-	if conn != nil && s.OverlayDir != "" {
+	if destroy && s.OverlayDir != "" {
 		// The VM is gone: its console log and sockets beside the
 		// overlays go too.
 		os.RemoveAll(s.OverlayDir)
@@ -314,17 +416,39 @@ func (a *app) instantCleanup(ctx context.Context, conn *libvirt.Conn, s *instant
 	return errors.Join(errs...)
 }
 
-func (a *app) instantStop(ctx context.Context, name string) error {
-	s, err := loadSession(name)
-	if err != nil {
-		return err
+// destroyInstantVM stops the session's VM at once.
+func destroyInstantVM(ctx context.Context, s *instantSession) error {
+	if s.Kind == "qemu" {
+		if !processAlive(s.QEMUPID) {
+			return nil
+		}
+		if err := qmp.Quit(ctx, s.QMPSocket); err == nil {
+			return nil
+		}
+		// No answer on its monitor: kill it, if it is still the QEMU
+		// that runs on the session's overlays.
+		if cmd, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", s.QEMUPID)); err == nil && strings.Contains(string(cmd), s.OverlayDir) {
+			syscall.Kill(s.QEMUPID, syscall.SIGKILL)
+			for end := time.Now().Add(10 * time.Second); processAlive(s.QEMUPID) && time.Now().Before(end); {
+				time.Sleep(20 * time.Millisecond)
+			}
+		}
+		return nil
 	}
 	conn, err := libvirt.Connect(ctx, s.Connect)
 	if err != nil {
 		return err
 	}
 	defer conn.Close()
-	if err := a.instantCleanup(ctx, conn, s); err != nil {
+	return conn.Destroy(ctx, s.Name)
+}
+
+func (a *app) instantStop(ctx context.Context, name string) error {
+	s, err := loadSession(name)
+	if err != nil {
+		return err
+	}
+	if err := a.instantCleanup(ctx, s, true); err != nil {
 		return err
 	}
 	fmt.Fprintf(a.stdout, "stopped instant VM %s and discarded its writes\n", name)
@@ -336,11 +460,15 @@ func (a *app) instantMigrate(ctx context.Context, name, to, format string) error
 	if err != nil {
 		return err
 	}
-	conn, err := libvirt.Connect(ctx, s.Connect)
-	if err != nil {
-		return err
+	var conn *libvirt.Conn
+	if s.Kind != "qemu" {
+		if conn, err = libvirt.Connect(ctx, s.Connect); err != nil {
+			return err
+		}
+		defer conn.Close()
+	} else if !processAlive(s.QEMUPID) {
+		return fmt.Errorf("the QEMU of instant VM %s (pid %d) is not running: nothing to migrate; clean up with `kura instant --stop %s`", name, s.QEMUPID, name)
 	}
-	defer conn.Close()
 	if err := os.MkdirAll(to, 0o755); err != nil {
 		return fmt.Errorf("making %s: %w", to, err)
 	}
@@ -363,12 +491,21 @@ func (a *app) instantMigrate(ctx context.Context, name, to, format string) error
 		stop := progressLine(a.stderr, a.progressOn(), func() string {
 			return rateLine("migrate "+t, int64(cur.Load()), int64(total.Load()), start)
 		})
-		err := conn.MoveDisk(ctx, name, t, dests[t], format, func(c, end uint64) { cur.Store(c); total.Store(end) })
+		progress := func(c, end uint64) { cur.Store(c); total.Store(end) }
+		var err error
+		if conn != nil {
+			err = conn.MoveDisk(ctx, name, t, dests[t], format, progress)
+		} else {
+			err = qmp.MoveDisk(ctx, s.QMPSocket, s.Overlays[t], dests[t], format, progress)
+		}
 		stop()
 		if err != nil {
 			return fmt.Errorf("%w; the VM keeps running from the restore point", err)
 		}
 		fmt.Fprintf(a.stdout, "moved disk %s of %s (%s) to %s in %s\n", t, name, humanBytes(int64(total.Load())), dests[t], time.Since(start).Round(10*time.Millisecond))
+	}
+	if conn == nil {
+		return a.finishQEMUMigrate(ctx, s, dests, format, to, began)
 	}
 	if err := conn.Persist(ctx, name); err != nil {
 		return err
@@ -384,11 +521,49 @@ func (a *app) instantMigrate(ctx context.Context, name, to, format string) error
 			return fmt.Errorf("disk %s of %s reads %s after the move, not %s: the server keeps running; look at `virsh dumpxml %s`", t, name, srcs[t], dests[t], name)
 		}
 	}
-	if err := a.instantCleanup(ctx, nil, s); err != nil {
+	if err := a.instantCleanup(ctx, s, false); err != nil {
 		return err
 	}
 	fmt.Fprintf(a.stdout, "VM %s now runs from local disks in %s and no longer depends on kura (%s); it is defined in libvirt\n", name, to, time.Since(began).Round(10*time.Millisecond))
 	return nil
+}
+
+// finishQEMUMigrate ends the session of a plain QEMU VM whose disks all
+// moved to dests (qmp.MoveDisk checked each reads its file alone), and
+// writes the command line that starts the VM again from them.
+func (a *app) finishQEMUMigrate(ctx context.Context, s *instantSession, dests map[string]string, format, to string, began time.Time) error {
+	plan := qemuargs.Plan{Disks: map[string]qemuargs.Image{}}
+	for t, ov := range s.Overlays {
+		plan.Disks[ov] = qemuargs.Image{Path: dests[t], Format: format}
+	}
+	rw, err := qemuargs.Rewrite(s.Cmdline, plan)
+	if err != nil {
+		return fmt.Errorf("the VM runs from %s, but its command line could not be rewritten: %w", to, err)
+	}
+	script := filepath.Join(s.OverlayDir, "start.sh")
+	quoted := make([]string, len(rw.Args))
+	for i, arg := range rw.Args {
+		quoted[i] = shellQuote(arg)
+	}
+	if err := os.WriteFile(script, []byte("#!/bin/sh\n# starts "+s.Name+" again from its local disks in "+to+"\nexec "+strings.Join(quoted, " ")+"\n"), 0o755); err != nil {
+		return err
+	}
+	if err := a.instantCleanup(ctx, s, false); err != nil {
+		return err
+	}
+	fmt.Fprintf(a.stdout, "VM %s now runs from local disks in %s and no longer depends on kura (%s); QEMU pid %d, QMP socket %s\n", s.Name, to, time.Since(began).Round(10*time.Millisecond), s.QEMUPID, s.QMPSocket)
+	fmt.Fprintf(a.stdout, "to start it again once it stops: sh %s\n", script)
+	return nil
+}
+
+// shellQuote quotes s for sh when it needs it.
+func shellQuote(s string) string {
+	if s != "" && strings.IndexFunc(s, func(r rune) bool {
+		return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("-_./=:,+@%", r))
+	}) < 0 {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
 
 func (a *app) instantList() error {

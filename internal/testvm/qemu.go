@@ -152,6 +152,33 @@ func StartQEMU(ctx context.Context, o Options) (*Guest, error) {
 	return g, nil
 }
 
+// AttachQEMU returns a Guest for a plain QEMU VM that testvm did not
+// start: process pid, its guest agent on the unix socket agentSocket, data
+// disks mounted at mounts. Exec, Agent and WaitAgent work on it; Destroy
+// kills the process and removes no files.
+func AttachQEMU(name string, pid int, agentSocket, consoleLog string, mounts ...string) *Guest {
+	g := &Guest{Name: name, Kind: "qemu", PID: pid, AgentSocket: agentSocket, ConsoleLog: consoleLog,
+		Started: time.Now(), agent: &socketAgent{path: agentSocket}}
+	for _, m := range mounts {
+		g.Disks = append(g.Disks, Disk{Mount: m})
+	}
+	g.exited = make(chan struct{})
+	go func() {
+		// Not a child: poll for its end.
+		for syscall.Kill(pid, 0) == nil && !isZombie(pid) {
+			time.Sleep(100 * time.Millisecond)
+		}
+		g.exitErr = fmt.Errorf("pid %d ended", pid)
+		close(g.exited)
+	}()
+	return g
+}
+
+func isZombie(pid int) bool {
+	st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	return err != nil || strings.Contains(string(st), ") Z ")
+}
+
 func allSockets(paths ...string) bool {
 	for _, p := range paths {
 		if fi, err := os.Stat(p); err != nil || fi.Mode()&os.ModeSocket == 0 {

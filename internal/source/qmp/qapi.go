@@ -29,10 +29,11 @@ type blockInserted struct {
 }
 
 type imageInfo struct {
-	Filename       string `json:"filename"`
-	Format         string `json:"format"`
-	VirtualSize    int64  `json:"virtual-size"`
-	FormatSpecific *struct {
+	Filename        string `json:"filename"`
+	BackingFilename string `json:"backing-filename"`
+	Format          string `json:"format"`
+	VirtualSize     int64  `json:"virtual-size"`
+	FormatSpecific  *struct {
 		Type string `json:"type"`
 		Data struct {
 			Compat string `json:"compat"` // qcow2: "0.10" (v2) or "1.1" (v3)
