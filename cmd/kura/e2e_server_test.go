@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -282,6 +283,23 @@ server:
 	reloads = strings.Count(s.log.String(), "configuration reloaded")
 	s.cmd.Process.Signal(syscall.SIGHUP)
 	s.waitFor(time.Minute, "the reload", func() bool { return strings.Count(s.log.String(), "configuration reloaded") > reloads })
+	// The reload read the repository's new snapshots into the catalog's
+	// cache, which now lists exactly the repository's.
+	cat, err := catalog.Open(ctx, filepath.Join(dir, "state", "catalog.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cached, err := cat.Snapshots(ctx, "main")
+	cat.Close()
+	inRepo := e.snapshots()
+	if err != nil || len(cached) != len(inRepo) {
+		t.Errorf("the catalog caches %d snapshots (%v), the repository has %d", len(cached), err, len(inRepo))
+	}
+	for _, c := range cached {
+		if !slices.ContainsFunc(inRepo, func(s snapJSON) bool { return s.ID == c.ID && s.Name == c.Name }) {
+			t.Errorf("cached snapshot %s (%s) is not in the repository", c.ID, c.Name)
+		}
+	}
 	if r := s.runNow("twovms"); r.Status != catalog.StatusPartial {
 		t.Fatalf("the second run with a deleted VM: %+v\n%s", r, s.log.String())
 	}

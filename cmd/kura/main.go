@@ -103,15 +103,8 @@ func (a *app) backend() (backend.Backend, error) {
 // password returns the repository password from KURA_PASSWORD, the
 // password file, or a terminal prompt.
 func (a *app) password(prompt string, confirm bool) ([]byte, error) {
-	if a.passwordFile != "" {
-		data, err := os.ReadFile(a.passwordFile)
-		if err != nil {
-			return nil, fmt.Errorf("reading password file: %w", err)
-		}
-		return []byte(strings.TrimRight(string(data), "\r\n")), nil
-	}
-	if p, ok := os.LookupEnv("KURA_PASSWORD"); ok {
-		return []byte(p), nil
+	if p, err := repo.ReadPassword(a.passwordFile); !errors.Is(err, repo.ErrNoPassword) {
+		return p, err
 	}
 	if !term.IsTerminal(int(os.Stdin.Fd())) {
 		return nil, errors.New("no password: set KURA_PASSWORD or pass --password-file")

@@ -257,7 +257,7 @@ func (d *Daemon) resolve(ctx context.Context, cfg *config.Config) ([]schedule.Jo
 		if err != nil {
 			return nil, err
 		}
-		last, err := lastSnapshots(ctx, r)
+		last, err := d.lastSnapshots(ctx, j.Repository, r)
 		if err != nil {
 			return nil, err
 		}
@@ -300,14 +300,51 @@ func selects(j *config.Job, dom libvirt.DomainInfo) bool {
 	return false
 }
 
-// lastSnapshots returns the time of each VM's newest restore point.
-func lastSnapshots(ctx context.Context, r *repo.Repo) (map[string]time.Time, error) {
-	ss, _, err := r.SnapshotsLenient(ctx)
+// lastSnapshots returns the time of each VM's newest restore point in
+// repository name. The repository stays the source of truth: its snapshot
+// ids are listed every time, but only the snapshots the catalog's cache
+// does not hold yet are read and decrypted (a snapshot never changes once
+// written), and the cache is then brought up to date.
+func (d *Daemon) lastSnapshots(ctx context.Context, name string, r *repo.Repo) (map[string]time.Time, error) {
+	ids, err := r.SnapshotIDs(ctx)
 	if err != nil {
 		return nil, err
 	}
+	cached, err := d.store.Snapshots(ctx, name)
+	if err != nil {
+		d.log.Warn("reading the catalog's snapshot cache; reading the repository's", "repository", name, "err", err)
+	}
+	byID := map[string]catalog.SnapshotInfo{}
+	for _, s := range cached {
+		byID[s.ID] = s
+	}
+	list := make([]catalog.SnapshotInfo, 0, len(ids))
+	changed := len(cached) != len(ids)
+	for _, id := range ids {
+		if s, ok := byID[id]; ok {
+			list = append(list, s)
+			continue
+		}
+		changed = true
+		s, err := r.LoadSnapshot(ctx, id)
+		switch {
+		case errors.Is(err, repo.ErrNoSnapshot):
+			continue // forgotten meanwhile
+		case errors.Is(err, repo.ErrDamaged):
+			d.log.Warn("a snapshot of the repository is damaged: kura check tells more", "repository", name, "snapshot", id, "err", err)
+			continue
+		case err != nil:
+			return nil, err
+		}
+		list = append(list, catalog.SnapshotInfo{Repository: name, ID: id, Name: s.Name, Time: s.Time, Kind: s.Kind, Mode: s.Mode, Bytes: s.Stats.BytesStored})
+	}
+	if changed {
+		if err := d.store.ReplaceSnapshots(ctx, name, list); err != nil {
+			d.log.Warn("updating the catalog's snapshot cache", "repository", name, "err", err)
+		}
+	}
 	out := map[string]time.Time{}
-	for _, s := range ss {
+	for _, s := range list {
 		if s.Time.After(out[s.Name]) {
 			out[s.Name] = s.Time
 		}
@@ -323,17 +360,11 @@ func (d *Daemon) openRepo(ctx context.Context, cfg *config.Config, name string) 
 		return r, nil
 	}
 	rc := cfg.Repositories[name]
-	var pw []byte
-	if rc.PasswordFile != "" {
-		b, err := os.ReadFile(rc.PasswordFile)
-		if err != nil {
-			return nil, fmt.Errorf("repository %s: reading its password file: %w", name, err)
-		}
-		pw = []byte(strings.TrimRight(string(b), "\r\n"))
-	} else if p, ok := os.LookupEnv("KURA_PASSWORD"); ok {
-		pw = []byte(p)
-	} else {
+	pw, err := repo.ReadPassword(rc.PasswordFile)
+	if errors.Is(err, repo.ErrNoPassword) {
 		return nil, fmt.Errorf("repository %s: no password: set password_file in the configuration", name)
+	} else if err != nil {
+		return nil, fmt.Errorf("repository %s: %w", name, err)
 	}
 	be, err := local.Open(rc.Path)
 	if err != nil {

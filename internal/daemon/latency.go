@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kura-backup/kura/internal/catalog"
+	"github.com/kura-backup/kura/internal/source/libvirt"
 	"github.com/kura-backup/kura/internal/throttle"
 )
 
@@ -80,15 +81,18 @@ func (d *Daemon) sampleLatency(ctx context.Context) {
 		}
 	}
 	disk := readDiskstats()
+	var all map[string]map[string]libvirt.BlockCounters
+	if len(ctrls) > 0 {
+		var err error
+		if all, err = d.conn.AllBlockStats(ctx); err != nil {
+			d.log.Warn("reading the guests' block statistics", "err", err)
+		}
+	}
 	now := time.Now()
 	for ds, ctrl := range ctrls {
 		var s throttle.Sample
 		for _, vm := range vms[ds] {
-			stats, err := d.conn.BlockStats(ctx, vm)
-			if err != nil {
-				continue // stopped or gone meanwhile
-			}
-			for target, bc := range stats {
+			for target, bc := range all[vm] { // none when stopped or gone meanwhile
 				cur := throttle.BlockStats{RdOperations: uint64(bc.ReadOps), WrOperations: uint64(bc.WriteOps), FlushOperations: uint64(bc.FlushOps),
 					RdTotalTimeNs: uint64(bc.ReadTimeNs), WrTotalTimeNs: uint64(bc.WriteTimeNs), FlushTotalTimeNs: uint64(bc.FlushTimeNs)}
 				key := vm + "/" + target

@@ -156,3 +156,24 @@ func unlock(ctx context.Context, be backend.Backend, password []byte) (*crypt.Ke
 	}
 	return nil, "", ErrWrongPassword
 }
+
+// ErrNoPassword is returned by ReadPassword when neither a password file
+// nor $KURA_PASSWORD gives the repository's password.
+var ErrNoPassword = errors.New("no password: set KURA_PASSWORD or give a password file")
+
+// ReadPassword returns the repository password from file (its first line
+// ending trimmed) when file is set, else from $KURA_PASSWORD, else
+// ErrNoPassword.
+func ReadPassword(file string) ([]byte, error) {
+	if file != "" {
+		data, err := os.ReadFile(file)
+		if err != nil {
+			return nil, fmt.Errorf("reading password file: %w", err)
+		}
+		return []byte(strings.TrimRight(string(data), "\r\n")), nil
+	}
+	if p, ok := os.LookupEnv("KURA_PASSWORD"); ok {
+		return []byte(p), nil
+	}
+	return nil, ErrNoPassword
+}

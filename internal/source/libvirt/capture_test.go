@@ -143,6 +143,10 @@ func TestLibvirtCapture(t *testing.T) {
 		if len(after) != 4 || a.WriteOps-b.WriteOps < 64 || a.WriteBytes-b.WriteBytes < 64*64<<10 || a.WriteTimeNs <= b.WriteTimeNs {
 			t.Fatalf("block stats of %s: before %+v after %+v (all: %v)", g.Name, b, a, after)
 		}
+		all, err := conn.AllBlockStats(ctx)
+		if err != nil || len(all[g.Name]) != 4 || all[g.Name]["vdb"].WriteOps < a.WriteOps {
+			t.Fatalf("AllBlockStats: %v, %s: %+v", err, g.Name, all[g.Name])
+		}
 	})
 
 	t.Run("list, lookup and config", func(t *testing.T) {
