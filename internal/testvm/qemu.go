@@ -157,6 +157,10 @@ func StartQEMU(ctx context.Context, o Options) (*Guest, error) {
 // disks mounted at mounts. Exec, Agent and WaitAgent work on it; Destroy
 // kills the process and removes no files.
 func AttachQEMU(name string, pid int, agentSocket, consoleLog string, mounts ...string) *Guest {
+	if pid <= 0 {
+		// kill(0) and kill(-1) reach far more than one QEMU.
+		panic(fmt.Sprintf("testvm.AttachQEMU: pid %d", pid))
+	}
 	g := &Guest{Name: name, Kind: "qemu", PID: pid, AgentSocket: agentSocket, ConsoleLog: consoleLog,
 		Started: time.Now(), agent: &socketAgent{path: agentSocket}}
 	for _, m := range mounts {
@@ -197,6 +201,9 @@ func (g *Guest) stopQEMU(ctx context.Context) error {
 	case <-g.exited:
 		return nil
 	default:
+	}
+	if g.PID <= 0 {
+		return fmt.Errorf("guest %s has no QEMU pid (%d)", g.Name, g.PID)
 	}
 	if err := syscall.Kill(g.PID, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
 		return fmt.Errorf("killing %s (pid %d): %w", qemuBinary, g.PID, err)

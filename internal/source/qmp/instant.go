@@ -53,8 +53,9 @@ func Start(ctx context.Context, args []string, logPath, qmpSocket string) (int, 
 	go func() { exited <- c.Wait() }()
 	for {
 		if fi, err := os.Stat(qmpSocket); err == nil && fi.Mode()&os.ModeSocket != 0 {
+			pid := c.Process.Pid // Release sets it to -1
 			c.Process.Release()
-			return c.Process.Pid, nil
+			return pid, nil
 		}
 		select {
 		case err := <-exited:
