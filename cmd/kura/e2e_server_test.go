@@ -278,11 +278,18 @@ server:
 		t.Errorf("e-mail subject %q", subj)
 	}
 	// Nowhere to deliver: logged and counted, and the daemon goes on.
+	// (The reload drops the VMs that are gone; one more is deleted after it.)
+	if out, err := exec.Command("virsh", "define", filepath.Join(dir, gone+".xml")).CombinedOutput(); err != nil {
+		t.Fatalf("virsh define: %v %s", err, out)
+	}
 	serverExtra = "  webhook: http://" + smtptest.FreeAddr(t) + "/hook\n"
 	writeCfg(twovms)
 	reloads = strings.Count(s.log.String(), "configuration reloaded")
 	s.cmd.Process.Signal(syscall.SIGHUP)
 	s.waitFor(time.Minute, "the reload", func() bool { return strings.Count(s.log.String(), "configuration reloaded") > reloads })
+	if out, err := exec.Command("virsh", "undefine", gone).CombinedOutput(); err != nil {
+		t.Fatalf("virsh undefine: %v %s", err, out)
+	}
 	// The reload read the repository's new snapshots into the catalog's
 	// cache, which now lists exactly the repository's.
 	cat, err := catalog.Open(ctx, filepath.Join(dir, "state", "catalog.db"))

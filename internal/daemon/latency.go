@@ -157,6 +157,20 @@ func (d *Daemon) sampleLatency(ctx context.Context) {
 			d.log.Error("recording a throttle event", "err", err)
 		}
 	}
+	// A datastore without running guests has no latency to watch: its
+	// hold after a start ends with the hold's time.
+	d.mu.Lock()
+	var release []string
+	for ds, until := range d.hold {
+		if ctrls[ds] == nil && !now.Before(until) {
+			release = append(release, ds)
+			delete(d.hold, ds)
+		}
+	}
+	d.mu.Unlock()
+	for _, ds := range release {
+		d.sched.PauseDatastore(ds, false)
+	}
 }
 
 // readDiskstats reads /proc/diskstats by device name.
