@@ -326,7 +326,7 @@ func (a *app) startServer(ctx context.Context, s *instantSession) error {
 		return err
 	}
 	defer logf.Close()
-	c := exec.Command(exe, "--repo", s.Repo, "export", s.Snapshot, "--socket", s.Socket, "--cache", "256")
+	c := exec.Command(exe, "--repo", s.Repo, "export", s.Snapshot, "--socket", s.Socket, "--cache", "64")
 	pw, err := a.password("repository password: ", false)
 	if err != nil {
 		return err

@@ -52,7 +52,7 @@ func (a *app) verifyBoot(ctx context.Context, arg string, o bootOptions) error {
 		return err
 	}
 	defer os.RemoveAll(work)
-	srv, err := export.Start(ctx, r, snap, snap.Disks, filepath.Join(work, "nbd.sock"), export.Options{CacheBytes: 128 << 20, Logger: a.log})
+	srv, err := export.Start(ctx, r, snap, snap.Disks, filepath.Join(work, "nbd.sock"), export.Options{CacheBytes: 64 << 20, Logger: a.log})
 	if err != nil {
 		return err
 	}

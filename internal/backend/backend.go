@@ -61,6 +61,23 @@ type Backend interface {
 	Location() string
 }
 
+// LoaderInto is implemented by backends that can read a range into the
+// caller's buffer, so that a reader that loads many objects (a restore, an
+// NBD export of a restore point) reuses its memory instead of allocating
+// per load. LoadInto reads length bytes of the object starting at offset
+// into buf's storage and returns them, a slice of buf (not necessarily at
+// its start); buf must have room for length bytes. When buf is page-aligned
+// (AlignedBuffer) with room for the range widened to page boundaries
+// (length + 2*PageSize), the backend may read with direct I/O, bypassing
+// the page cache. The errors are Load's.
+type LoaderInto interface {
+	LoadInto(ctx context.Context, name string, offset, length int64, buf []byte) ([]byte, error)
+}
+
+// DirectRoom is how much larger than a range a buffer for LoadInto must
+// be for direct I/O.
+const DirectRoom = 2 * PageSize
+
 // PageSize is the alignment of buffers from AlignedBuffer.
 const PageSize = 4096
 

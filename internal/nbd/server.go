@@ -46,6 +46,11 @@ type Server struct {
 	// MaxInFlight bounds the requests served at once per connection
 	// (0 means 16).
 	MaxInFlight int
+
+	// readBufs recycles the buffers of reads up to readBufSize: a guest
+	// streaming its disk would otherwise have every reply fault in fresh
+	// memory.
+	readBufs sync.Pool // of *[]byte
 }
 
 const (
@@ -494,8 +499,21 @@ func (sc *serverConn) transmit(ctx context.Context, exp *ServerExport) error {
 	}
 }
 
+const readBufSize = 1 << 20
+
 func (sc *serverConn) serveRead(ctx context.Context, dev Device, rq request, export string) error {
-	buf := make([]byte, rq.length)
+	var buf []byte
+	if rq.length <= readBufSize {
+		bp, _ := sc.s.readBufs.Get().(*[]byte)
+		if bp == nil {
+			b := make([]byte, readBufSize)
+			bp = &b
+		}
+		defer sc.s.readBufs.Put(bp)
+		buf = (*bp)[:rq.length]
+	} else {
+		buf = make([]byte, rq.length)
+	}
 	if err := dev.ReadAt(ctx, buf, rq.off); err != nil {
 		sc.s.log().Debug("read failed; the client gets an I/O error for the range", "export", export,
 			"offset", rq.off, "length", rq.length, "err", err)

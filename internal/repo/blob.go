@@ -246,6 +246,31 @@ func (r *Repo) LoadBlob(ctx context.Context, id crypt.ID, dst []byte) ([]byte, e
 	return r.openBlob(id, l, sealed, dst, true)
 }
 
+// LoadBlobInto is LoadBlob for a reader that recycles its memory: the
+// sealed blob is read into sealedBuf when the backend can read into a
+// buffer (backend.LoaderInto) and sealedBuf is large enough (page-aligned
+// with backend.DirectRoom to spare for direct I/O), and a
+// compressed blob is decompressed into dst. The plaintext returned lives
+// in sealedBuf or dst (or in new memory when neither fits).
+func (r *Repo) LoadBlobInto(ctx context.Context, id crypt.ID, sealedBuf, dst []byte) ([]byte, error) {
+	li, ok := r.be.(backend.LoaderInto)
+	l, found := r.idx.Lookup(id)
+	if !ok || !found || cap(sealedBuf) < int(l.Length) {
+		return r.LoadBlob(ctx, id, dst)
+	}
+	sealed, err := li.LoadInto(ctx, packName(l.Pack), int64(l.Offset), int64(l.Length), sealedBuf)
+	if err != nil {
+		if errors.Is(err, backend.ErrNotFound) {
+			return nil, fmt.Errorf("chunk %s: pack %s is missing: %w", id.Short(), l.Pack.Short(), ErrDamaged)
+		}
+		if errors.Is(err, backend.ErrTruncated) {
+			return nil, fmt.Errorf("chunk %s: pack %s is truncated: %w", id.Short(), l.Pack.Short(), ErrDamaged)
+		}
+		return nil, fmt.Errorf("chunk %s: %w", id.Short(), err)
+	}
+	return r.openBlob(id, l, sealed, dst, true)
+}
+
 // Locate says where blob id is stored (after LoadIndex).
 func (r *Repo) Locate(id crypt.ID) (Loc, bool) { return r.idx.Lookup(id) }
 
@@ -253,6 +278,28 @@ func (r *Repo) Locate(id crypt.ID) (Loc, bool) { return r.idx.Lookup(id) }
 // restore reads each pack's needed span once instead of blob by blob.
 func (r *Repo) LoadPackRange(ctx context.Context, p crypt.ID, off, length int64) ([]byte, error) {
 	b, err := r.be.Load(ctx, packName(p), off, length)
+	if err != nil {
+		if errors.Is(err, backend.ErrNotFound) {
+			return nil, fmt.Errorf("pack %s is missing: %w", p.Short(), ErrDamaged)
+		}
+		if errors.Is(err, backend.ErrTruncated) {
+			return nil, fmt.Errorf("pack %s is truncated: %w", p.Short(), ErrDamaged)
+		}
+		return nil, fmt.Errorf("pack %s: %w", p.Short(), err)
+	}
+	return b, nil
+}
+
+// LoadPackRangeInto is LoadPackRange into buf's storage when the backend
+// can read into a buffer (backend.LoaderInto) and buf is large enough
+// (page-aligned with backend.DirectRoom to spare for direct I/O), so that
+// a restore worker reuses one buffer for all its reads.
+func (r *Repo) LoadPackRangeInto(ctx context.Context, p crypt.ID, off, length int64, buf []byte) ([]byte, error) {
+	li, ok := r.be.(backend.LoaderInto)
+	if !ok || int64(cap(buf)) < length {
+		return r.LoadPackRange(ctx, p, off, length)
+	}
+	b, err := li.LoadInto(ctx, packName(p), off, length, buf)
 	if err != nil {
 		if errors.Is(err, backend.ErrNotFound) {
 			return nil, fmt.Errorf("pack %s is missing: %w", p.Short(), ErrDamaged)

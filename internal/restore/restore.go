@@ -18,6 +18,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/kura-backup/kura/internal/backend"
 	"github.com/kura-backup/kura/internal/crypt"
 	"github.com/kura-backup/kura/internal/repo"
 )
@@ -93,6 +94,7 @@ func Disk(ctx context.Context, r *repo.Repo, d repo.Disk, t Target, opts Options
 			defer wg.Done()
 			buf := make([]byte, cs)
 			zero := make([]byte, cs)
+			var span []byte // this worker's pack reads, reused: fresh memory for every read costs page faults
 			// write puts chunk pos of the disk in place; data must hold
 			// exactly the chunk (the disk's last one may be short).
 			write := func(data []byte, pos int64) bool {
@@ -119,7 +121,10 @@ func Disk(ctx context.Context, r *repo.Repo, d repo.Disk, t Target, opts Options
 					}
 					continue
 				}
-				data, err := r.LoadPackRange(ctx, j.pack, j.start, j.end-j.start)
+				if n := j.end - j.start + backend.DirectRoom; int64(cap(span)) < n {
+					span = backend.AlignedBuffer(int(n))
+				}
+				data, err := r.LoadPackRangeInto(ctx, j.pack, j.start, j.end-j.start, span)
 				if err != nil {
 					fail(fmt.Errorf("disk %s at offset %d: %w", d.Name, j.blobs[0].pos[0]*cs, err))
 					continue

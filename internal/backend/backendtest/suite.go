@@ -46,6 +46,47 @@ func Run(t *testing.T, newBackend func(t *testing.T) backend.Backend) {
 			t.Fatalf("Load past the end: %v, want ErrTruncated", err)
 		}
 	})
+	t.Run("LoadInto", func(t *testing.T) {
+		b := newBackend(t)
+		li, ok := b.(backend.LoaderInto)
+		if !ok {
+			t.Skip("the backend does not implement LoaderInto")
+		}
+		data := make([]byte, 3<<20+123) // larger than a page-aligned size, so direct reads end past EOF
+		for i := range data {
+			data[i] = byte(i*7 + i>>12)
+		}
+		if err := b.Save(ctx, "data/cd/cdef", data); err != nil {
+			t.Fatal(err)
+		}
+		for _, tc := range []struct {
+			name        string
+			off, length int64
+			buf         []byte
+		}{
+			{"unaligned buffer", 5, 100, make([]byte, 200)},
+			{"aligned, small range", 4097, 1000, backend.AlignedBuffer(1000 + backend.DirectRoom)},
+			{"aligned, large range inside a page", 4100, 1 << 20, backend.AlignedBuffer(1<<20 + backend.DirectRoom)},
+			{"aligned, to the end", 1<<20 + 3, int64(len(data)) - (1<<20 + 3), backend.AlignedBuffer(len(data) + backend.DirectRoom)},
+			{"aligned without room for direct I/O", 4100, 1 << 20, backend.AlignedBuffer(1 << 20)},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				got, err := li.LoadInto(ctx, "data/cd/cdef", tc.off, tc.length, tc.buf)
+				if err != nil || !bytes.Equal(got, data[tc.off:tc.off+tc.length]) {
+					t.Fatalf("LoadInto = %d bytes, %v; want bytes %d..%d", len(got), err, tc.off, tc.off+tc.length)
+				}
+			})
+		}
+		if _, err := li.LoadInto(ctx, "data/cd/cdef", int64(len(data))-10, 1<<20, backend.AlignedBuffer(1<<20+backend.DirectRoom)); !errors.Is(err, backend.ErrTruncated) {
+			t.Errorf("LoadInto past the end (direct): %v, want ErrTruncated", err)
+		}
+		if _, err := li.LoadInto(ctx, "data/cd/cdef", int64(len(data))-10, 100, make([]byte, 100)); !errors.Is(err, backend.ErrTruncated) {
+			t.Errorf("LoadInto past the end: %v, want ErrTruncated", err)
+		}
+		if _, err := li.LoadInto(ctx, "missing", 0, 10, make([]byte, 10)); !errors.Is(err, backend.ErrNotFound) {
+			t.Errorf("LoadInto of a missing object: %v, want ErrNotFound", err)
+		}
+	})
 	t.Run("NotFound", func(t *testing.T) {
 		b := newBackend(t)
 		if _, err := b.Load(ctx, "missing", 0, 0); !errors.Is(err, backend.ErrNotFound) {
