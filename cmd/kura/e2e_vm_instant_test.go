@@ -35,7 +35,7 @@ func TestInstantRecovery(t *testing.T) {
 	img := filepath.Join(dir, "plain.raw")
 	os.WriteFile(img, []byte(strings.Repeat("kura", 1<<16)), 0o600)
 	e.ok("backup", "image", img, "--name", "plain")
-	e.fails("is not of a libvirt VM", "instant", "plain@latest", "--dir", dir)
+	e.fails("is not of a VM", "instant", "plain@latest", "--dir", dir)
 	e.fails("no instant recovery of nosuch is running", "instant", "--migrate", "nosuch", "--to", dir)
 
 	irName := g.Name + "-ir"
