@@ -186,7 +186,7 @@ func (a *app) instantStart(ctx context.Context, arg, as, connect, dir string, wa
 			a.instantCleanup(context.WithoutCancel(ctx), s, true)
 		}
 	}()
-	if err := a.startServer(ctx, s); err != nil {
+	if err := a.startServer(ctx, s, r); err != nil {
 		return err
 	}
 	disks := map[string]libvirt.RestoredDisk{}
@@ -316,7 +316,7 @@ func newOverlay(ctx context.Context, socket string, d repo.Disk, path string) (l
 // startServer starts `kura export` of the session's restore point as a
 // process of its own, so that the VM keeps its disks when this command
 // ends, and waits until it serves.
-func (a *app) startServer(ctx context.Context, s *instantSession) error {
+func (a *app) startServer(ctx context.Context, s *instantSession, r *repo.Repo) error {
 	exe, err := os.Executable()
 	if err != nil {
 		return err
@@ -326,12 +326,16 @@ func (a *app) startServer(ctx context.Context, s *instantSession) error {
 		return err
 	}
 	defer logf.Close()
-	c := exec.Command(exe, "--repo", s.Repo, "export", s.Snapshot, "--socket", s.Socket, "--cache", "64")
-	pw, err := a.password("repository password: ", false)
+	// The export gets the master key this process unlocked through a
+	// pipe (fd 3): no second key derivation on the way to the boot, and
+	// no password in its environment.
+	keyPipe, err := passKey(r)
 	if err != nil {
 		return err
 	}
-	c.Env = append(os.Environ(), "KURA_PASSWORD="+string(pw))
+	defer keyPipe.Close()
+	c := exec.Command(exe, "--repo", s.Repo, "--key-fd", "3", "export", s.Snapshot, "--socket", s.Socket, "--cache", "64")
+	c.ExtraFiles = []*os.File{keyPipe}
 	c.Stdout, c.Stderr = logf, logf
 	c.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := c.Start(); err != nil {

@@ -4,6 +4,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/kura-backup/kura/internal/backend"
 	"github.com/kura-backup/kura/internal/backend/local"
+	"github.com/kura-backup/kura/internal/crypt"
 	"github.com/kura-backup/kura/internal/guest"
 	"github.com/kura-backup/kura/internal/repo"
 	"github.com/kura-backup/kura/internal/restore"
@@ -33,6 +35,7 @@ type app struct {
 	quiet        bool
 	verbose      bool
 	cpuProfile   string
+	keyFD        int // the master key comes as JSON on this file descriptor (kura instant's export)
 	stdout       io.Writer
 	stderr       io.Writer
 	log          *slog.Logger
@@ -87,6 +90,8 @@ func (a *app) rootCmd() *cobra.Command {
 	root.PersistentFlags().BoolVarP(&a.verbose, "verbose", "v", false, "debug logging")
 	root.PersistentFlags().StringVar(&a.cpuProfile, "cpuprofile", "", "write a CPU profile to `file`")
 	_ = root.PersistentFlags().MarkHidden("cpuprofile")
+	root.PersistentFlags().IntVar(&a.keyFD, "key-fd", 0, "read the unlocked master key from file descriptor `N` instead of deriving it from the password")
+	_ = root.PersistentFlags().MarkHidden("key-fd")
 	root.AddCommand(a.initCmd(), a.backupCmd(), a.snapshotsCmd(), a.restoreCmd(), a.verifyCmd(),
 		a.forgetCmd(), a.pruneCmd(), a.statsCmd(), a.keyCmd(), a.unlockCmd(), a.exportCmd(), a.instantCmd(), a.filesCmd(), a.mountCmd(),
 		a.serverCmd(), a.runNowCmd(), a.runsCmd(), a.jobsCmd())
@@ -137,6 +142,9 @@ func (a *app) open(ctx context.Context) (*repo.Repo, error) {
 	if _, err := repo.ReadConfig(ctx, be); err != nil {
 		return nil, err
 	}
+	if a.keyFD > 0 {
+		return openWithKeyFD(ctx, be, a.keyFD)
+	}
 	pw, err := a.password("repository password: ", false)
 	if err != nil {
 		return nil, err
@@ -145,6 +153,49 @@ func (a *app) open(ctx context.Context) (*repo.Repo, error) {
 	r, err := repo.Open(ctx, be, pw)
 	a.log.Debug("repository opened (key derivation)", "took", time.Since(start), "err", err)
 	return r, err
+}
+
+// passedKey is what --key-fd reads: a master key unlocked by the parent
+// process.
+type passedKey struct {
+	Key   crypt.Key `json:"key"`
+	KeyID string    `json:"key_id"`
+}
+
+func openWithKeyFD(ctx context.Context, be backend.Backend, fd int) (*repo.Repo, error) {
+	f := os.NewFile(uintptr(fd), "key")
+	if f == nil {
+		return nil, fmt.Errorf("--key-fd %d: not an open file descriptor", fd)
+	}
+	defer f.Close()
+	var pk passedKey
+	if err := json.NewDecoder(io.LimitReader(f, 4096)).Decode(&pk); err != nil {
+		return nil, fmt.Errorf("--key-fd %d: reading the key: %w", fd, err)
+	}
+	return repo.OpenWithKey(ctx, be, &pk.Key, pk.KeyID)
+}
+
+// passKey returns a pipe whose read end a child gets as --key-fd, and
+// writes r's master key into it.
+func passKey(r *repo.Repo) (*os.File, error) {
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	data, err := json.Marshal(passedKey{Key: *r.Key(), KeyID: r.KeyID()})
+	if err != nil {
+		pr.Close()
+		pw.Close()
+		return nil, err
+	}
+	// A pipe buffers 64 KiB: the key fits, the write does not block.
+	_, err = pw.Write(data)
+	pw.Close()
+	if err != nil {
+		pr.Close()
+		return nil, err
+	}
+	return pr, nil
 }
 
 // progressOn reports whether progress should be drawn.

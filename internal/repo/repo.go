@@ -189,8 +189,27 @@ func Open(ctx context.Context, be backend.Backend, password []byte) (*Repo, erro
 	if err != nil {
 		return nil, err
 	}
+	return openWith(be, cfg, key, keyID)
+}
+
+// OpenWithKey opens the repository in be with its master key, already
+// unlocked by another process of the same user (kura instant hands it to
+// the export it starts, which then skips the key derivation). The key
+// must authenticate the repository's config.
+func OpenWithKey(ctx context.Context, be backend.Backend, key *crypt.Key, keyID string) (*Repo, error) {
+	cfg, err := ReadConfig(ctx, be)
+	if err != nil {
+		return nil, err
+	}
+	if err := key.Restore(); err != nil {
+		return nil, err
+	}
+	return openWith(be, cfg, key, keyID)
+}
+
+func openWith(be backend.Backend, cfg Config, key *crypt.Key, keyID string) (*Repo, error) {
 	if !hmac.Equal(cfg.MAC, cfg.mac(key)) {
-		return nil, fmt.Errorf("config: authentication failed, it was modified or damaged: %w", ErrDamaged)
+		return nil, fmt.Errorf("config: authentication failed, it was modified or damaged, or the key is not this repository's: %w", ErrDamaged)
 	}
 	return &Repo{be: be, cfg: cfg, key: key, keyID: keyID, idx: newIndex()}, nil
 }

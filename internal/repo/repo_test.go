@@ -336,3 +336,24 @@ func newRepoAt(dir string, key *crypt.Key) (*Repo, error) {
 	r := &Repo{be: be, key: key, idx: newIndex(), loaded: true, cfg: Config{Version: 1, ChunkSize: MinChunkSize, PackSize: 1 << 20}}
 	return r, nil
 }
+
+// A key unlocked by one process opens the repository in another without
+// the password; a key of another repository is refused.
+func TestOpenWithKey(t *testing.T) {
+	ctx := context.Background()
+	r, dir := newRepo(t)
+	be, _ := local.Open(dir)
+	k := *r.Key()
+	r2, err := OpenWithKey(ctx, be, &k, r.KeyID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r2.KeyID() != r.KeyID() || r2.Key().Hash([]byte("x")) != r.Key().Hash([]byte("x")) {
+		t.Errorf("the reopened repository has another key")
+	}
+	other, _ := newRepo(t)
+	ok := *other.Key()
+	if _, err := OpenWithKey(ctx, be, &ok, other.KeyID()); !errors.Is(err, ErrDamaged) || !strings.Contains(err.Error(), "not this repository's") {
+		t.Errorf("OpenWithKey with another repository's key: %v", err)
+	}
+}
