@@ -81,16 +81,7 @@ func TestInstantRecovery(t *testing.T) {
 	}
 	// The repository goes away: the VM reads all of its disks and keeps
 	// what it wrote before and after the move.
-	if err := os.Rename(e.repo, e.repo+".gone"); err != nil {
-		t.Fatal(err)
-	}
-	mustExec(ctx, t, ir, "/bin/sh", "-c", "echo 3 > /proc/sys/vm/drop_caches && cat /dev/vda /dev/vdb > /dev/null")
-	mustExec(ctx, t, ir, "/usr/local/bin/kura-workload", "verify", "/data")
-	mustExec(ctx, t, ir, "/usr/local/bin/kura-workload", "verify", "/data/new")
-	mustExec(ctx, t, ir, "/usr/local/bin/kura-workload", "write", "/data/after", "2", "3")
-	if err := os.Rename(e.repo+".gone", e.repo); err != nil {
-		t.Fatal(err)
-	}
+	runsWithoutRepo(ctx, t, e, ir)
 
 	// --stop discards an instant VM with what it wrote.
 	second := g.Name + "-ir2"
@@ -106,6 +97,21 @@ func TestInstantRecovery(t *testing.T) {
 		t.Errorf("overlays of %s left after --stop: %v", second, err)
 	}
 	e.fails("no instant recovery of "+second, "instant", "--stop", second)
+}
+
+// runsWithoutRepo moves the repository away while guest ir, migrated to
+// local disks, reads all of them, checks what it wrote before and after
+// the move and writes more; then puts the repository back.
+func runsWithoutRepo(ctx context.Context, t *testing.T, e *env, ir *testvm.Guest) {
+	t.Helper()
+	if err := os.Rename(e.repo, e.repo+".gone"); err != nil {
+		t.Fatal(err)
+	}
+	defer os.Rename(e.repo+".gone", e.repo)
+	mustExec(ctx, t, ir, "/bin/sh", "-c", "echo 3 > /proc/sys/vm/drop_caches && cat /dev/vda /dev/vdb > /dev/null")
+	mustExec(ctx, t, ir, "/usr/local/bin/kura-workload", "verify", "/data")
+	mustExec(ctx, t, ir, "/usr/local/bin/kura-workload", "verify", "/data/new")
+	mustExec(ctx, t, ir, "/usr/local/bin/kura-workload", "write", "/data/after", "2", "3")
 }
 
 func mustExec(ctx context.Context, t *testing.T, g *testvm.Guest, args ...string) string {
@@ -196,16 +202,7 @@ func TestInstantQEMU(t *testing.T) {
 	}
 	// The repository goes away: the VM reads all of its disks and keeps
 	// what it wrote before and after the move.
-	if err := os.Rename(e.repo, e.repo+".gone"); err != nil {
-		t.Fatal(err)
-	}
-	mustExec(ctx, t, ir, "/bin/sh", "-c", "echo 3 > /proc/sys/vm/drop_caches && cat /dev/vda /dev/vdb > /dev/null")
-	mustExec(ctx, t, ir, "/usr/local/bin/kura-workload", "verify", "/data")
-	mustExec(ctx, t, ir, "/usr/local/bin/kura-workload", "verify", "/data/new")
-	mustExec(ctx, t, ir, "/usr/local/bin/kura-workload", "write", "/data/after", "2", "3")
-	if err := os.Rename(e.repo+".gone", e.repo); err != nil {
-		t.Fatal(err)
-	}
+	runsWithoutRepo(ctx, t, e, ir)
 	ir.Destroy(ctx)
 
 	// --stop ends a second copy and removes what it wrote.

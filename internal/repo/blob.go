@@ -232,14 +232,8 @@ func (r *Repo) LoadBlob(ctx context.Context, id crypt.ID, dst []byte) ([]byte, e
 	if !ok {
 		return nil, fmt.Errorf("chunk %s: %w", id.Short(), ErrBlobMissing)
 	}
-	sealed, err := r.be.Load(ctx, packName(l.Pack), int64(l.Offset), int64(l.Length))
+	sealed, err := r.LoadPackRange(ctx, l.Pack, int64(l.Offset), int64(l.Length))
 	if err != nil {
-		if errors.Is(err, backend.ErrNotFound) {
-			return nil, fmt.Errorf("chunk %s: pack %s is missing: %w", id.Short(), l.Pack.Short(), ErrDamaged)
-		}
-		if errors.Is(err, backend.ErrTruncated) {
-			return nil, fmt.Errorf("chunk %s: pack %s is truncated: %w", id.Short(), l.Pack.Short(), ErrDamaged)
-		}
 		return nil, fmt.Errorf("chunk %s: %w", id.Short(), err)
 	}
 	// sealed is this call's own: decrypt it in place rather than allocate.
@@ -260,13 +254,7 @@ func (r *Repo) LoadBlobInto(ctx context.Context, id crypt.ID, sealedBuf, dst []b
 	}
 	sealed, err := li.LoadInto(ctx, packName(l.Pack), int64(l.Offset), int64(l.Length), sealedBuf)
 	if err != nil {
-		if errors.Is(err, backend.ErrNotFound) {
-			return nil, fmt.Errorf("chunk %s: pack %s is missing: %w", id.Short(), l.Pack.Short(), ErrDamaged)
-		}
-		if errors.Is(err, backend.ErrTruncated) {
-			return nil, fmt.Errorf("chunk %s: pack %s is truncated: %w", id.Short(), l.Pack.Short(), ErrDamaged)
-		}
-		return nil, fmt.Errorf("chunk %s: %w", id.Short(), err)
+		return nil, fmt.Errorf("chunk %s: %w", id.Short(), packError(l.Pack, err))
 	}
 	return r.openBlob(id, l, sealed, dst, true)
 }
@@ -279,15 +267,21 @@ func (r *Repo) Locate(id crypt.ID) (Loc, bool) { return r.idx.Lookup(id) }
 func (r *Repo) LoadPackRange(ctx context.Context, p crypt.ID, off, length int64) ([]byte, error) {
 	b, err := r.be.Load(ctx, packName(p), off, length)
 	if err != nil {
-		if errors.Is(err, backend.ErrNotFound) {
-			return nil, fmt.Errorf("pack %s is missing: %w", p.Short(), ErrDamaged)
-		}
-		if errors.Is(err, backend.ErrTruncated) {
-			return nil, fmt.Errorf("pack %s is truncated: %w", p.Short(), ErrDamaged)
-		}
-		return nil, fmt.Errorf("pack %s: %w", p.Short(), err)
+		return nil, packError(p, err)
 	}
 	return b, nil
+}
+
+// packError says what a failed read of pack p means: a missing or
+// truncated pack is damage to the repository.
+func packError(p crypt.ID, err error) error {
+	switch {
+	case errors.Is(err, backend.ErrNotFound):
+		return fmt.Errorf("pack %s is missing: %w", p.Short(), ErrDamaged)
+	case errors.Is(err, backend.ErrTruncated):
+		return fmt.Errorf("pack %s is truncated: %w", p.Short(), ErrDamaged)
+	}
+	return fmt.Errorf("pack %s: %w", p.Short(), err)
 }
 
 // LoadPackRangeInto is LoadPackRange into buf's storage when the backend
@@ -301,13 +295,7 @@ func (r *Repo) LoadPackRangeInto(ctx context.Context, p crypt.ID, off, length in
 	}
 	b, err := li.LoadInto(ctx, packName(p), off, length, buf)
 	if err != nil {
-		if errors.Is(err, backend.ErrNotFound) {
-			return nil, fmt.Errorf("pack %s is missing: %w", p.Short(), ErrDamaged)
-		}
-		if errors.Is(err, backend.ErrTruncated) {
-			return nil, fmt.Errorf("pack %s is truncated: %w", p.Short(), ErrDamaged)
-		}
-		return nil, fmt.Errorf("pack %s: %w", p.Short(), err)
+		return nil, packError(p, err)
 	}
 	return b, nil
 }
