@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"syscall"
@@ -132,7 +133,7 @@ func TestServer(t *testing.T) {
 	os.WriteFile(pwFile, []byte(e.pw+"\n"), 0o600)
 	listen := freePort(t)
 	cfgPath := filepath.Join(dir, "kura.yaml")
-	serverExtra := ""
+	serverExtra, latencyExtra := "", ""
 	writeCfg := func(extra string) {
 		cfg := fmt.Sprintf(`repositories:
   main:
@@ -140,7 +141,7 @@ func TestServer(t *testing.T) {
     password_file: %s
 latency:
   interval: 1s
-jobs:
+%sjobs:
   - name: nightly
     repository: main
     vms: [%s]
@@ -150,7 +151,7 @@ jobs:
 server:
   listen: %s
   state_dir: %s
-%s`, e.repo, pwFile, g.Name, extra, listen, filepath.Join(dir, "state"), serverExtra)
+%s`, e.repo, pwFile, latencyExtra, g.Name, extra, listen, filepath.Join(dir, "state"), serverExtra)
 		if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 			t.Fatal(err)
 		}
@@ -323,4 +324,41 @@ server:
 		t.Errorf("%d snapshots of %s after nightly's keep_last 2 and one more backup", n, g.Name)
 	}
 	e.ok("verify")
+
+	// Latency control: with a threshold the guest's own writes exceed,
+	// the daemon holds new backups on the VM's datastore while the guest
+	// is busy, records and counts each decision, and starts the backup
+	// once the guest's latency has recovered.
+	latencyExtra = "  threshold: 1us\n"
+	writeCfg(twovms)
+	reloads = strings.Count(s.log.String(), "configuration reloaded")
+	s.cmd.Process.Signal(syscall.SIGHUP)
+	s.waitFor(time.Minute, "the reload", func() bool { return strings.Count(s.log.String(), "configuration reloaded") > reloads })
+	const busy = 15
+	load := fmt.Sprintf(`setsid sh -c 'end=$(($(date +%%s)+%d)); while [ $(date +%%s) -lt $end ]; do dd if=/dev/zero of=/data/load bs=64k count=64 oflag=direct conv=fsync 2>/dev/null; done; rm -f /data/load' >/dev/null 2>&1 </dev/null &`, busy)
+	mustExec(ctx, t, g, "/bin/sh", "-c", load)
+	pausedRe := regexp.MustCompile(`(?m)^kura_datastore_paused\{[^}]*\} 1$`)
+	var lastMetrics string
+	for end := time.Now().Add(busy * time.Second); !pausedRe.MatchString(lastMetrics); time.Sleep(200 * time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatalf("latency control did not hold the busy guest's datastore within %d s: %s\n%s", busy,
+				regexp.MustCompile(`(?m)^kura_datastore_.*$`).FindAllString(lastMetrics, -1), s.log.String())
+		}
+		lastMetrics = s.metrics()
+	}
+	held := time.Now()
+	t.Logf("held: %s", regexp.MustCompile(`(?m)^kura_datastore_(guest_latency|paused).*$`).FindAllString(lastMetrics, -1))
+	r = s.runNow("nightly")
+	if r.Status != catalog.StatusSucceeded {
+		t.Fatalf("the run under latency control: %+v\n%s", r, s.log.String())
+	}
+	if waited := r.Started.Sub(held); r.Ended.Sub(held) < 3*time.Second {
+		t.Errorf("the backup ended %s after the datastore was held (run started %s after): it did not wait for the busy guest", r.Ended.Sub(held), waited)
+	}
+	if out := e.ok("runs", "--config", cfgPath, "--throttle"); !strings.Contains(out, "pause") || !strings.Contains(out, "resume") {
+		t.Errorf("runs --throttle does not show the pause and the resume:\n%s", out)
+	}
+	if m := s.metrics(); !regexp.MustCompile(`kura_throttle_decisions_total\{datastore="[^"]+",action="pause"\} [1-9]`).MatchString(m) {
+		t.Errorf("the pause is not counted:\n%s", m)
+	}
 }

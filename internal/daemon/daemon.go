@@ -405,6 +405,7 @@ func (d *Daemon) Reload(ctx context.Context, rereadConfig bool) error {
 	}
 	d.mu.Lock()
 	d.cfg = cfg
+	d.reconfigureControllers()
 	d.mu.Unlock()
 	if rereadConfig {
 		d.log.Info("configuration reloaded", "jobs", len(jobs))

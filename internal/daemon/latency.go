@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kura-backup/kura/internal/catalog"
+	"github.com/kura-backup/kura/internal/config"
 	"github.com/kura-backup/kura/internal/source/libvirt"
 	"github.com/kura-backup/kura/internal/throttle"
 )
@@ -48,14 +49,29 @@ func (d *Daemon) controller(ds string) *throttle.Controller {
 	if c := d.ctrls[ds]; c != nil {
 		return c
 	}
-	c, err := throttle.NewController(throttle.Config{Threshold: d.cfg.Latency.Threshold.Duration,
-		MinRate: float64(d.cfg.Latency.MinRateBytes), Increase: float64(d.cfg.Latency.IncreaseBytes)})
+	c, err := throttle.NewController(latencyConfig(d.cfg))
 	if err != nil {
 		d.log.Error("latency control", "datastore", ds, "err", err)
 		return nil
 	}
 	d.ctrls[ds] = c
 	return c
+}
+
+// latencyConfig is the controllers' configuration in cfg.
+func latencyConfig(cfg *config.Config) throttle.Config {
+	return throttle.Config{Threshold: cfg.Latency.Threshold.Duration,
+		MinRate: float64(cfg.Latency.MinRateBytes), Increase: float64(cfg.Latency.IncreaseBytes)}
+}
+
+// reconfigureControllers puts a reloaded configuration's latency settings
+// in effect on the datastores' controllers. d.mu is held.
+func (d *Daemon) reconfigureControllers() {
+	for ds, c := range d.ctrls {
+		if err := c.SetConfig(latencyConfig(d.cfg)); err != nil {
+			d.log.Error("latency control: the reloaded settings are not in effect", "datastore", ds, "err", err)
+		}
+	}
 }
 
 // sampleLatency feeds every datastore's controller with the interval's

@@ -319,7 +319,25 @@ func NewController(cfg Config) (*Controller, error) {
 }
 
 // Config returns the configuration in effect, defaults filled in.
-func (c *Controller) Config() Config { return c.cfg }
+func (c *Controller) Config() Config {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.cfg
+}
+
+// SetConfig puts a new configuration in effect from the next Tick (a
+// reloaded daemon configuration); the smoothed latency, the pause and the
+// backups' current rates carry over.
+func (c *Controller) SetConfig(cfg Config) error {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.cfg = cfg
+	return nil
+}
 
 // Attach adds a backup reading from the datastore, replacing one with the
 // same id, and sets its limiter's rate: MinRate while new backups are

@@ -404,3 +404,31 @@ func TestControllerClosedLoop(t *testing.T) {
 	}
 	t.Logf("mean latency %.1fms, mean read %.0f MiB/s, %+v", latSum/n, readSum/n/MiB, c.Stats(now))
 }
+
+// A reloaded configuration takes effect at the next tick: latency that was
+// under the old threshold pauses new backups under a lower one.
+func TestControllerSetConfig(t *testing.T) {
+	c, err := NewController(Config{Threshold: 20 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Unix(1000, 0)
+	c.Observe(now, *guests(5, 5))
+	if d := c.Tick(now); d.PauseNewBackups {
+		t.Fatalf("5 ms under a 20 ms threshold paused: %+v", d)
+	}
+	if err := c.SetConfig(Config{Threshold: time.Millisecond}); err != nil {
+		t.Fatal(err)
+	}
+	if c.Config().Threshold != time.Millisecond {
+		t.Errorf("Config after SetConfig: %+v", c.Config())
+	}
+	now = now.Add(time.Second)
+	c.Observe(now, *guests(5, 5))
+	if d := c.Tick(now); !d.PauseNewBackups || d.Actions&Pause == 0 {
+		t.Errorf("5 ms over a 1 ms threshold did not pause: %+v", d)
+	}
+	if err := c.SetConfig(Config{Threshold: -time.Second}); err == nil {
+		t.Errorf("SetConfig accepted a negative threshold")
+	}
+}
