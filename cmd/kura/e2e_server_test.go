@@ -83,8 +83,21 @@ func (s *server) runs() []catalog.Run {
 // runNow starts a run of job and waits until it ends; it returns the run.
 func (s *server) runNow(job string) catalog.Run {
 	s.t.Helper()
+	return s.waitRun(job, s.startRun(job))
+}
+
+// startRun starts a run of job and returns how many runs there were
+// before it, for waitRun.
+func (s *server) startRun(job string) int {
+	s.t.Helper()
 	before := len(s.runs())
 	s.e.ok("run-now", job, "--config", s.cfg)
+	return before
+}
+
+// waitRun waits until the run startRun started ends, and returns it.
+func (s *server) waitRun(job string, before int) catalog.Run {
+	s.t.Helper()
 	var last catalog.Run
 	s.waitFor(4*time.Minute, "run of "+job+" to end", func() bool {
 		runs := s.runs()
@@ -327,8 +340,12 @@ server:
 
 	// Latency control: with a threshold the guest's own writes exceed,
 	// the daemon holds new backups on the VM's datastore while the guest
-	// is busy, records and counts each decision, and starts the backup
-	// once the guest's latency has recovered.
+	// is busy, and records and counts the decision; a run started then
+	// waits. Reloaded with the default threshold (20 ms, far above what
+	// the guest and the host see), the controller resumes at its next
+	// ticks and the waiting backup runs. (A 1 µs threshold also applies
+	// to the host device, which other tests keep busy: it never
+	// recovers on its own.)
 	latencyExtra = "  threshold: 1us\n"
 	writeCfg(twovms)
 	reloads = strings.Count(s.log.String(), "configuration reloaded")
@@ -346,14 +363,20 @@ server:
 		}
 		lastMetrics = s.metrics()
 	}
-	held := time.Now()
-	t.Logf("held: %s", regexp.MustCompile(`(?m)^kura_datastore_(guest_latency|paused).*$`).FindAllString(lastMetrics, -1))
-	r = s.runNow("nightly")
-	if r.Status != catalog.StatusSucceeded {
-		t.Fatalf("the run under latency control: %+v\n%s", r, s.log.String())
+	nightlyDone := strings.Count(s.log.String(), "job=nightly snapshot=")
+	before = s.startRun("nightly")
+	time.Sleep(5 * time.Second)
+	if n := strings.Count(s.log.String(), "job=nightly snapshot="); n != nightlyDone {
+		t.Fatalf("a backup ran while latency control held the datastore:\n%s", s.log.String())
 	}
-	if waited := r.Started.Sub(held); r.Ended.Sub(held) < 3*time.Second {
-		t.Errorf("the backup ended %s after the datastore was held (run started %s after): it did not wait for the busy guest", r.Ended.Sub(held), waited)
+	latencyExtra = ""
+	writeCfg(twovms)
+	reloads = strings.Count(s.log.String(), "configuration reloaded")
+	s.cmd.Process.Signal(syscall.SIGHUP)
+	s.waitFor(time.Minute, "the reload", func() bool { return strings.Count(s.log.String(), "configuration reloaded") > reloads })
+	r = s.waitRun("nightly", before)
+	if r.Status != catalog.StatusSucceeded {
+		t.Fatalf("the run held by latency control: %+v\n%s", r, s.log.String())
 	}
 	if out := e.ok("runs", "--config", cfgPath, "--throttle"); !strings.Contains(out, "pause") || !strings.Contains(out, "resume") {
 		t.Errorf("runs --throttle does not show the pause and the resume:\n%s", out)
