@@ -151,7 +151,7 @@ func (b *bench) bootGuests(ctx context.Context) error {
 			boot, err := g.WaitAgent(ctx)
 			if err == nil {
 				wctx, cancel := context.WithTimeout(ctx, 90*time.Second)
-				sh(wctx, g, "systemctl is-system-running --wait || true")
+				benchutil.Sh(wctx, g, "systemctl is-system-running --wait || true")
 				cancel()
 			}
 			mu.Lock()
@@ -169,7 +169,7 @@ func (b *bench) bootGuests(ctx context.Context) error {
 			return err
 		}
 	}
-	v, _ := sh(ctx, b.guests[0].g, "fio --version")
+	v, _ := benchutil.Sh(ctx, b.guests[0].g, "fio --version")
 	b.res.Meta.FioVersion = strings.TrimSpace(v)
 	for _, vg := range b.guests {
 		if err := vg.checkCache(ctx, b.cfg.Cache); err != nil {
@@ -235,38 +235,6 @@ func (vg *vmGuest) checkCache(ctx context.Context, mode string) error {
 	return nil
 }
 
-// clockOffset measures the guest clock against the host's (guest-get-time,
-// best of three round trips); the error is at most half a round trip.
-func clockOffset(ctx context.Context, g *testvm.Guest) (time.Duration, time.Duration, error) {
-	best, bestRTT := time.Duration(0), time.Duration(-1)
-	for i := 0; i < 3; i++ {
-		var ns int64
-		t1 := time.Now()
-		if err := g.Agent(ctx, "guest-get-time", nil, &ns); err != nil {
-			return 0, 0, err
-		}
-		t2 := time.Now()
-		rtt := t2.Sub(t1)
-		mid := t1.Add(rtt / 2)
-		if bestRTT < 0 || rtt < bestRTT {
-			best, bestRTT = time.Duration(ns-mid.UnixNano()), rtt
-		}
-	}
-	return best, bestRTT, nil
-}
-
-// sh runs a shell command in the guest and fails on a non-zero exit.
-func sh(ctx context.Context, g *testvm.Guest, script string) (string, error) {
-	r, err := g.ExecFull(ctx, nil, "/bin/sh", "-c", script)
-	if err != nil {
-		return r.Stdout, err
-	}
-	if r.ExitCode != 0 {
-		return r.Stdout, fmt.Errorf("guest %s: sh -c %q: exit %d: %s", g.Name, script, r.ExitCode, strings.TrimSpace(r.Stdout+r.Stderr))
-	}
-	return r.Stdout, nil
-}
-
 // fio is a background fio job in the guest: 4 KiB random reads and writes
 // with O_DIRECT (psync, queue depth 1) in /data/fio.dat, each direction
 // rate limited, logging every I/O's completion latency with a Unix-epoch
@@ -281,7 +249,7 @@ type fio struct {
 func (b *bench) startFio(ctx context.Context, vg *vmGuest, name string) (*fio, error) {
 	g := vg.g
 	f := &fio{g: g, name: name}
-	off, rtt, err := clockOffset(ctx, g)
+	off, rtt, err := benchutil.ClockOffset(ctx, g)
 	if err != nil {
 		return nil, err
 	}
@@ -290,7 +258,7 @@ func (b *bench) startFio(ctx context.Context, vg *vmGuest, name string) (*fio, e
 		"fio --name=%[1]s --filename=/data/fio.dat --size=%[2]dM --rw=randrw --rwmixread=50 --bs=4k --direct=1 --ioengine=psync "+
 		"--rate_iops=%[3]d,%[4]d --time_based --runtime=7200 --write_lat_log=/tmp/%[1]s --log_unix_epoch=1 "+
 		"--output-format=json --output=/tmp/%[1]s.json >/tmp/%[1]s.out 2>&1 </dev/null & echo $!", name, b.cfg.FioMiB, b.cfg.ReadIOPS, b.cfg.WriteIOPS)
-	out, err := sh(ctx, g, script)
+	out, err := benchutil.Sh(ctx, g, script)
 	if err != nil {
 		return nil, err
 	}
@@ -303,8 +271,8 @@ func (b *bench) startFio(ctx context.Context, vg *vmGuest, name string) (*fio, e
 }
 
 func (f *fio) alive(ctx context.Context) error {
-	if _, err := sh(ctx, f.g, fmt.Sprintf("kill -0 %d", f.pid)); err != nil {
-		o, _ := sh(ctx, f.g, fmt.Sprintf("cat /tmp/%s.out", f.name))
+	if _, err := benchutil.Sh(ctx, f.g, fmt.Sprintf("kill -0 %d", f.pid)); err != nil {
+		o, _ := benchutil.Sh(ctx, f.g, fmt.Sprintf("cat /tmp/%s.out", f.name))
 		return fmt.Errorf("%s: fio ended early: %s", f.g.Name, o)
 	}
 	return nil
@@ -322,7 +290,7 @@ type latSample struct {
 func (f *fio) stop(ctx context.Context) ([]latSample, error) {
 	script := fmt.Sprintf("kill -INT %[1]d; i=0; while kill -0 %[1]d 2>/dev/null; do i=$((i+1)); [ $i -lt 600 ] || exit 9; sleep 0.1; done; "+
 		"cat /tmp/%[2]s_clat.1.log", f.pid, f.name)
-	out, err := sh(ctx, f.g, script)
+	out, err := benchutil.Sh(ctx, f.g, script)
 	if err != nil {
 		return nil, fmt.Errorf("stopping fio: %w", err)
 	}
@@ -341,9 +309,9 @@ func (f *fio) stop(ctx context.Context) ([]latSample, error) {
 		s = append(s, latSample{at: time.UnixMilli(ms).Add(-f.offset), lat: time.Duration(ns), write: dir == 1})
 	}
 	if len(s) == 0 {
-		o, _ := sh(ctx, f.g, fmt.Sprintf("cat /tmp/%s.out; ls -l /tmp", f.name))
+		o, _ := benchutil.Sh(ctx, f.g, fmt.Sprintf("cat /tmp/%s.out; ls -l /tmp", f.name))
 		return nil, fmt.Errorf("%s: fio logged no I/O: %s", f.g.Name, o)
 	}
-	sh(ctx, f.g, fmt.Sprintf("rm -f /tmp/%s*", f.name))
+	benchutil.Sh(ctx, f.g, fmt.Sprintf("rm -f /tmp/%s*", f.name))
 	return s, nil
 }

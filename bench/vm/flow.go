@@ -102,11 +102,11 @@ func (b *bench) runTool(ctx context.Context, tool string) error {
 	logf("%s: guest %s (%s) answered after %.1f s", tool, name, g.Accel, boot.Seconds())
 	// Let the boot finish (units still starting would disturb the baseline).
 	wctx, cancel := context.WithTimeout(ctx, 90*time.Second)
-	st, _ := sh(wctx, g, "systemctl is-system-running --wait || true")
+	st, _ := benchutil.Sh(wctx, g, "systemctl is-system-running --wait || true")
 	cancel()
 	logf("%s: guest system state: %s", tool, strings.TrimSpace(st))
 	if b.res.Meta.FioVersion == "" {
-		v, _ := sh(ctx, g, "fio --version")
+		v, _ := benchutil.Sh(ctx, g, "fio --version")
 		b.res.Meta.FioVersion = strings.TrimSpace(v)
 	}
 	lay := &Layout{}
@@ -179,7 +179,7 @@ func (b *bench) runTool(ctx context.Context, tool string) error {
 
 	// 4. The guest writes IncMiB of new files; the measured incremental.
 	t := time.Now()
-	if _, err := sh(ctx, g, fmt.Sprintf("/usr/local/bin/kura-workload write /data/inc %d %d", b.cfg.IncMiB, b.cfg.Seed)); err != nil {
+	if _, err := benchutil.Sh(ctx, g, fmt.Sprintf("/usr/local/bin/kura-workload write /data/inc %d %d", b.cfg.IncMiB, b.cfg.Seed)); err != nil {
 		return err
 	}
 	tr.WriteS = time.Since(t).Seconds()

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/kura-backup/kura/bench/internal/benchutil"
 	"github.com/kura-backup/kura/internal/testvm"
 )
 
@@ -22,42 +23,10 @@ type fio struct {
 	offset time.Duration
 }
 
-// clockOffset measures the guest clock against the host's (guest-get-time,
-// best of three round trips); the error is at most half a round trip.
-func clockOffset(ctx context.Context, g *testvm.Guest) (time.Duration, time.Duration, error) {
-	best, bestRTT := time.Duration(0), time.Duration(-1)
-	for i := 0; i < 3; i++ {
-		var ns int64
-		t1 := time.Now()
-		if err := g.Agent(ctx, "guest-get-time", nil, &ns); err != nil {
-			return 0, 0, err
-		}
-		t2 := time.Now()
-		rtt := t2.Sub(t1)
-		mid := t1.Add(rtt / 2)
-		if bestRTT < 0 || rtt < bestRTT {
-			best, bestRTT = time.Duration(ns-mid.UnixNano()), rtt
-		}
-	}
-	return best, bestRTT, nil
-}
-
-// sh runs a shell command in the guest and fails on a non-zero exit.
-func sh(ctx context.Context, g *testvm.Guest, script string) (string, error) {
-	r, err := g.ExecFull(ctx, nil, "/bin/sh", "-c", script)
-	if err != nil {
-		return r.Stdout, err
-	}
-	if r.ExitCode != 0 {
-		return r.Stdout, fmt.Errorf("guest %s: sh -c %q: exit %d: %s", g.Name, script, r.ExitCode, strings.TrimSpace(r.Stdout+r.Stderr))
-	}
-	return r.Stdout, nil
-}
-
 // startFio starts the job and returns once it has written for a second.
 func (b *bench) startFio(ctx context.Context, g *testvm.Guest, name string, iops int) (*fio, error) {
 	f := &fio{g: g, name: name, iops: iops}
-	off, rtt, err := clockOffset(ctx, g)
+	off, rtt, err := benchutil.ClockOffset(ctx, g)
 	if err != nil {
 		return nil, err
 	}
@@ -66,7 +35,7 @@ func (b *bench) startFio(ctx context.Context, g *testvm.Guest, name string, iops
 		"fio --name=%[1]s --filename=/data/fio.dat --size=%[2]dM --rw=randwrite --bs=4k --direct=1 --ioengine=psync "+
 		"--rate_iops=%[3]d --time_based --runtime=7200 --write_lat_log=/tmp/%[1]s --log_unix_epoch=1 "+
 		"--output-format=json --output=/tmp/%[1]s.json >/tmp/%[1]s.out 2>&1 </dev/null & echo $!", name, b.cfg.FioMiB, iops)
-	out, err := sh(ctx, g, script)
+	out, err := benchutil.Sh(ctx, g, script)
 	if err != nil {
 		return nil, err
 	}
@@ -80,8 +49,8 @@ func (b *bench) startFio(ctx context.Context, g *testvm.Guest, name string, iops
 		return nil, ctx.Err()
 	case <-time.After(1500 * time.Millisecond):
 	}
-	if _, err := sh(ctx, g, fmt.Sprintf("kill -0 %d", f.pid)); err != nil {
-		o, _ := sh(ctx, g, fmt.Sprintf("cat /tmp/%s.out", name))
+	if _, err := benchutil.Sh(ctx, g, fmt.Sprintf("kill -0 %d", f.pid)); err != nil {
+		o, _ := benchutil.Sh(ctx, g, fmt.Sprintf("cat /tmp/%s.out", name))
 		return nil, fmt.Errorf("fio ended at once: %s", o)
 	}
 	return f, nil
@@ -98,7 +67,7 @@ type latSample struct {
 func (f *fio) stop(ctx context.Context) ([]latSample, error) {
 	script := fmt.Sprintf("kill -INT %[1]d; i=0; while kill -0 %[1]d 2>/dev/null; do i=$((i+1)); [ $i -lt 600 ] || exit 9; sleep 0.1; done; "+
 		"cat /tmp/%[2]s_clat.1.log", f.pid, f.name)
-	out, err := sh(ctx, f.g, script)
+	out, err := benchutil.Sh(ctx, f.g, script)
 	if err != nil {
 		return nil, fmt.Errorf("stopping fio: %w", err)
 	}
@@ -117,10 +86,10 @@ func (f *fio) stop(ctx context.Context) ([]latSample, error) {
 		s = append(s, latSample{at: at, lat: time.Duration(ns)})
 	}
 	if len(s) == 0 {
-		o, _ := sh(ctx, f.g, fmt.Sprintf("cat /tmp/%s.out; ls -l /tmp", f.name))
+		o, _ := benchutil.Sh(ctx, f.g, fmt.Sprintf("cat /tmp/%s.out; ls -l /tmp", f.name))
 		return nil, fmt.Errorf("fio logged no writes: %s", o)
 	}
-	sh(ctx, f.g, fmt.Sprintf("rm -f /tmp/%s*", f.name))
+	benchutil.Sh(ctx, f.g, fmt.Sprintf("rm -f /tmp/%s*", f.name))
 	return s, nil
 }
 

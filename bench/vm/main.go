@@ -33,8 +33,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"github.com/kura-backup/kura/bench/internal/benchutil"
-	"io"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -44,6 +42,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/kura-backup/kura/bench/internal/benchutil"
 	"github.com/kura-backup/kura/internal/testvm"
 )
 
@@ -165,37 +164,15 @@ var toolDesc = map[string]string{
 	"vnb-z": "virtnbdbackup -z",
 }
 
-var logFile io.Writer = io.Discard
-var t0 = time.Now()
+// blog is the benchmark's progress log; logf and fatalf write to it.
+var blog = benchutil.NewLog("vm-bench")
 
-func logf(format string, a ...any) {
-	line := fmt.Sprintf("[vm-bench %s +%4.0fs] %s\n", time.Now().Format("15:04:05"), time.Since(t0).Seconds(), fmt.Sprintf(format, a...))
-	os.Stderr.WriteString(line)
-	logFile.Write([]byte(line))
-}
-
-func fatalf(format string, a ...any) {
-	logf("ERROR: "+format, a...)
-	os.Exit(1)
-}
+func logf(format string, a ...any)   { blog.Printf(format, a...) }
+func fatalf(format string, a ...any) { blog.Fatalf(format, a...) }
 
 func main() {
 	cfg := loadConfig()
-	if err := os.MkdirAll(filepath.Join(cfg.Out, "logs"), 0o755); err != nil {
-		fatalf("%v", err)
-	}
-	if abs, err := filepath.Abs(cfg.Out); err == nil {
-		cfg.Out = abs
-	}
-	lf, err := os.OpenFile(filepath.Join(cfg.Out, "bench.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		fatalf("%v", err)
-	}
-	logFile = lf
-	defer lf.Close()
-	if os.Geteuid() != 0 {
-		fatalf("must run as root (libvirt, guests, fsck of restored images)")
-	}
+	defer blog.Setup(&cfg.Out, "libvirt, guests, fsck of restored images")()
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -213,19 +190,19 @@ func main() {
 		b.res.Error = runErr.Error()
 		logf("ERROR: %v", runErr)
 	}
-	b.res.Meta.TotalSeconds = time.Since(t0).Seconds()
+	b.res.Meta.TotalSeconds = time.Since(blog.Start).Seconds()
 	b.res.Meta.LoadAvgEnd = benchutil.Loadavg()
 	if err := b.writeReport(); err != nil {
 		logf("ERROR: writing the report: %v", err)
 		os.Exit(1)
 	}
 	if runErr != nil {
-		logf("FAILED after %.0f s; partial report: %s", time.Since(t0).Seconds(), filepath.Join(cfg.Out, "results.md"))
+		logf("FAILED after %.0f s; partial report: %s", time.Since(blog.Start).Seconds(), filepath.Join(cfg.Out, "results.md"))
 		os.Exit(1)
 	}
 	md, _ := os.ReadFile(filepath.Join(cfg.Out, "results.md"))
 	os.Stdout.Write(md)
-	logf("done in %.0f s: %s, %s", time.Since(t0).Seconds(), filepath.Join(cfg.Out, "results.md"), filepath.Join(cfg.Out, "results.json"))
+	logf("done in %.0f s: %s, %s", time.Since(blog.Start).Seconds(), filepath.Join(cfg.Out, "results.md"), filepath.Join(cfg.Out, "results.json"))
 }
 
 // bench holds the run's state.

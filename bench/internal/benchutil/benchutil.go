@@ -1,6 +1,7 @@
 // Package benchutil holds the small helpers the benchmark programs
-// (bench/vm, bench/restorevm, bench/schedbench) share: running helper
-// commands, reading /proc, sizes of files and images.
+// (bench/vm, bench/restorevm, bench/schedbench) share: the progress log,
+// running helper commands and guest shell commands, the guest clock's
+// offset, reading /proc, sizes of files and images.
 package benchutil
 
 import (
