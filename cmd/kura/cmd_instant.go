@@ -88,8 +88,11 @@ func (a *app) instantCmd() *cobra.Command {
 		Short: "Run a VM straight from a restore point, then move it to local disks while it runs",
 		Long: "instant starts a VM from a restore point within seconds: its disks are local qcow2 overlays over a read-only NBD export\n" +
 			"of the restore point, served by a kura process in the background, so the restore point is never modified.\n" +
+			"A libvirt VM runs as a libvirt domain; a plain-QEMU VM (kura backup qmp) runs as a QEMU process started from the\n" +
+			"command line saved with the backup, its sockets and logs in the overlay directory.\n" +
 			"--migrate copies the running VM's disks to local files and switches it onto them with no downtime; afterwards\n" +
-			"the VM is an ordinary libvirt domain that no longer depends on kura. --stop discards an instant VM and what it wrote.",
+			"the VM no longer depends on kura (a defined libvirt domain, or a QEMU process with a start.sh for its local disks).\n" +
+			"--stop discards an instant VM and what it wrote.",
 		Args: func(cmd *cobra.Command, args []string) error {
 			if migrate != "" || stop != "" || list {
 				return cobra.NoArgs(cmd, args)
@@ -116,7 +119,7 @@ func (a *app) instantCmd() *cobra.Command {
 		},
 	}
 	cmd.Flags().StringVar(&as, "as", "", "the VM's `name` (a copy beside the original: new UUID and MAC addresses); default the original's name, which must be free")
-	cmd.Flags().StringVarP(&connect, "connect", "c", "qemu:///system", "libvirt `URI` or socket path")
+	cmd.Flags().StringVarP(&connect, "connect", "c", "qemu:///system", "libvirt `URI` or socket path (libvirt VMs)")
 	cmd.Flags().StringVar(&dir, "dir", defaultInstantDir, "`directory` for the overlays that take the guest's writes")
 	cmd.Flags().BoolVar(&noWait, "no-wait", false, "return once the VM starts, without waiting for its guest agent")
 	cmd.Flags().DurationVar(&waitAgent, "wait-agent", 5*time.Minute, "how long to wait for the guest agent")
