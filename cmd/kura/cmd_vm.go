@@ -51,7 +51,7 @@ func (a *app) vmBackupCmd() *cobra.Command {
 			if len(args) == 0 && !all {
 				return errors.New("name the VMs to back up, or pass --all")
 			}
-			r, err := a.open(ctx)
+			r, err := a.openLater(ctx)
 			if err != nil {
 				return err
 			}
@@ -111,7 +111,7 @@ func (a *app) qmpBackupCmd() *cobra.Command {
 			if err := checkMode(mode); err != nil {
 				return err
 			}
-			r, err := a.open(ctx)
+			r, err := a.openLater(ctx)
 			if err != nil {
 				return err
 			}
@@ -131,9 +131,10 @@ func (a *app) qmpBackupCmd() *cobra.Command {
 	return cmd
 }
 
-// backupVMs backs up each named VM, up to parallel at once, printing each
-// result; it fails if any VM failed, after trying them all.
-func (a *app) backupVMs(ctx context.Context, r *repo.Repo, names []string, parallel int, open func(context.Context, string) (source.VM, error), o backup.VMOptions) error {
+// backupVMs backs up each named VM, up to parallel at once, into the
+// repository r returns (once it is unlocked), printing each result; it
+// fails if any VM failed, after trying them all.
+func (a *app) backupVMs(ctx context.Context, r func(context.Context) (*repo.Repo, error), names []string, parallel int, open func(context.Context, string) (source.VM, error), o backup.VMOptions) error {
 	var mu sync.Mutex
 	var failed []string
 	var lastErr error
@@ -157,7 +158,7 @@ func (a *app) backupVMs(ctx context.Context, r *repo.Repo, names []string, paral
 				if err != nil {
 					return nil, err
 				}
-				return backup.RunVM(ctx, r, vm, opts)
+				return backup.RunVMOpening(ctx, r, vm, opts)
 			}()
 			mu.Lock()
 			defer mu.Unlock()

@@ -406,6 +406,39 @@ func TestLiveVMFailures(t *testing.T) {
 		t.Fatalf("checkpoints after the first backup: %v", cps)
 	}
 	tmp := t.TempDir()
+
+	// The repository is unlocked while the capture is prepared: a wrong
+	// password must still stop it before the guest is frozen or given a
+	// checkpoint, and leave nothing behind.
+	t.Run("wrong password", func(t *testing.T) {
+		w := *e
+		w.t, w.pw = t, "nope"
+		cps := vfCheckpoints(t, g.Name)
+		before := len(e.vfSnaps(g.Name))
+		w.fails("wrong password", "backup", "vm", g.Name)
+		if got := vfCheckpoints(t, g.Name); !slices.Equal(got, cps) {
+			t.Errorf("checkpoints %v after a wrong password; want %v", got, cps)
+		}
+		if n := len(e.vfSnaps(g.Name)); n != before {
+			t.Errorf("%d restore points after a wrong password; want %d", n, before)
+		}
+		vfNoBackupJob(t, g.Name)
+		// Capture directories are named after their kura's pid: one
+		// whose process is gone was left behind.
+		dirs, _ := filepath.Glob("/var/tmp/kura-*-*")
+		for _, d := range dirs {
+			var pid int
+			if _, err := fmt.Sscanf(filepath.Base(d), "kura-%d-", &pid); err == nil && syscall.Kill(pid, 0) == syscall.ESRCH {
+				t.Errorf("capture directory left behind: %s", d)
+			}
+		}
+		var st struct {
+			Return string `json:"return"`
+		}
+		if err := g.Agent(ctx, "guest-fsfreeze-status", nil, &st); err != nil || st.Return != "thawed" {
+			t.Errorf("guest filesystems after a wrong password: %q (%v); want thawed", st.Return, err)
+		}
+	})
 	backup := []string{"backup", "vm", g.Name, "--full"} // reads all of every disk: a long read to stop in
 
 	// What becomes of the backup that meets the fault.

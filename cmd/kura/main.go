@@ -13,6 +13,7 @@ import (
 	"os/signal"
 	"runtime/pprof"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -135,6 +136,18 @@ func (a *app) password(prompt string, confirm bool) ([]byte, error) {
 }
 
 func (a *app) open(ctx context.Context) (*repo.Repo, error) {
+	wait, err := a.openLater(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return wait(ctx)
+}
+
+// openLater reads the password (which may prompt) and then unlocks the
+// repository in the background: the key derivation takes a quarter of a
+// second, which a backup spends preparing the VM's capture. The function
+// it returns waits for the result.
+func (a *app) openLater(ctx context.Context) (func(context.Context) (*repo.Repo, error), error) {
 	be, err := a.backend()
 	if err != nil {
 		return nil, err
@@ -143,16 +156,36 @@ func (a *app) open(ctx context.Context) (*repo.Repo, error) {
 		return nil, err
 	}
 	if a.keyFD > 0 {
-		return openWithKeyFD(ctx, be, a.keyFD)
+		r, err := openWithKeyFD(ctx, be, a.keyFD)
+		return func(context.Context) (*repo.Repo, error) { return r, err }, nil
 	}
 	pw, err := a.password("repository password: ", false)
 	if err != nil {
 		return nil, err
 	}
-	start := time.Now()
-	r, err := repo.Open(ctx, be, pw)
-	a.log.Debug("repository opened (key derivation)", "took", time.Since(start), "err", err)
-	return r, err
+	type opened struct {
+		r   *repo.Repo
+		err error
+	}
+	done := make(chan opened, 1)
+	go func() {
+		start := time.Now()
+		r, err := repo.Open(ctx, be, pw)
+		a.log.Debug("repository opened (key derivation)", "took", time.Since(start), "err", err)
+		done <- opened{r, err}
+	}()
+	var once sync.Once
+	var res opened
+	return func(ctx context.Context) (*repo.Repo, error) {
+		once.Do(func() {
+			select {
+			case res = <-done:
+			case <-ctx.Done():
+				res.err = ctx.Err()
+			}
+		})
+		return res.r, res.err
+	}, nil
 }
 
 // passedKey is what --key-fd reads: a master key unlocked by the parent

@@ -81,14 +81,30 @@ const DirectRoom = 2 * PageSize
 // PageSize is the alignment of buffers from AlignedBuffer.
 const PageSize = 4096
 
+// hugePage is the size of a transparent huge page (x86-64, arm64).
+const hugePage = 2 << 20
+
 // AlignedBuffer returns an empty slice with capacity at least n (rounded up
 // to PageSize) whose storage starts on a page boundary. A backend that
 // writes with direct I/O can then write the caller's bytes without copying.
+//
+// A buffer of 2 MiB or more starts on a huge-page boundary and is advised
+// to the kernel as huge-page memory: filling a fresh 16 MiB pack buffer
+// then takes 8 page faults instead of 4096, which on a virtual machine was
+// a third of an incremental backup's CPU time.
 func AlignedBuffer(n int) []byte {
 	n = (n + PageSize - 1) &^ (PageSize - 1)
-	raw := make([]byte, n+PageSize)
-	off := int(PageSize-uintptr(unsafe.Pointer(&raw[0]))%PageSize) % PageSize
-	return raw[off : off : off+n]
+	align := PageSize
+	if n >= hugePage {
+		align = hugePage
+	}
+	raw := make([]byte, n+align)
+	off := int(uintptr(align)-uintptr(unsafe.Pointer(&raw[0]))%uintptr(align)) % align
+	b := raw[off : off : off+n]
+	if align == hugePage {
+		adviseHugePages(raw[off : off+n&^(hugePage-1)])
+	}
+	return b
 }
 
 // IsAligned reports whether b starts on a page boundary.

@@ -83,10 +83,12 @@ func Run(ctx context.Context, r *repo.Repo, disks []source.Disk, opts Options) (
 		return nil, err
 	}
 	defer lock.Unlock(context.WithoutCancel(ctx))
+	opts.Logger.Debug("locked", "took", time.Since(opts.Progress.Started))
 	// The lock is taken before the index is read: see repo's gc.go.
 	if err := r.LoadIndex(ctx); err != nil {
 		return nil, err
 	}
+	opts.Logger.Debug("index loaded", "took", time.Since(opts.Progress.Started))
 	host, _ := os.Hostname()
 	snap := &repo.Snapshot{
 		Time: time.Now().UTC(), Name: opts.Name, Hostname: host, Source: opts.Source,
@@ -102,6 +104,7 @@ func Run(ctx context.Context, r *repo.Repo, disks []source.Disk, opts Options) (
 		}
 		opts.Progress.Total.Add(plans[i].readBytes)
 	}
+	opts.Logger.Debug("planned", "took", time.Since(opts.Progress.Started))
 	before := r.Stored()
 	incremental := false
 	for i, d := range disks {
@@ -121,10 +124,12 @@ func Run(ctx context.Context, r *repo.Repo, disks []source.Disk, opts Options) (
 		}
 	}
 	snap.Checkpoint = opts.Checkpoint
+	opts.Logger.Debug("disks read", "took", time.Since(opts.Progress.Started))
 	// Data, then index, then snapshot.
 	if err := r.Flush(ctx); err != nil {
 		return nil, err
 	}
+	opts.Logger.Debug("flushed", "took", time.Since(opts.Progress.Started))
 	after := r.Stored()
 	snap.Stats.ChunksNew = after.Blobs - before.Blobs
 	snap.Stats.BytesNew = after.RawBytes - before.RawBytes

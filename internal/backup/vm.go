@@ -30,6 +30,15 @@ type VMOptions struct {
 // them), saves the VM's configuration with the snapshot, and releases the
 // capture whatever happens.
 func RunVM(ctx context.Context, r *repo.Repo, vm source.VM, o VMOptions) (snap *repo.Snapshot, err error) {
+	return RunVMOpening(ctx, func(context.Context) (*repo.Repo, error) { return r, nil }, vm, o)
+}
+
+// RunVMOpening is RunVM into a repository that is still being unlocked:
+// open is called (once) while the driver prepares the capture, before the
+// VM is frozen, paused or given a checkpoint, so that the key derivation
+// overlaps the preparation. An error from open is returned as it is, and
+// the VM is left as it was.
+func RunVMOpening(ctx context.Context, open func(context.Context) (*repo.Repo, error), vm source.VM, o VMOptions) (snap *repo.Snapshot, err error) {
 	opts := o.Options
 	opts.Name, opts.Source, opts.Workers, opts.Progress = vm.Name(), o.Source, o.Workers, o.Progress
 	if opts.Progress == nil {
@@ -39,16 +48,43 @@ func RunVM(ctx context.Context, r *repo.Repo, vm source.VM, o VMOptions) (snap *
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	opts.Progress.Started = time.Now()
-	ss, err := r.Snapshots(ctx)
-	if err != nil {
-		return nil, err
-	}
-	var parent *repo.Snapshot
-	for i := len(ss) - 1; i >= 0; i-- {
-		if ss[i].Name == vm.Name() && ss[i].Source == o.Source {
-			parent = ss[i]
-			break
+	var (
+		r       *repo.Repo
+		parent  *repo.Snapshot
+		openErr error
+		opened  bool
+	)
+	// resolve opens the repository and finds the VM's latest restore point.
+	resolve := func(ctx context.Context) error {
+		if opened {
+			return openErr
 		}
+		opened = true
+		if r, openErr = open(ctx); openErr != nil {
+			return openErr
+		}
+		// Reading the index (tens of milliseconds per hundred backups)
+		// can then overlap the capture. The lock comes first: see Run.
+		if lock, err := r.Lock(ctx, repo.LockBackup); err == nil {
+			go func() {
+				defer lock.Unlock(context.WithoutCancel(ctx))
+				r.LoadIndex(ctx) // Run reads it again if this failed
+			}()
+		}
+		start := time.Now()
+		ss, err := r.Snapshots(ctx)
+		opts.Logger.Debug("restore points listed", "took", time.Since(start), "err", err)
+		if err != nil {
+			openErr = err
+			return err
+		}
+		for i := len(ss) - 1; i >= 0; i-- {
+			if ss[i].Name == vm.Name() && ss[i].Source == o.Source {
+				parent = ss[i]
+				break
+			}
+		}
+		return nil
 	}
 	wantApp := o.Mode == "" || o.Mode == source.ModeApp
 	co := source.CaptureOptions{Mode: o.Mode, Full: o.Full}
@@ -60,8 +96,11 @@ func RunVM(ctx context.Context, r *repo.Repo, vm source.VM, o VMOptions) (snap *
 			co.Mode = source.ModeApp
 		}
 	}
-	if parent != nil && !o.Full {
-		co.Since = parent.Checkpoint
+	co.Parent = func(ctx context.Context) (string, error) {
+		if err := resolve(ctx); err != nil || parent == nil {
+			return "", err
+		}
+		return parent.Checkpoint, nil
 	}
 	cfgType, cfg, err := vm.Config(ctx)
 	if err != nil {
@@ -71,7 +110,15 @@ func RunVM(ctx context.Context, r *repo.Repo, vm source.VM, o VMOptions) (snap *
 	capture, err := vm.Capture(ctx, co)
 	opts.Logger.Debug("capture", "vm", vm.Name(), "took", time.Since(captureStart), "err", err)
 	if err != nil {
+		if openErr != nil {
+			return nil, openErr // the driver stopped at Parent
+		}
 		return nil, fmt.Errorf("capturing %s: %w", vm.Name(), oneLine{err})
+	}
+	// A capture of a VM that is off need not ask for the parent.
+	if err := resolve(ctx); err != nil {
+		capture.End(context.WithoutCancel(ctx), false)
+		return nil, err
 	}
 	defer func() {
 		endCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
@@ -112,7 +159,7 @@ func RunVM(ctx context.Context, r *repo.Repo, vm source.VM, o VMOptions) (snap *
 			opts.Notes[n.Disk] = reason
 		}
 	}
-	if co.Since != "" {
+	if parent != nil && !o.Full && parent.Checkpoint != "" {
 		opts.Parent = parent
 	} else if o.Full {
 		for _, d := range capture.Disks() {

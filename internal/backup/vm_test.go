@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kura-backup/kura/internal/repo"
 	"github.com/kura-backup/kura/internal/source"
 )
 
@@ -16,6 +17,7 @@ import (
 type fakeVM struct {
 	disk      *trackedDisk
 	captures  []source.CaptureOptions
+	sinces    []string // what SinceCheckpoint said, per capture
 	ended     []bool
 	seq       int
 	failRead  bool
@@ -32,8 +34,14 @@ func (v *fakeVM) Capture(ctx context.Context, o source.CaptureOptions) (source.C
 	if v.noAgent && o.Mode == source.ModeApp {
 		return nil, errors.New("guest agent not connected or not responding")
 	}
+	// As the drivers do: the parent is asked for before the instant.
+	since, err := o.SinceCheckpoint(ctx)
+	if err != nil {
+		return nil, err
+	}
+	v.sinces = append(v.sinces, since)
 	v.seq++
-	return &fakeCapture{vm: v, cp: fmt.Sprintf("kura-%d", v.seq), since: o.Since}, nil
+	return &fakeCapture{vm: v, cp: fmt.Sprintf("kura-%d", v.seq), since: since}, nil
 }
 
 type fakeCapture struct {
@@ -90,16 +98,16 @@ func TestRunVMChainsCheckpoints(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if vm.captures[1].Since != "kura-1" || s2.Kind != "incremental" || s2.Parent != s1.ID {
-		t.Fatalf("second: since %q kind %q", vm.captures[1].Since, s2.Kind)
+	if vm.sinces[1] != "kura-1" || s2.Kind != "incremental" || s2.Parent != s1.ID {
+		t.Fatalf("second: since %q kind %q", vm.sinces[1], s2.Kind)
 	}
 	if got := restoreMem(t, r, s2.Disks[0]); !bytes.Equal(got, d.data) {
 		t.Fatal("incremental restore point differs")
 	}
 	// --full ignores tracking once.
 	s3, err := RunVM(ctx, r, vm, VMOptions{Source: "libvirt", Full: true})
-	if err != nil || vm.captures[2].Since != "" || s3.Kind != "full" {
-		t.Fatalf("full: %v since %q kind %q", err, vm.captures[2].Since, s3.Kind)
+	if err != nil || vm.sinces[2] != "" || s3.Kind != "full" {
+		t.Fatalf("full: %v since %q kind %q", err, vm.sinces[2], s3.Kind)
 	}
 	// A failed read ends the capture with ok=false and writes no snapshot.
 	vm.failRead = true
@@ -114,6 +122,21 @@ func TestRunVMChainsCheckpoints(t *testing.T) {
 	want := []bool{true, true, true, false}
 	if fmt.Sprint(vm.ended) != fmt.Sprint(want) {
 		t.Fatalf("End calls %v, want %v", vm.ended, want)
+	}
+}
+
+// A repository that cannot be opened (a wrong password) stops the backup
+// before the driver's instant, and its error is the one returned.
+func TestRunVMOpeningFails(t *testing.T) {
+	ctx := context.Background()
+	vm := &fakeVM{disk: &trackedDisk{memDisk: memDisk{name: "vda", data: bytes.Repeat([]byte("x"), 1<<20)}}}
+	wrong := errors.New("wrong password")
+	_, err := RunVMOpening(ctx, func(context.Context) (*repo.Repo, error) { return nil, wrong }, vm, VMOptions{Source: "libvirt"})
+	if err != wrong {
+		t.Fatalf("RunVMOpening: %v, want the open error itself", err)
+	}
+	if len(vm.captures) != 1 || vm.seq != 0 || len(vm.ended) != 0 {
+		t.Fatalf("captures asked %d, made %d, ended %v: want one asked, none made", len(vm.captures), vm.seq, vm.ended)
 	}
 }
 

@@ -160,6 +160,7 @@ func (p KDFParams) Derive(password []byte) (*Key, error) {
 	if p.Time == 0 || p.Memory == 0 || p.Threads == 0 || len(p.Salt) < 8 {
 		return nil, errors.New("invalid key derivation parameters")
 	}
+	prepareKDFMemory(int(p.Memory) << 10)
 	raw := argon2.IDKey(password, p.Salt, p.Time, p.Memory, p.Threads, 32)
 	k := &Key{}
 	copy(k.Enc[:], raw)

@@ -7,9 +7,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/kura-backup/kura/internal/backend"
 	"github.com/kura-backup/kura/internal/compress"
@@ -287,20 +289,47 @@ func (r *Repo) LoadIndex(ctx context.Context) error {
 	}); err != nil {
 		return err
 	}
-	idx := newIndex()
-	for _, name := range names {
-		plain, err := r.loadObject(ctx, name)
-		if err != nil {
-			if errors.Is(err, backend.ErrNotFound) {
-				continue // removed by a concurrent prune: at worst some chunks are stored again
+	// Every backup adds an index file: read and decode them in parallel
+	// (76 files took 95 ms one after the other), merge them in order.
+	decoded := make([]map[crypt.ID][]packEntry, len(names))
+	errs := make([]error, len(names))
+	next := atomic.Int64{}
+	var wg sync.WaitGroup
+	for range min(len(names), 2*runtime.GOMAXPROCS(0)) {
+		wg.Go(func() {
+			for i := int(next.Add(1) - 1); i < len(names) && ctx.Err() == nil; i = int(next.Add(1) - 1) {
+				plain, err := r.loadObject(ctx, names[i])
+				if err != nil {
+					errs[i] = err
+					continue
+				}
+				if decoded[i], err = decodeIndex(plain); err != nil {
+					errs[i] = fmt.Errorf("%s is damaged (%v): %w; run `kura verify`", names[i], err, ErrDamaged)
+				}
 			}
-			return err
+		})
+	}
+	wg.Wait()
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	// Sized up front: growing the map entry by entry took half the time.
+	var npacks, nblobs int
+	for _, d := range decoded {
+		npacks += len(d)
+		for _, es := range d {
+			nblobs += len(es)
 		}
-		packs, err := decodeIndex(plain)
-		if err != nil {
-			return fmt.Errorf("%s is damaged (%v): %w; run `kura verify`", name, err, ErrDamaged)
+	}
+	idx := &Index{packNum: make(map[crypt.ID]uint32, npacks), blobs: make(map[crypt.ID]loc, nblobs)}
+	for i, name := range names {
+		if errors.Is(errs[i], backend.ErrNotFound) {
+			continue // removed by a concurrent prune: at worst some chunks are stored again
 		}
-		for p, es := range packs {
+		if errs[i] != nil {
+			return errs[i]
+		}
+		for p, es := range decoded[i] {
 			if doomed[p] {
 				continue
 			}

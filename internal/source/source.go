@@ -89,6 +89,32 @@ type CaptureOptions struct {
 	// "" (or Full) reads everything.
 	Since string
 	Full  bool
+	// Parent, when set, is called once, before the point-in-time instant,
+	// for the checkpoint of the previous backup when Since is "" ("" if
+	// there is none). It lets the caller finish work of its own, such as
+	// unlocking the repository, while the driver prepares the capture; an
+	// error from it fails the capture before the VM is frozen, paused or
+	// given a new checkpoint. Drivers call it through SinceCheckpoint.
+	Parent func(context.Context) (string, error)
+}
+
+// SinceCheckpoint returns the checkpoint to read changes from: Since, or
+// what Parent says, or "" when Full.
+func (o CaptureOptions) SinceCheckpoint(ctx context.Context) (string, error) {
+	since := o.Since
+	if o.Parent != nil {
+		p, err := o.Parent(ctx)
+		if err != nil {
+			return "", err
+		}
+		if since == "" {
+			since = p
+		}
+	}
+	if o.Full {
+		return "", nil
+	}
+	return since, nil
 }
 
 // DiskNote explains how one disk of a capture must be read.

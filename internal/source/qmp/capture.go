@@ -108,9 +108,9 @@ func (v *vm) Capture(ctx context.Context, opts source.CaptureOptions) (_ source.
 	default:
 		return nil, fmt.Errorf("capturing %s: unknown mode %q: use app, crash or suspend", v.name, opts.Mode)
 	}
-	since := opts.Since
-	if opts.Full {
-		since = ""
+	since, err := opts.SinceCheckpoint(ctx)
+	if err != nil {
+		return nil, err
 	}
 	if since != "" && !validCheckpoint(since) {
 		return nil, fmt.Errorf("capturing %s: checkpoint name %q is not one kura makes", v.name, since)

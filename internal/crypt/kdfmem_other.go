@@ -1,0 +1,5 @@
+//go:build !linux
+
+package crypt
+
+func prepareKDFMemory(int) {}
