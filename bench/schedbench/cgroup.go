@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"github.com/kura-backup/kura/bench/internal/benchutil"
+	"github.com/kura-backup/kura/bench/internal/slowfs"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -248,8 +249,29 @@ type ioSample struct {
 	WriteMiBs float64   `json:"write_mib_s"`
 }
 
+// store is how the datastore's I/O is limited.
+type store interface {
+	describe() string               // the limit in words, for the report
+	counters() (read, write uint64) // bytes through the limit so far
+	remove() error                  // lifts the limit
+}
+
+// modelStore is the slowfs device model.
+type modelStore struct{ fs *slowfs.FS }
+
+func (m *modelStore) describe() string {
+	return fmt.Sprintf("a model of a shared device (bench/internal/slowfs: %v, one queue) under the guests' images, mounted at %s", m.fs.Model(), m.fs.Mountpoint)
+}
+
+func (m *modelStore) counters() (read, write uint64) {
+	s := m.fs.Stats()
+	return s.ReadBytes, s.WriteBytes
+}
+
+func (m *modelStore) remove() error { return m.fs.Unmount() }
+
 // sampleIO records the datastore's throughput every second until ctx ends.
-func (d *datastore) sampleIO(ctx context.Context) <-chan []ioSample {
+func sampleIO(ctx context.Context, d store) <-chan []ioSample {
 	out := make(chan []ioSample, 1)
 	go func() {
 		var s []ioSample

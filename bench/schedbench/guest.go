@@ -123,12 +123,17 @@ func (b *bench) bootGuests(ctx context.Context) error {
 	errs := make([]error, b.cfg.Guests)
 	for i := 0; i < b.cfg.Guests; i++ {
 		name := fmt.Sprintf("kura-sched-%d-g%d", os.Getpid(), i+1)
-		dir := filepath.Join(b.work, fmt.Sprintf("g%d", i+1))
-		if err := os.MkdirAll(dir, 0o755); err != nil {
+		dir := filepath.Join(b.disks, fmt.Sprintf("g%d", i+1))
+		// Files are made where they will not go through the model.
+		made := dir
+		if b.backing != "" {
+			made = filepath.Join(b.backing, fmt.Sprintf("g%d", i+1))
+		}
+		if err := os.MkdirAll(made, 0o755); err != nil {
 			return err
 		}
 		vdb := filepath.Join(dir, "vdb.qcow2")
-		if _, err := benchutil.Run(ctx, "cp", "--sparse=always", b.vdb, vdb); err != nil {
+		if _, err := benchutil.Run(ctx, "cp", "--sparse=always", b.vdb, filepath.Join(made, "vdb.qcow2")); err != nil {
 			return err
 		}
 		g, err := testvm.StartLibvirt(ctx, testvm.Options{

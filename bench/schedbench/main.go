@@ -10,11 +10,18 @@
 //     limits and adaptive latency control, started with `kura run-now`.
 //
 // The datastore: every guest's disks are opened with cache=none (the host's
-// page cache would hide the contention) and every guest's QEMU process is
-// moved into one blkio cgroup (v1) whose throttle limits the device holding
-// the images. In pull mode the backup reads are done by QEMU itself (its NBD
-// server), so the guests' I/O and their backups' reads share the one budget,
-// as they share a real datastore.
+// page cache would hide the contention) and their I/O is limited in one of
+// two ways (BENCH_SCHED_DATASTORE):
+//
+//   - blkio: every guest's QEMU process is moved into one blkio cgroup (v1)
+//     whose throttle limits the device holding the images;
+//   - model: the images sit on a FUSE mount (bench/internal/slowfs) that
+//     serves every request through a model of a small shared device: a few
+//     channels, a fixed throughput, one queue.
+//
+// In pull mode the backup reads are done by QEMU itself (its NBD server), so
+// the guests' I/O and their backups' reads share the one budget, as they
+// share a real datastore.
 //
 // Run it through bench/sched.sh, which builds kura and this program and
 // documents the settings (BENCH_SCHED_* and a few BENCH_* variables). Results
@@ -36,6 +43,7 @@ import (
 	"time"
 
 	"github.com/kura-backup/kura/bench/internal/benchutil"
+	"github.com/kura-backup/kura/bench/internal/slowfs"
 	"github.com/kura-backup/kura/internal/testvm"
 )
 
@@ -61,6 +69,8 @@ type config struct {
 	LimitReadMiBs, LimitWriteMiBs int
 	LimitReadIOPS, LimitWriteIOPS int
 	LimitScope                    string // shared (one cgroup for all guests) or per-vm
+	Datastore                     string // blkio (cgroup throttle) or model (slowfs)
+	Model                         slowfs.Model
 	Cache                         string // cache mode of the guests' disks
 	BaselineSec                   int    // idle lead-in of each phase
 	WarmupSec                     int    // fio before the first phase, not measured
@@ -130,6 +140,12 @@ func loadConfig() config {
 		LimitReadIOPS:  envInt("BENCH_SCHED_LIMIT_READ_IOPS", 0),
 		LimitWriteIOPS: envInt("BENCH_SCHED_LIMIT_WRITE_IOPS", 0),
 		LimitScope:     envStr("BENCH_SCHED_LIMIT_SCOPE", "shared"),
+		Datastore:      envStr("BENCH_SCHED_DATASTORE", "blkio"),
+		Model: slowfs.Model{
+			Channels: envInt("BENCH_SCHED_MODEL_CHANNELS", 4),
+			MiBs:     envFloat("BENCH_SCHED_MODEL_MIBS", 40),
+			Overhead: time.Duration(envFloat("BENCH_SCHED_MODEL_OVERHEAD_MS", 0.5) * float64(time.Millisecond)),
+		},
 		Cache:          envStr("BENCH_SCHED_CACHE", "none"),
 		BaselineSec:    envInt("BENCH_SCHED_BASELINE_S", 20),
 		WarmupSec:      envInt("BENCH_SCHED_WARMUP_S", 30),
@@ -162,6 +178,11 @@ func loadConfig() config {
 	case "shared", "per-vm":
 	default:
 		fatalf("BENCH_SCHED_LIMIT_SCOPE=%q: use shared or per-vm", c.LimitScope)
+	}
+	switch c.Datastore {
+	case "blkio", "model":
+	default:
+		fatalf("BENCH_SCHED_DATASTORE=%q: use blkio or model", c.Datastore)
 	}
 	switch c.Cache {
 	case "none", "directsync", "writeback", "default":
@@ -222,7 +243,11 @@ type bench struct {
 	img    testvm.Image
 	vdb    string // cached data disk template
 	guests []*vmGuest
-	ds     *datastore
+	ds     store
+	disks  string // where the guests' directories go (on the model's mount)
+	// backing is the model's backing directory, where files are put
+	// without going through the model; "" with the blkio datastore.
+	backing string
 	pwFile string
 	res    *Results
 }
@@ -271,9 +296,14 @@ func (b *bench) run(ctx context.Context) error {
 	if !strings.Contains(img.Version, "fio") {
 		return fmt.Errorf("the guest image (%s) has no fio: rebuild it with scripts/mkguest.sh", img.Version)
 	}
-	// The guests' root overlays are backed by the cached root image: it
-	// must sit on the limited device too, or its reads escape the limit.
-	if rdev, err := blockDeviceOf(img.RootQcow2); err != nil || rdev.MajMin != dev.MajMin {
+	b.disks = b.work
+	if b.cfg.Datastore == "model" {
+		if err := b.mountModel(ctx); err != nil {
+			return err
+		}
+	} else if rdev, err := blockDeviceOf(img.RootQcow2); err != nil || rdev.MajMin != dev.MajMin {
+		// The guests' root overlays are backed by the cached root image: it
+		// must sit on the limited device too, or its reads escape the limit.
 		return fmt.Errorf("the guest image %s is not on %s (%v): put KURA_CACHE and BENCH_WORK on one block device", img.RootQcow2, dev.Name, err)
 	}
 	if err := b.makeDataDisk(ctx); err != nil {
@@ -286,11 +316,13 @@ func (b *bench) run(ctx context.Context) error {
 	if err := b.bootGuests(ctx); err != nil {
 		return err
 	}
-	if b.ds, err = newDatastore(b.cfg, dev, b.guests); err != nil {
-		return err
+	if b.ds == nil {
+		if b.ds, err = newDatastore(b.cfg, dev, b.guests); err != nil {
+			return err
+		}
 	}
 	b.res.Meta.Limit = b.ds.describe()
-	logf("datastore limit: %s", b.res.Meta.Limit)
+	logf("datastore: %s", b.res.Meta.Limit)
 	if err := b.warmUp(ctx); err != nil {
 		return err
 	}
@@ -299,6 +331,30 @@ func (b *bench) run(ctx context.Context) error {
 			return fmt.Errorf("%s: %w", s, err)
 		}
 	}
+	return nil
+}
+
+// mountModel puts the guests on a slowfs mount: the cached root image is
+// copied to its backing directory (the overlays must read it through the
+// model too), and the guests' directories go under the mount.
+func (b *bench) mountModel(ctx context.Context) error {
+	b.backing = filepath.Join(b.work, "device")
+	mnt := filepath.Join(b.work, "mnt")
+	for _, d := range []string{b.backing, mnt} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return err
+		}
+	}
+	if _, err := benchutil.Run(ctx, "cp", "--sparse=always", b.img.RootQcow2, filepath.Join(b.backing, "root.qcow2")); err != nil {
+		return err
+	}
+	fsys, err := slowfs.Mount(b.backing, mnt, b.cfg.Model)
+	if err != nil {
+		return err
+	}
+	b.ds = &modelStore{fs: fsys}
+	b.img.RootQcow2 = filepath.Join(mnt, "root.qcow2")
+	b.disks = mnt
 	return nil
 }
 

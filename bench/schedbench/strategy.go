@@ -126,7 +126,7 @@ func (b *bench) runPhase(ctx context.Context, strategy string) error {
 	}
 
 	sctx, stopSampling := context.WithCancel(ctx)
-	ioc := b.ds.sampleIO(sctx)
+	ioc := sampleIO(sctx, b.ds)
 	var metc <-chan []metricSample
 	if srv != nil {
 		metc = srv.sampleMetrics(sctx)
