@@ -146,7 +146,11 @@ func (b *bench) bootGuests(ctx context.Context) error {
 		vg := &vmGuest{g: g, name: name, dir: dir, pid: g.PID}
 		b.guests = append(b.guests, vg)
 		if b.cfg.Cache != "default" {
-			if err := vg.setCache(ctx, b.cfg.Cache); err != nil {
+			aio := "native"
+			if b.backing != "" {
+				aio = "threads"
+			}
+			if err := vg.setCache(ctx, b.cfg.Cache, aio); err != nil {
 				return err
 			}
 		}
@@ -186,9 +190,14 @@ func (b *bench) bootGuests(ctx context.Context) error {
 
 var driverQEMU = regexp.MustCompile(`<driver name='qemu'`)
 
-// setCache restarts the domain with every disk's cache mode set (and
-// io='native' with cache=none or directsync: Linux AIO on O_DIRECT).
-func (vg *vmGuest) setCache(ctx context.Context, mode string) error {
+// setCache restarts the domain with every disk's cache mode set, and the
+// AIO mode aio with cache=none or directsync.
+//
+// aio is "native", or "threads" on the model's FUSE mount, where a Linux
+// AIO submission of direct I/O blocks until the request is served (go-fuse
+// does not offer the kernel asynchronous direct I/O), which would stall
+// QEMU's main loop on every request.
+func (vg *vmGuest) setCache(ctx context.Context, mode, aio string) error {
 	if _, err := virsh(ctx, "destroy", vg.name); err != nil {
 		return err
 	}
@@ -198,7 +207,7 @@ func (vg *vmGuest) setCache(ctx context.Context, mode string) error {
 	}
 	attrs := fmt.Sprintf("<driver name='qemu' cache='%s'", mode)
 	if mode == "none" || mode == "directsync" {
-		attrs += " io='native'"
+		attrs += " io='" + aio + "'"
 	}
 	x = driverQEMU.ReplaceAllString(x, attrs)
 	p := filepath.Join(vg.dir, "domain-cache.xml")

@@ -36,9 +36,11 @@ type Options struct {
 	Workers  int // parallel readers/compressors; 0 = 2 × CPUs
 	Progress *Progress
 	Logger   *slog.Logger
-	// ReadLimit, when set, is waited on before each read of n bytes from
-	// a disk: the daemon's latency control slows backups down with it.
-	ReadLimit func(ctx context.Context, n int) error
+	// ReadGate, when set, is called before each read of n bytes from a
+	// disk; the read starts once it returns, and done is called when the
+	// read ends, ok if it succeeded. The daemon's latency control paces
+	// backups and limits their reads in flight with it.
+	ReadGate func(ctx context.Context, n int) (done func(ok bool), err error)
 	// Stats to merge into the snapshot (freeze window, pause time).
 	Stats repo.BackupStats
 	// Parent is the previous restore point of this VM. Disks that implement
@@ -320,13 +322,17 @@ func backupDisk(ctx context.Context, r *repo.Repo, d source.Disk, p *diskPlan, o
 					clear(b) // holes inside the chunk read as zeros
 				}
 				for _, e := range j.ranges {
-					if opts.ReadLimit != nil {
-						if err := opts.ReadLimit(ctx, int(e.Length)); err != nil {
+					done := func(bool) {}
+					if opts.ReadGate != nil {
+						var err error
+						if done, err = opts.ReadGate(ctx, int(e.Length)); err != nil {
 							fail(err)
 							break
 						}
 					}
-					if err := d.ReadAt(ctx, b[e.Offset-start:e.Offset-start+e.Length], e.Offset); err != nil {
+					err := d.ReadAt(ctx, b[e.Offset-start:e.Offset-start+e.Length], e.Offset)
+					done(err == nil)
+					if err != nil {
 						fail(fmt.Errorf("disk %s: reading %d bytes at offset %d: %w", info.Name, e.Length, e.Offset, err))
 						break
 					}

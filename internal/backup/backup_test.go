@@ -238,26 +238,33 @@ func TestIncrementalReadsOnlyChanges(t *testing.T) {
 	}
 }
 
-// ReadLimit is asked before every read, for exactly the bytes read, and
-// its error stops the backup without a snapshot.
-func TestReadLimit(t *testing.T) {
+// ReadGate is asked before every read, for exactly the bytes read, told
+// when each read ends, and its error stops the backup without a snapshot.
+func TestReadGate(t *testing.T) {
 	ctx := context.Background()
 	r := testRepo(t)
 	rng := rand.New(rand.NewPCG(5, 6))
 	a := &memDisk{name: "a", data: make([]byte, 3<<20)}
 	fill(rng, a.data[:1<<20])
 	fill(rng, a.data[2<<20:])
-	var asked atomic.Int64
-	limit := func(ctx context.Context, n int) error { asked.Add(int64(n)); return nil }
-	snap, err := Run(ctx, r, []source.Disk{a}, Options{Name: "vm", Source: "image", ReadLimit: limit})
+	var asked, ended atomic.Int64
+	gate := func(ctx context.Context, n int) (func(bool), error) {
+		asked.Add(int64(n))
+		return func(ok bool) {
+			if ok {
+				ended.Add(int64(n))
+			}
+		}, nil
+	}
+	snap, err := Run(ctx, r, []source.Disk{a}, Options{Name: "vm", Source: "image", ReadGate: gate})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if asked.Load() != snap.Stats.BytesRead || asked.Load() != 2<<20 {
-		t.Fatalf("limit asked for %d bytes, backup read %d (data is %d)", asked.Load(), snap.Stats.BytesRead, 2<<20)
+	if asked.Load() != snap.Stats.BytesRead || asked.Load() != 2<<20 || ended.Load() != asked.Load() {
+		t.Fatalf("gate asked for %d bytes, told of %d, backup read %d (data is %d)", asked.Load(), ended.Load(), snap.Stats.BytesRead, 2<<20)
 	}
 	stop := errors.New("throttled away")
-	_, err = Run(ctx, r, []source.Disk{a}, Options{Name: "vm2", Source: "image", ReadLimit: func(context.Context, int) error { return stop }})
+	_, err = Run(ctx, r, []source.Disk{a}, Options{Name: "vm2", Source: "image", ReadGate: func(context.Context, int) (func(bool), error) { return nil, stop }})
 	if !errors.Is(err, stop) {
 		t.Fatalf("a failing limit: %v", err)
 	}

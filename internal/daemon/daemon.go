@@ -55,25 +55,27 @@ type Daemon struct {
 	reg  *metrics.Registry
 	m    daemonMetrics
 
-	mu       sync.Mutex
-	cfg      *config.Config
-	store    catalog.Store
-	sched    *schedule.Scheduler
-	conn     *libvirt.Conn
-	repos    map[string]*repo.Repo
-	domains  map[string]libvirt.DomainInfo // by name
-	vmStore  map[string]string             // VM -> datastore
-	devOf    map[string]string             // datastore -> /proc/diskstats device ("" if none)
-	ctrls    map[string]*throttle.Controller
-	prevBlk  map[string]throttle.BlockStats // "vm/target" -> last counters
-	prevDev  map[string]throttle.DiskStats
-	active   map[string]int          // datastore -> running backups
-	hold     map[string]time.Time    // datastore -> no new backup before (latency control)
-	runIDs   map[string]int64        // job + due -> catalog run id
-	outcomes map[string]*taskOutcome // job + due + vm -> the latest attempt's details
-	cancel   map[string]context.CancelFunc
-	wake     chan struct{}
-	wg       sync.WaitGroup
+	mu            sync.Mutex
+	cfg           *config.Config
+	store         catalog.Store
+	sched         *schedule.Scheduler
+	conn          *libvirt.Conn
+	repos         map[string]*repo.Repo
+	domains       map[string]libvirt.DomainInfo // by name
+	vmStore       map[string]string             // VM -> datastore
+	devOf         map[string]string             // datastore -> /proc/diskstats device ("" if none)
+	ctrls         map[string]*throttle.Controller
+	windows       map[string]*throttle.Window    // per datastore, with its controller
+	windowChanges map[string]uint64              // last logged Window changes
+	prevBlk       map[string]throttle.BlockStats // "vm/target" -> last counters
+	prevDev       map[string]throttle.DiskStats
+	active        map[string]int          // datastore -> running backups
+	hold          map[string]time.Time    // datastore -> no new backup before (latency control)
+	runIDs        map[string]int64        // job + due -> catalog run id
+	outcomes      map[string]*taskOutcome // job + due + vm -> the latest attempt's details
+	cancel        map[string]context.CancelFunc
+	wake          chan struct{}
+	wg            sync.WaitGroup
 }
 
 type taskOutcome struct {
@@ -88,6 +90,7 @@ type daemonMetrics struct {
 	lastSuccess, duration, bytesRead, bytesStored, freeze *metrics.Vec
 	runs, errs, decisions                                 *metrics.Vec
 	latency, rate, paused, queue, running                 *metrics.Vec
+	window                                                *metrics.Vec
 }
 
 // New prepares a daemon from the configuration file; Run starts it.
@@ -105,7 +108,7 @@ func New(opts Options) (*Daemon, error) {
 	reg := metrics.New()
 	d := &Daemon{
 		opts: opts, log: opts.Logger, reg: reg, cfg: cfg,
-		repos: map[string]*repo.Repo{}, ctrls: map[string]*throttle.Controller{},
+		repos: map[string]*repo.Repo{}, ctrls: map[string]*throttle.Controller{}, windows: map[string]*throttle.Window{}, windowChanges: map[string]uint64{},
 		prevBlk: map[string]throttle.BlockStats{}, prevDev: map[string]throttle.DiskStats{},
 		active: map[string]int{}, hold: map[string]time.Time{}, runIDs: map[string]int64{}, outcomes: map[string]*taskOutcome{},
 		cancel: map[string]context.CancelFunc{}, wake: make(chan struct{}, 1),
@@ -121,6 +124,7 @@ func New(opts Options) (*Daemon, error) {
 			latency:     reg.Gauge("kura_datastore_guest_latency_milliseconds", "Smoothed I/O latency the guests on the datastore see.", "datastore"),
 			rate:        reg.Gauge("kura_datastore_backup_rate_bytes_per_second", "Sum of the read rate limits of the backups on the datastore (0: unlimited).", "datastore"),
 			paused:      reg.Gauge("kura_datastore_paused", "1 while latency control holds new backups on the datastore.", "datastore"),
+			window:      reg.Gauge("kura_datastore_backup_reads_limit", "Backup reads allowed in flight on the datastore at once (adapted to stay below its queueing point).", "datastore"),
 			queue:       reg.Gauge("kura_queue_length", "VMs due and waiting to start."),
 			running:     reg.Gauge("kura_backups_running", "Backups running now."),
 		},
@@ -538,16 +542,18 @@ func (d *Daemon) backupVM(ctx context.Context, t schedule.Task) (*repo.Snapshot,
 	}
 	lim := throttle.NewLimiter(float64(cfg.Limits.BandwidthBytes), nil)
 	id := t.VM + "/" + t.Job
+	var win *throttle.Window
 	if ctrl := d.controller(t.Datastore); ctrl != nil {
 		ctrl.Attach(id, lim)
 		defer ctrl.Detach(id)
+		win = d.window(t.Datastore)
 	}
 	mode := t.Mode
 	if mode == source.ModeApp {
 		mode = "" // app when the agent answers, crash with a warning otherwise
 	}
 	snap, err := backup.RunVM(ctx, r, vm, backup.VMOptions{Mode: mode, Source: "libvirt",
-		Options: backup.Options{Logger: d.log, ReadLimit: lim.Wait, Tags: map[string]string{"job": t.Job}}})
+		Options: backup.Options{Logger: d.log, ReadGate: readGate(lim, win), Tags: map[string]string{"job": t.Job}}})
 	if err != nil {
 		return nil, false, err
 	}

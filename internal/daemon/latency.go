@@ -58,6 +58,43 @@ func (d *Daemon) controller(ds string) *throttle.Controller {
 	return c
 }
 
+// window returns the datastore's window of backup reads in flight, shared
+// by every backup on it, making it on first use.
+func (d *Daemon) window(ds string) *throttle.Window {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	w := d.windows[ds]
+	if w == nil {
+		w = throttle.NewWindow(throttle.WindowConfig{})
+		d.windows[ds] = w
+	}
+	return w
+}
+
+// readGate paces one backup's reads with its rate limiter, then holds each
+// read to the datastore's window (nil: none) and times it for the window.
+func readGate(lim *throttle.Limiter, win *throttle.Window) func(context.Context, int) (func(bool), error) {
+	return func(ctx context.Context, n int) (func(bool), error) {
+		if err := lim.Wait(ctx, n); err != nil {
+			return nil, err
+		}
+		if win == nil {
+			return func(bool) {}, nil
+		}
+		if err := win.Acquire(ctx); err != nil {
+			return nil, err
+		}
+		start := time.Now()
+		return func(ok bool) {
+			took := time.Since(start)
+			if !ok {
+				took = 0 // a failed read says nothing of the datastore
+			}
+			win.Done(n, took)
+		}, nil
+	}
+}
+
 // latencyConfig is the controllers' configuration in cfg.
 func latencyConfig(cfg *config.Config) throttle.Config {
 	return throttle.Config{Threshold: cfg.Latency.Threshold.Duration,
@@ -157,6 +194,19 @@ func (d *Daemon) sampleLatency(ctx context.Context) {
 			sum += r.New
 		}
 		d.m.rate.Set(sum, ds)
+		d.mu.Lock()
+		win := d.windows[ds]
+		d.mu.Unlock()
+		if win != nil {
+			st := win.State()
+			d.m.window.Set(float64(st.Limit), ds)
+			if st.Changes != d.windowChanges[ds] {
+				d.log.Debug("backup reads in flight", "datastore", ds, "limit", st.Limit, "serves", st.Serves)
+				d.mu.Lock()
+				d.windowChanges[ds] = st.Changes
+				d.mu.Unlock()
+			}
+		}
 		if dec.Actions == 0 {
 			continue
 		}

@@ -1,0 +1,105 @@
+package throttle
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+)
+
+// round runs one round of the window's limit worth of reads on a simulated
+// datastore that serves c reads at once: each takes service×max(1, L/c)
+// with L reads in flight (Little's law for a closed loop).
+func round(t *testing.T, w *Window, c int, service time.Duration) int {
+	t.Helper()
+	l := w.State().Limit
+	for range l {
+		if err := w.Acquire(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	took := service
+	if l > c {
+		took = service * time.Duration(l) / time.Duration(c)
+	}
+	for range l {
+		w.Done(256<<10, took)
+	}
+	return l
+}
+
+func TestWindowStaysOneBelowTheKnee(t *testing.T) {
+	for _, c := range []int{2, 4, 8} {
+		clk := newFakeClock()
+		w := NewWindow(WindowConfig{Clock: clk, Hold: 10 * time.Second})
+		var seen []int
+		for range 40 {
+			seen = append(seen, round(t, w, c, 25*time.Millisecond))
+			clk.Advance(100 * time.Millisecond)
+		}
+		// It grew one by one until reads queued, found c, and held at c-1.
+		if got := w.State(); got.Limit != c-1 || got.Serves != c {
+			t.Fatalf("c=%d: state %+v after limits %v; want limit %d, serves %d", c, got, seen, c-1, c)
+		}
+		// After the hold it probes again and comes back.
+		clk.Advance(10 * time.Second)
+		var probe []int
+		for range 10 {
+			probe = append(probe, round(t, w, c, 25*time.Millisecond))
+		}
+		if max := maxOf(probe); max <= c || w.State().Limit != c-1 {
+			t.Fatalf("c=%d: probe limits %v, limit %d after; want above %d and back to %d", c, probe, w.State().Limit, c, c-1)
+		}
+	}
+}
+
+func TestWindowGrowsWithoutQueueing(t *testing.T) {
+	w := NewWindow(WindowConfig{Max: 6, Clock: newFakeClock()})
+	for range 20 {
+		round(t, w, 100, 10*time.Millisecond)
+	}
+	if got := w.State().Limit; got != 6 {
+		t.Fatalf("limit %d on a datastore that never queues; want the maximum, 6", got)
+	}
+	// Small reads and failed reads (took 0) do not move it.
+	w2 := NewWindow(WindowConfig{Clock: newFakeClock()})
+	for range 10 {
+		w2.Acquire(context.Background())
+		w2.Done(4096, time.Second)
+		w2.Acquire(context.Background())
+		w2.Done(1<<20, 0)
+	}
+	if got := w2.State(); got.Limit != 1 || got.InFlight != 0 {
+		t.Fatalf("state %+v after untimed reads; want limit 1, none in flight", got)
+	}
+}
+
+func TestWindowAcquireWaits(t *testing.T) {
+	w := NewWindow(WindowConfig{})
+	if err := w.Acquire(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if err := w.Acquire(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("second Acquire at limit 1: %v, want the context's deadline", err)
+	}
+	got := make(chan error)
+	go func() { got <- w.Acquire(context.Background()) }()
+	time.Sleep(10 * time.Millisecond)
+	w.Done(0, 0)
+	if err := <-got; err != nil {
+		t.Fatal(err)
+	}
+	if s := w.State(); s.InFlight != 1 {
+		t.Fatalf("in flight %d, want 1", s.InFlight)
+	}
+}
+
+func maxOf(v []int) int {
+	m := v[0]
+	for _, x := range v {
+		m = max(m, x)
+	}
+	return m
+}
