@@ -201,7 +201,7 @@ func (d *Daemon) sampleLatency(ctx context.Context) {
 			st := win.State()
 			d.m.window.Set(float64(st.Limit), ds)
 			if st.Changes != d.windowChanges[ds] {
-				d.log.Debug("backup reads in flight", "datastore", ds, "limit", st.Limit, "serves", st.Serves)
+				d.log.Info("backup reads in flight", "datastore", ds, "limit", st.Limit, "serves", st.Serves)
 				d.mu.Lock()
 				d.windowChanges[ds] = st.Changes
 				d.mu.Unlock()

@@ -25,10 +25,11 @@ import (
 // L reads in flight on a datastore that serves C at once, each read takes
 // max(1, L/C) times that (Little's law), so while the mean stays within
 // Tolerance of the floor nothing queued and the limit grows by one. When
-// it does not, the reads queued: L is more than C, C is about L divided
-// by the ratio of the round's mean to the floor, and the Window drops to
-// C-1 and holds there for Hold before probing upwards again. Reads smaller
-// than MinBytes time mostly fixed costs and are not counted.
+// it does not in two rounds in a row, the reads queued: L is more than C,
+// C is about L divided by the ratio of the round's mean to the floor, and
+// the Window drops to C-1 and holds there for Hold before probing upwards
+// again. Reads smaller than MinBytes time mostly fixed costs and are not
+// counted.
 type Window struct {
 	cfg WindowConfig
 
@@ -45,6 +46,7 @@ type Window struct {
 	roundN           int
 	holdUntil        time.Time
 	serves           int // reads the datastore serves at once, as last estimated; 0: not yet
+	inflated         int // consecutive rounds that queued
 	changes          uint64
 }
 
@@ -54,7 +56,7 @@ type WindowConfig struct {
 	Tolerance float64       // a round within (1+Tolerance)×floor did not queue [0.2]
 	Hold      time.Duration // how long to stay below a knee before probing [20s]
 	Epoch     time.Duration // how long a floor is remembered [30s]
-	MinBytes  int           // smaller reads are not timed [64 KiB]
+	MinBytes  int           // smaller reads are not timed [128 KiB]
 	Clock     Clock         // [RealClock]
 }
 
@@ -73,7 +75,7 @@ func NewWindow(cfg WindowConfig) *Window {
 		cfg.Epoch = 30 * time.Second
 	}
 	if cfg.MinBytes <= 0 {
-		cfg.MinBytes = 64 << 10
+		cfg.MinBytes = 128 << 10
 	}
 	if cfg.Clock == nil {
 		cfg.Clock = RealClock
@@ -135,11 +137,24 @@ func (w *Window) Done(n int, took time.Duration) {
 	if w.prevFloor > 0 && w.prevFloor < floor {
 		floor = w.prevFloor
 	}
+	// Queueing shows as a mean over the floor that Little's law explains:
+	// fewer reads served at once than are in flight. A lone read slowed
+	// by the guests' own requests, or one noisy round, is not that.
+	serves := max(1, int(math.Round(float64(w.limit)*floor/mean)))
+	queued := mean > floor*(1+w.cfg.Tolerance) && serves < w.limit
+	if queued {
+		w.inflated++
+	} else {
+		w.inflated = 0
+	}
 	switch {
-	case mean > floor*(1+w.cfg.Tolerance):
-		w.serves = max(1, int(math.Round(float64(w.limit)*floor/mean)))
-		w.set(max(1, w.serves-1))
+	case w.inflated >= 2:
+		w.inflated = 0
+		w.serves = serves
+		w.set(max(1, serves-1))
 		w.holdUntil = now.Add(w.cfg.Hold)
+	case queued:
+		// Wait for the next round to confirm it.
 	case now.Before(w.holdUntil):
 		// Below the knee: stay.
 	default:

@@ -53,6 +53,30 @@ func TestWindowStaysOneBelowTheKnee(t *testing.T) {
 	}
 }
 
+// Reads slowed for other reasons than queueing among themselves (the
+// guests' requests ahead of them, noise) do not shrink the window: a lone
+// read cannot have queued behind backup reads, and one round is not
+// enough.
+func TestWindowIgnoresNoise(t *testing.T) {
+	w := NewWindow(WindowConfig{Max: 8, Clock: newFakeClock()})
+	for i := range 60 {
+		l := w.State().Limit
+		for range l {
+			w.Acquire(context.Background())
+		}
+		took := 20 * time.Millisecond
+		if i%3 == 0 {
+			took = 40 * time.Millisecond // every third round twice as slow
+		}
+		for range l {
+			w.Done(256<<10, took)
+		}
+	}
+	if got := w.State(); got.Limit != 8 {
+		t.Fatalf("state %+v: noisy rounds shrank the window", got)
+	}
+}
+
 func TestWindowGrowsWithoutQueueing(t *testing.T) {
 	w := NewWindow(WindowConfig{Max: 6, Clock: newFakeClock()})
 	for range 20 {
