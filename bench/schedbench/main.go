@@ -79,6 +79,7 @@ type config struct {
 	ThresholdMS                   float64
 	ThresholdX                    float64 // threshold = X × baseline p99 when ThresholdMS is 0
 	MinRate, Increase             string  // latency.min_rate and latency.increase of the scheduler's config
+	ReadWindow                    bool    // latency.read_window
 	IntervalS                     float64
 	Seed                          int64
 	Keep                          bool
@@ -129,6 +130,7 @@ func loadConfig() config {
 		Guests:         envInt("BENCH_SCHED_GUESTS", 3),
 		MinRate:        envStr("BENCH_SCHED_MIN_RATE", "2MiB"),
 		Increase:       envStr("BENCH_SCHED_INCREASE", "4MiB"),
+		ReadWindow:     os.Getenv("BENCH_SCHED_READ_WINDOW") == "1",
 		Strategies:     strings.Fields(envStr("BENCH_SCHED_STRATEGIES", "all-at-once sequential scheduler")),
 		DataMiB:        envInt("BENCH_SCHED_DATA_MIB", 256),
 		FioMiB:         envInt("BENCH_SCHED_FIO_MIB", 64),
@@ -146,19 +148,19 @@ func loadConfig() config {
 			MiBs:     envFloat("BENCH_SCHED_MODEL_MIBS", 40),
 			Overhead: time.Duration(envFloat("BENCH_SCHED_MODEL_OVERHEAD_MS", 0.5) * float64(time.Millisecond)),
 		},
-		Cache:          envStr("BENCH_SCHED_CACHE", "none"),
-		BaselineSec:    envInt("BENCH_SCHED_BASELINE_S", 20),
-		WarmupSec:      envInt("BENCH_SCHED_WARMUP_S", 30),
-		SettleSec:      envInt("BENCH_SCHED_SETTLE_S", 5),
-		PerHost:        envInt("BENCH_SCHED_PER_HOST", 3),
-		PerDatastore:   envInt("BENCH_SCHED_PER_DATASTORE", 3),
-		ThresholdMS:    envFloat("BENCH_SCHED_THRESHOLD_MS", 0),
-		ThresholdX:     envFloat("BENCH_SCHED_THRESHOLD_X", 1.2),
-		IntervalS:      envFloat("BENCH_SCHED_INTERVAL_S", 1),
-		Seed:           int64(envInt("BENCH_SCHED_SEED", 42)),
-		Keep:           os.Getenv("BENCH_KEEP") == "1",
-		MemoryMiB:      envInt("BENCH_SCHED_MEMORY_MIB", 768),
-		CPUs:           envInt("BENCH_SCHED_CPUS", 1),
+		Cache:        envStr("BENCH_SCHED_CACHE", "none"),
+		BaselineSec:  envInt("BENCH_SCHED_BASELINE_S", 20),
+		WarmupSec:    envInt("BENCH_SCHED_WARMUP_S", 30),
+		SettleSec:    envInt("BENCH_SCHED_SETTLE_S", 5),
+		PerHost:      envInt("BENCH_SCHED_PER_HOST", 3),
+		PerDatastore: envInt("BENCH_SCHED_PER_DATASTORE", 3),
+		ThresholdMS:  envFloat("BENCH_SCHED_THRESHOLD_MS", 0),
+		ThresholdX:   envFloat("BENCH_SCHED_THRESHOLD_X", 1.2),
+		IntervalS:    envFloat("BENCH_SCHED_INTERVAL_S", 1),
+		Seed:         int64(envInt("BENCH_SCHED_SEED", 42)),
+		Keep:         os.Getenv("BENCH_KEEP") == "1",
+		MemoryMiB:    envInt("BENCH_SCHED_MEMORY_MIB", 768),
+		CPUs:         envInt("BENCH_SCHED_CPUS", 1),
 	}
 	if c.Out == "" {
 		c.Out = filepath.Join(cache, "bench", "sched-results", time.Now().Format("20060102-150405"))
@@ -248,8 +250,8 @@ type bench struct {
 	// backing is the model's backing directory, where files are put
 	// without going through the model; "" with the blkio datastore.
 	backing string
-	pwFile string
-	res    *Results
+	pwFile  string
+	res     *Results
 }
 
 func (b *bench) cleanup() {

@@ -345,6 +345,7 @@ latency:
   interval: %s
   min_rate: %s
   increase: %s
+  read_window: %t
 jobs:
   - name: bench
     repository: bench
@@ -357,7 +358,7 @@ server:
   log_format: text
 `, strategy, repoDir, b.pwFile, ph.PerHost, ph.PerDatastore, max(ph.PerHost, ph.PerDatastore),
 		time.Duration(ph.ThresholdMS*float64(time.Millisecond)).Round(10*time.Microsecond),
-		time.Duration(b.cfg.IntervalS*float64(time.Second)), b.cfg.MinRate, b.cfg.Increase, os.Getpid(), listen, filepath.Join(dir, "state"))
+		time.Duration(b.cfg.IntervalS*float64(time.Second)), b.cfg.MinRate, b.cfg.Increase, b.cfg.ReadWindow, os.Getpid(), listen, filepath.Join(dir, "state"))
 	s := &server{b: b, cfgPath: filepath.Join(dir, "kura.yaml"), listen: listen, done: make(chan struct{}),
 		logRel: filepath.Join("logs", "server-"+strategy+".log")}
 	s.logPath = filepath.Join(b.cfg.Out, s.logRel)

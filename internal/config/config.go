@@ -76,6 +76,11 @@ type Latency struct {
 	// datastore's throughput divided by the backups that may run on it.
 	MinRate  string `yaml:"min_rate"`
 	Increase string `yaml:"increase"`
+	// ReadWindow also limits the backup reads in flight on a datastore to
+	// one fewer than it is found to serve at once (throttle.Window). Off
+	// by default: its estimate is still noisy on busy datastores, where it
+	// holds backups well below what the guests can spare (docs/BENCHMARKS.md).
+	ReadWindow bool `yaml:"read_window"`
 
 	MinRateBytes, IncreaseBytes int64 `yaml:"-"`
 }

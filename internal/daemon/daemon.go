@@ -546,7 +546,9 @@ func (d *Daemon) backupVM(ctx context.Context, t schedule.Task) (*repo.Snapshot,
 	if ctrl := d.controller(t.Datastore); ctrl != nil {
 		ctrl.Attach(id, lim)
 		defer ctrl.Detach(id)
-		win = d.window(t.Datastore)
+		if cfg.Latency.ReadWindow {
+			win = d.window(t.Datastore)
+		}
 	}
 	mode := t.Mode
 	if mode == source.ModeApp {
