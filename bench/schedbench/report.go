@@ -351,7 +351,7 @@ func (b *bench) markdown(pngs []string) string {
 		p("| %s | %s | %.2f | %.2f | %.2f | %.2f | %+.0f%% | %.2f | %+.0f%% | %.2f | %.2f | %.1f |\n", s.Strategy, shortName(s.Guest),
 			s.BaseP50, s.BaseP99, s.P50, s.P99, s.RiseP99, s.LeadP99, s.RiseP99Lead, s.ReadP99, s.WriteP99, s.Max)
 	}
-	p("\n## Datastore throughput (the limited cgroup, MiB/s per second)\n\n| strategy | mean read during the backups | max read (1 s) | mean write |\n|---|---:|---:|---:|\n")
+	p("\n## Datastore throughput (through the limit, MiB/s per second)\n\n| strategy | mean read during the backups | max read (1 s) | mean write |\n|---|---:|---:|---:|\n")
 	for _, ph := range r.Phases {
 		if len(ph.IO) == 0 {
 			continue
