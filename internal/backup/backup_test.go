@@ -174,11 +174,11 @@ func BenchmarkBackup(b *testing.B) {
 type trackedDisk struct {
 	memDisk
 	dirty map[int64]bool // granule index
-	reads int64
+	reads atomic.Int64   // ReadAt runs in several workers
 }
 
 func (d *trackedDisk) ReadAt(ctx context.Context, p []byte, off int64) error {
-	d.reads += int64(len(p))
+	d.reads.Add(int64(len(p)))
 	return d.memDisk.ReadAt(ctx, p, off)
 }
 
@@ -206,7 +206,7 @@ func TestIncrementalReadsOnlyChanges(t *testing.T) {
 		t.Fatalf("first backup: kind %q checkpoint %q", full.Kind, full.Checkpoint)
 	}
 	// Change two granules (one of them zeroed) and back up incrementally.
-	d.reads = 0
+	d.reads.Store(0)
 	fill(rng, d.data[1<<20:1<<20+100])
 	clear(d.data[5<<20 : 5<<20+64<<10])
 	d.dirty = map[int64]bool{(1 << 20) / (64 << 10): true, (5 << 20) / (64 << 10): true}
@@ -217,8 +217,8 @@ func TestIncrementalReadsOnlyChanges(t *testing.T) {
 	if inc.Kind != "incremental" || inc.Parent != full.ID || inc.Disks[0].Read != "changed" {
 		t.Fatalf("incremental: kind %q parent %q read %q", inc.Kind, inc.Parent, inc.Disks[0].Read)
 	}
-	if d.reads > 2*64<<10 {
-		t.Fatalf("incremental read %d bytes for two changed chunks", d.reads)
+	if d.reads.Load() > 2*64<<10 {
+		t.Fatalf("incremental read %d bytes for two changed chunks", d.reads.Load())
 	}
 	if got := restoreMem(t, r, inc.Disks[0]); !bytes.Equal(got, d.data) {
 		t.Fatal("incremental restore point differs from the disk")
@@ -228,7 +228,7 @@ func TestIncrementalReadsOnlyChanges(t *testing.T) {
 		t.Fatalf("full data bytes %d", full.Disks[0].DataBytes)
 	}
 	// A parent without this disk means a full read, and says so.
-	d.reads = 0
+	d.reads.Store(0)
 	other, err := Run(ctx, r, []source.Disk{&trackedDisk{memDisk: memDisk{name: "vdb", data: d.data}}}, Options{Name: "vm2", Parent: inc})
 	if err != nil {
 		t.Fatal(err)

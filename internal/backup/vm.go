@@ -53,7 +53,13 @@ func RunVMOpening(ctx context.Context, open func(context.Context) (*repo.Repo, e
 		parent  *repo.Snapshot
 		openErr error
 		opened  bool
+		unlock  func()
 	)
+	defer func() {
+		if unlock != nil {
+			unlock()
+		}
+	}()
 	// resolve opens the repository and finds the VM's latest restore point.
 	resolve := func(ctx context.Context) error {
 		if opened {
@@ -64,12 +70,19 @@ func RunVMOpening(ctx context.Context, open func(context.Context) (*repo.Repo, e
 			return openErr
 		}
 		// Reading the index (tens of milliseconds per hundred backups)
-		// can then overlap the capture. The lock comes first: see Run.
+		// can then overlap the capture. The lock comes first and is held
+		// until the backup ends, so that no prune runs between reading
+		// the index and storing against it (see Run).
 		if lock, err := r.Lock(ctx, repo.LockBackup); err == nil {
+			loaded := make(chan struct{})
 			go func() {
-				defer lock.Unlock(context.WithoutCancel(ctx))
+				defer close(loaded)
 				r.LoadIndex(ctx) // Run reads it again if this failed
 			}()
+			unlock = func() {
+				<-loaded
+				lock.Unlock(context.WithoutCancel(ctx))
+			}
 		}
 		start := time.Now()
 		ss, err := r.Snapshots(ctx)

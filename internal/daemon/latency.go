@@ -195,18 +195,15 @@ func (d *Daemon) sampleLatency(ctx context.Context) {
 		}
 		d.m.rate.Set(sum, ds)
 		d.mu.Lock()
-		win := d.windows[ds]
-		d.mu.Unlock()
-		if win != nil {
+		if win := d.windows[ds]; win != nil {
 			st := win.State()
 			d.m.window.Set(float64(st.Limit), ds)
 			if st.Changes != d.windowChanges[ds] {
-				d.log.Info("backup reads in flight", "datastore", ds, "limit", st.Limit, "serves", st.Serves)
-				d.mu.Lock()
 				d.windowChanges[ds] = st.Changes
-				d.mu.Unlock()
+				d.log.Info("backup reads in flight", "datastore", ds, "limit", st.Limit, "serves", st.Serves)
 			}
 		}
+		d.mu.Unlock()
 		if dec.Actions == 0 {
 			continue
 		}
