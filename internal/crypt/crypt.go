@@ -162,6 +162,7 @@ func (p KDFParams) Derive(password []byte) (*Key, error) {
 	}
 	prepareKDFMemory(int(p.Memory) << 10)
 	raw := argon2.IDKey(password, p.Salt, p.Time, p.Memory, p.Threads, 32)
+	releaseKDFMemory()
 	k := &Key{}
 	copy(k.Enc[:], raw)
 	return k, k.init()

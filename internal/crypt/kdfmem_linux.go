@@ -1,6 +1,7 @@
 package crypt
 
 import (
+	"runtime"
 	"runtime/debug"
 	"unsafe"
 
@@ -31,3 +32,11 @@ func prepareKDFMemory(n int) {
 	b = nil
 	debug.FreeOSMemory()
 }
+
+// releaseKDFMemory collects Argon2's table as soon as the derivation ends,
+// so that the next large allocations (a backup's pack buffers) reuse its
+// pages, which the derivation has already faulted in. Without it they came
+// from fresh memory: on a virtual machine the kernel zeroed about 54 MiB of
+// new huge pages while an incremental backup sealed its packs, and reading
+// 100 MiB took 0.37 s instead of 0.23 s (A/B on a test guest).
+func releaseKDFMemory() { runtime.GC() }

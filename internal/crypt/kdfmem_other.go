@@ -3,3 +3,5 @@
 package crypt
 
 func prepareKDFMemory(int) {}
+
+func releaseKDFMemory() {}
