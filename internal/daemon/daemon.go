@@ -68,6 +68,7 @@ type Daemon struct {
 	windows       map[string]*throttle.Window    // per datastore, with its controller
 	windowChanges map[string]uint64              // last logged Window changes
 	prevBlk       map[string]throttle.BlockStats // "vm/target" -> last counters
+	lastSample    map[string]time.Time           // per datastore: when its guests were last sampled
 	prevDev       map[string]throttle.DiskStats
 	active        map[string]int          // datastore -> running backups
 	hold          map[string]time.Time    // datastore -> no new backup before (latency control)
@@ -108,7 +109,7 @@ func New(opts Options) (*Daemon, error) {
 	reg := metrics.New()
 	d := &Daemon{
 		opts: opts, log: opts.Logger, reg: reg, cfg: cfg,
-		repos: map[string]*repo.Repo{}, ctrls: map[string]*throttle.Controller{}, windows: map[string]*throttle.Window{}, windowChanges: map[string]uint64{},
+		repos: map[string]*repo.Repo{}, ctrls: map[string]*throttle.Controller{}, windows: map[string]*throttle.Window{}, windowChanges: map[string]uint64{}, lastSample: map[string]time.Time{},
 		prevBlk: map[string]throttle.BlockStats{}, prevDev: map[string]throttle.DiskStats{},
 		active: map[string]int{}, hold: map[string]time.Time{}, runIDs: map[string]int64{}, outcomes: map[string]*taskOutcome{},
 		cancel: map[string]context.CancelFunc{}, wake: make(chan struct{}, 1),

@@ -144,6 +144,7 @@ func (d *Daemon) sampleLatency(ctx context.Context) {
 	now := time.Now()
 	for ds, ctrl := range ctrls {
 		var s throttle.Sample
+		var busy time.Duration // the guests' requests' time in the interval
 		for _, vm := range vms[ds] {
 			for target, bc := range all[vm] { // none when stopped or gone meanwhile
 				cur := throttle.BlockStats{RdOperations: uint64(bc.ReadOps), WrOperations: uint64(bc.WriteOps), FlushOperations: uint64(bc.FlushOps),
@@ -156,6 +157,7 @@ func (d *Daemon) sampleLatency(ctx context.Context) {
 				if had {
 					if l, ok := throttle.BlockLatency(key, prev, cur); ok {
 						s.Disks = append(s.Disks, l)
+						busy += l.Busy()
 					}
 				}
 			}
@@ -195,7 +197,14 @@ func (d *Daemon) sampleLatency(ctx context.Context) {
 		}
 		d.m.rate.Set(sum, ds)
 		d.mu.Lock()
+		last, sampled := d.lastSample[ds]
+		d.lastSample[ds] = now
 		if win := d.windows[ds]; win != nil {
+			if sampled && now.After(last) {
+				// The guests' requests in flight: the read window counts
+				// them among what the datastore serves.
+				win.SetOthers(float64(busy) / float64(now.Sub(last)))
+			}
 			st := win.State()
 			d.m.window.Set(float64(st.Limit), ds)
 			if st.Changes != d.windowChanges[ds] {

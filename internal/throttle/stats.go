@@ -20,6 +20,13 @@ type Latency struct {
 	Read, Write, Flush time.Duration
 }
 
+// Busy is the interval's reads, writes and flushes times their latency:
+// divided by the interval's length, the average number of the disk's
+// requests in flight (Little's law).
+func (l Latency) Busy() time.Duration {
+	return time.Duration(l.ReadOps)*l.Read + time.Duration(l.WriteOps)*l.Write + time.Duration(l.FlushOps)*l.Flush
+}
+
 // Ops is the number of reads and writes in the interval (flushes are not
 // counted: see [Latency.Mean]).
 func (l Latency) Ops() uint64 { return l.ReadOps + l.WriteOps }

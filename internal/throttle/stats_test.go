@@ -133,3 +133,19 @@ func TestLatencyMeanWeighsByOps(t *testing.T) {
 		t.Errorf("Mean() of an idle interval = %v, want 0", got)
 	}
 }
+
+func TestLatencyBusy(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		l    Latency
+		want time.Duration
+	}{
+		{"idle", Latency{}, 0},
+		{"reads only", Latency{ReadOps: 100, Read: 2 * time.Millisecond}, 200 * time.Millisecond},
+		{"all kinds", Latency{ReadOps: 10, Read: time.Millisecond, WriteOps: 20, Write: 3 * time.Millisecond, FlushOps: 2, Flush: 5 * time.Millisecond}, 80 * time.Millisecond},
+	} {
+		if got := tc.l.Busy(); got != tc.want {
+			t.Errorf("%s: Busy() = %s; want %s", tc.name, got, tc.want)
+		}
+	}
+}

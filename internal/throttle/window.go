@@ -29,7 +29,9 @@ import (
 // C is about L divided by the ratio of the round's mean to the floor, and
 // the Window drops to C-1 and holds there for Hold before probing upwards
 // again. Reads smaller than MinBytes time mostly fixed costs and are not
-// counted.
+// counted. The guests' own requests queue with the reads: SetOthers tells
+// the Window how many are in flight, so that L counts them and the limit
+// leaves room for them.
 type Window struct {
 	cfg WindowConfig
 
@@ -48,6 +50,7 @@ type Window struct {
 	serves           int // reads the datastore serves at once, as last estimated; 0: not yet
 	inflated         int // consecutive rounds that queued
 	changes          uint64
+	others           float64 // other requests in flight on average (SetOthers)
 }
 
 // WindowConfig tunes a [Window]; zero fields take the defaults in brackets.
@@ -140,8 +143,13 @@ func (w *Window) Done(n int, took time.Duration) {
 	// Queueing shows as a mean over the floor that Little's law explains:
 	// fewer reads served at once than are in flight. A lone read slowed
 	// by the guests' own requests, or one noisy round, is not that.
-	serves := max(1, int(math.Round(float64(w.limit)*floor/mean)))
-	queued := mean > floor*(1+w.cfg.Tolerance) && serves < w.limit
+	//
+	// The other requests in flight count too: reads wait behind them as
+	// behind each other. Without them a datastore busy with its guests
+	// looked like one that serves a single request at once.
+	inFlight := float64(w.limit) + w.others
+	serves := max(1, int(math.Round(inFlight*floor/mean)))
+	queued := mean > floor*(1+w.cfg.Tolerance) && float64(serves) < inFlight
 	if queued {
 		w.inflated++
 	} else {
@@ -151,7 +159,8 @@ func (w *Window) Done(n int, took time.Duration) {
 	case w.inflated >= 2:
 		w.inflated = 0
 		w.serves = serves
-		w.set(max(1, serves-1))
+		// Room for the others, and at least one slot.
+		w.set(max(1, serves-max(1, int(math.Ceil(w.others)))))
 		w.holdUntil = now.Add(w.cfg.Hold)
 	case queued:
 		// Wait for the next round to confirm it.
@@ -182,4 +191,15 @@ func (w *Window) State() WindowState {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return WindowState{Limit: w.limit, InFlight: w.inflight, Serves: w.serves, Changes: w.changes}
+}
+
+// SetOthers tells the Window how many other requests (the guests' own,
+// and the fleecing's copy-before-write reads) are in flight on the
+// datastore on average: the sum of their latencies over an interval
+// divided by its length (Little's law), which the daemon takes from QEMU's
+// block statistics.
+func (w *Window) SetOthers(n float64) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.others = max(0, n)
 }
