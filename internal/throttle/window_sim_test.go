@@ -48,11 +48,11 @@ type simResult struct {
 
 // simulate runs a backup through w for d on a datastore of c channels
 // and one FIFO queue (a request holds a channel for its service time; a
-// backup read of 256 KiB takes read), beside the other streams. With feed,
+// backup read of size bytes takes read), beside the other streams. With feed,
 // the window is told every second how many of the others' requests were
 // in flight on average (their total latency over the second, as the
 // daemon computes it from QEMU's block statistics).
-func simulate(t *testing.T, w *Window, clk *fakeClock, c int, read time.Duration, streams []simStream, d time.Duration, feed bool, seed uint64) simResult {
+func simulate(t *testing.T, w *Window, clk *fakeClock, c int, size int, read time.Duration, streams []simStream, d time.Duration, feed bool, seed uint64) simResult {
 	t.Helper()
 	rng := rand.New(rand.NewPCG(seed, 1))
 	start := clk.Now()
@@ -118,7 +118,7 @@ func simulate(t *testing.T, w *Window, clk *fakeClock, c int, read time.Duration
 			if e.backup {
 				inflight--
 				reads++
-				w.Done(256<<10, now.Sub(e.start))
+				w.Done(size, now.Sub(e.start))
 				issue(now)
 			} else {
 				lat = append(lat, now.Sub(e.start))
@@ -130,7 +130,7 @@ func simulate(t *testing.T, w *Window, clk *fakeClock, c int, read time.Duration
 	if len(lat) > 0 {
 		res.otherP99 = lat[len(lat)*99/100]
 	}
-	res.backupMiBs = float64(reads) / 4 / d.Seconds()
+	res.backupMiBs = float64(reads) * float64(size) / (1 << 20) / d.Seconds()
 	return res
 }
 
@@ -162,7 +162,7 @@ func TestWindowWithOtherRequests(t *testing.T) {
 	run := func(feed bool) (simResult, WindowState) {
 		clk := newFakeClock()
 		w := NewWindow(WindowConfig{Clock: clk})
-		r := simulate(t, w, clk, c, read, streams, 10*time.Minute, feed, 7)
+		r := simulate(t, w, clk, c, 256<<10, read, streams, 10*time.Minute, feed, 7)
 		t.Logf("told %v: limits %v; serves %d; backup %.1f MiB/s; others' p99 %s", feed, r.limits, w.State().Serves, r.backupMiBs, r.otherP99)
 		return r, w.State()
 	}
