@@ -144,12 +144,12 @@ func (w *Window) Done(n int, took time.Duration) {
 	// fewer reads served at once than are in flight. A lone read slowed
 	// by the guests' own requests, or one noisy round, is not that.
 	//
-	// The other requests in flight count too: reads wait behind them as
-	// behind each other. Without them a datastore busy with its guests
-	// looked like one that serves a single request at once.
-	inFlight := float64(w.limit) + w.others
-	serves := max(1, int(math.Round(inFlight*floor/mean)))
-	queued := mean > floor*(1+w.cfg.Tolerance) && float64(serves) < inFlight
+	queued := mean > floor*(1+w.cfg.Tolerance) && max(1, int(math.Round(float64(w.limit)*floor/mean))) < w.limit
+	// Once reads queue, the other requests in flight count in the
+	// estimate too: reads wait behind them as behind each other. Without
+	// them a datastore busy with its guests looked like one that serves a
+	// single request at once.
+	serves := max(1, int(math.Round((float64(w.limit)+w.others)*floor/mean)))
 	if queued {
 		w.inflated++
 	} else {
@@ -159,8 +159,7 @@ func (w *Window) Done(n int, took time.Duration) {
 	case w.inflated >= 2:
 		w.inflated = 0
 		w.serves = serves
-		// Room for the others, and at least one slot.
-		w.set(max(1, serves-max(1, int(math.Ceil(w.others)))))
+		w.set(max(1, min(serves-1, w.limit-1)))
 		w.holdUntil = now.Add(w.cfg.Hold)
 	case queued:
 		// Wait for the next round to confirm it.
