@@ -31,6 +31,8 @@
 #   BENCH_SCHED_DATA_GIB          virtual size of the data disk [2]
 #   BENCH_SCHED_FIO_READ_IOPS     fio's 4 KiB random reads per second per guest [40]
 #   BENCH_SCHED_FIO_WRITE_IOPS    fio's 4 KiB random writes per second per guest [40]
+#                                 (either at 0: fio only reads, or only writes; a guest
+#                                 that only reads shows the backups without copy-before-write)
 #   BENCH_SCHED_LIMIT_READ_MIBS   datastore read limit, MiB/s (blkio read_bps_device; 0: none) [32]
 #   BENCH_SCHED_LIMIT_WRITE_MIBS  datastore write limit, MiB/s [32]
 #   BENCH_SCHED_LIMIT_READ_IOPS, BENCH_SCHED_LIMIT_WRITE_IOPS  IOPS limits [0: none]

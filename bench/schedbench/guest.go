@@ -268,10 +268,19 @@ func (b *bench) startFio(ctx context.Context, vg *vmGuest, name string) (*fio, e
 		return nil, err
 	}
 	f.offset = off
+	// Reads and writes at their rates; with one of them at 0, only the
+	// other (a guest that only reads takes no copy-before-write).
+	mix := fmt.Sprintf("--rw=randrw --rwmixread=50 --rate_iops=%d,%d", b.cfg.ReadIOPS, b.cfg.WriteIOPS)
+	switch {
+	case b.cfg.WriteIOPS == 0:
+		mix = fmt.Sprintf("--rw=randread --rate_iops=%d", b.cfg.ReadIOPS)
+	case b.cfg.ReadIOPS == 0:
+		mix = fmt.Sprintf("--rw=randwrite --rate_iops=%d", b.cfg.WriteIOPS)
+	}
 	script := fmt.Sprintf("rm -f /tmp/%[1]s*; "+
-		"fio --name=%[1]s --filename=/data/fio.dat --size=%[2]dM --rw=randrw --rwmixread=50 --bs=4k --direct=1 --ioengine=psync "+
-		"--rate_iops=%[3]d,%[4]d --time_based --runtime=7200 --write_lat_log=/tmp/%[1]s --log_unix_epoch=1 "+
-		"--output-format=json --output=/tmp/%[1]s.json >/tmp/%[1]s.out 2>&1 </dev/null & echo $!", name, b.cfg.FioMiB, b.cfg.ReadIOPS, b.cfg.WriteIOPS)
+		"fio --name=%[1]s --filename=/data/fio.dat --size=%[2]dM %[3]s --bs=4k --direct=1 --ioengine=psync "+
+		"--time_based --runtime=7200 --write_lat_log=/tmp/%[1]s --log_unix_epoch=1 "+
+		"--output-format=json --output=/tmp/%[1]s.json >/tmp/%[1]s.out 2>&1 </dev/null & echo $!", name, b.cfg.FioMiB, mix)
 	out, err := benchutil.Sh(ctx, g, script)
 	if err != nil {
 		return nil, err
