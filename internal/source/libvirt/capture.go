@@ -953,7 +953,7 @@ func (c *capture) End(ctx context.Context, ok bool) error {
 		// Older checkpoints go while the job still runs: deleting one
 		// needs libvirt's job lock, which the job's teardown holds for a
 		// while after the abort below.
-		if err := c.dropOlderCheckpoints(ctx); err != nil {
+		if err := c.dropOlderCheckpoints(ctx); err != nil && !c.vmGone(ctx, err) {
 			errs = append(errs, err)
 		}
 		dropped = true
@@ -1003,6 +1003,19 @@ func (c *capture) End(ctx context.Context, ok bool) error {
 		v.c = c.conn0
 	}
 	return errors.Join(errs...)
+}
+
+// vmGone reports whether err, from a call during End, came from the VM
+// being gone or shut off: then it has no job and no checkpoints to settle.
+func (c *capture) vmGone(ctx context.Context, err error) bool {
+	if errors.Is(err, source.ErrNotFound) {
+		return true
+	}
+	if c.lost != nil {
+		return false
+	}
+	st, serr := c.vm.state(ctx)
+	return errors.Is(serr, source.ErrNotFound) || (serr == nil && st == golibvirt.DomainShutoff)
 }
 
 // waitJobGone waits until libvirt has torn the aborted backup job down
