@@ -192,9 +192,9 @@ func (v *VM) captureLive(ctx context.Context, def *domainDef, disks []diskDef, m
 		return nil, err
 	}
 	c.owner.uid, c.owner.gid, c.owner.ok = def.qemuOwner()
+	ahead := v.readNewestCheckpoint(ctx)
 	// Creating the scratch images now, rather than letting libvirt create
 	// them when the job begins, halves the time the guest stays frozen.
-	ahead := v.readNewestCheckpoint(ctx)
 	if err := c.prepareScratch(ctx, disks, 1); err != nil {
 		return nil, err
 	}
