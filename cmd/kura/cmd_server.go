@@ -75,25 +75,77 @@ func (a *app) serverCmd() *cobra.Command {
 
 func (a *app) runNowCmd() *cobra.Command {
 	var cfgPath string
+	var wait bool
 	cmd := &cobra.Command{
-		Use:   "run-now JOB [--config FILE]",
+		Use:   "run-now JOB [--wait] [--config FILE]",
 		Short: "Ask the running kura server to start a run of JOB now",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
 			cfg, err := config.Load(cfgPath)
 			if err != nil {
 				return err
 			}
-			msg, err := post(cmd.Context(), cfg.Server.Listen, "/run-now?job="+url.QueryEscape(args[0]))
+			asked := time.Now()
+			msg, err := post(ctx, cfg.Server.Listen, "/run-now?job="+url.QueryEscape(args[0]))
 			if err != nil {
 				return err
 			}
 			fmt.Fprint(a.stdout, msg)
+			if !wait {
+				return nil
+			}
+			r, err := waitForRun(ctx, cfg.Server.Catalog, args[0], asked)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(a.stdout, "run %d of job %s: %s in %s: %s\n", r.ID, r.Job, r.Status, r.Ended.Sub(r.Started).Round(time.Millisecond), r.Summary)
+			if r.Status != catalog.StatusSucceeded {
+				return fmt.Errorf("run %d of job %s %s: see `kura runs --run %d`", r.ID, r.Job, r.Status, r.ID)
+			}
 			return nil
 		},
 	}
 	cmd.Flags().StringVar(&cfgPath, "config", defaultConfig, "configuration `file`")
+	cmd.Flags().BoolVar(&wait, "wait", false, "wait until the run ends; exit non-zero unless every VM was backed up")
 	return cmd
+}
+
+// waitForRun waits until the catalog at path has the run of job that
+// run-now started (manual, due at or after asked, less a second of clock
+// rounding) and that run has ended, and returns it.
+func waitForRun(ctx context.Context, path, job string, asked time.Time) (catalog.Run, error) {
+	var st catalog.Store
+	defer func() {
+		if st != nil {
+			st.Close()
+		}
+	}()
+	for pause := 50 * time.Millisecond; ; pause = min(2*pause, time.Second) {
+		if st == nil {
+			if _, err := os.Stat(path); err == nil {
+				if st, err = catalog.Open(ctx, path); err != nil {
+					return catalog.Run{}, err
+				}
+			}
+		}
+		if st != nil {
+			runs, err := st.Runs(ctx, catalog.RunFilter{Job: job, Since: asked.Add(-time.Second), Limit: 10})
+			if err != nil {
+				return catalog.Run{}, err
+			}
+			for _, r := range runs {
+				if r.Manual && !r.Due.Before(asked.Add(-time.Second)) && r.Status != catalog.StatusRunning && !r.Ended.IsZero() {
+					return r, nil
+				}
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return catalog.Run{}, fmt.Errorf("waiting for the run of job %s: %w (it goes on in the server: see `kura runs --job %s`)", job, ctx.Err(), job)
+		case <-time.After(pause):
+		}
+	}
 }
 
 // post sends a request to the daemon's HTTP endpoint.

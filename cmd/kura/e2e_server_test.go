@@ -213,8 +213,10 @@ server:
 	if !strings.Contains(s.log.String(), "configuration reloaded") {
 		t.Fatalf("the good configuration was not reloaded:\n%s", s.log.String())
 	}
-	if r := s.runNow("hourly"); r.Status != catalog.StatusSucceeded {
-		t.Fatalf("the reloaded job's run: %+v", r)
+	// run-now --wait returns once the run has ended, with its outcome.
+	out := e.ok("run-now", "hourly", "--wait", "--config", cfgPath)
+	if r := s.runs()[0]; r.Job != "hourly" || !r.Manual || r.Status != catalog.StatusSucceeded || !strings.Contains(out, "succeeded") {
+		t.Fatalf("the reloaded job's run, after run-now --wait printed %q: %+v", out, r)
 	}
 
 	// Killed mid-backup.

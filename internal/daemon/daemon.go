@@ -442,7 +442,7 @@ func (d *Daemon) startReady(ctx context.Context) {
 		d.mu.Unlock()
 		if !ok {
 			var err error
-			id, err = d.store.StartRun(ctx, catalog.Run{Job: t.Job, Due: t.Due, Started: time.Now()})
+			id, err = d.store.StartRun(ctx, catalog.Run{Job: t.Job, Manual: t.Manual, Due: t.Due, Started: time.Now()})
 			if err != nil {
 				d.log.Error("recording a run in the catalog", "job", t.Job, "err", err)
 				d.m.errs.Inc("catalog")

@@ -199,6 +199,8 @@ type Task struct {
 	// Due is when the run became due: the scheduled time, or the time of
 	// RunNow.
 	Due time.Time
+	// Manual is true for a task of a run started by RunNow.
+	Manual bool
 	// Started is when Ready handed out the task. On success it becomes the
 	// VM's LastSuccess.
 	Started time.Time

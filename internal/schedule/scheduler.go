@@ -482,6 +482,7 @@ func (s *Scheduler) Ready() []Task {
 			Mode:       c.job.job.Mode,
 			Attempt:    c.vm.attempts,
 			Due:        c.run.due,
+			Manual:     c.run.manual,
 			Started:    now,
 			id:         s.lastID,
 		}
