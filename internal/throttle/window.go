@@ -29,9 +29,9 @@ import (
 // C is about L divided by the ratio of the round's mean to the floor, and
 // the Window drops to C-1 and holds there for Hold before probing upwards
 // again. Reads smaller than MinBytes time mostly fixed costs and are not
-// counted. The guests' own requests queue with the reads: SetOthers tells
-// the Window how many are in flight, so that L counts them and the limit
-// leaves room for them.
+// counted. The guests' own requests queue with the reads too: SetOthers
+// tells the Window how many are in flight, and once its own reads queue,
+// the estimate of C counts them with L.
 type Window struct {
 	cfg WindowConfig
 
