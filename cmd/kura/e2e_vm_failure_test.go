@@ -414,9 +414,10 @@ func TestLiveVMFailures(t *testing.T) {
 	}
 	tmp := t.TempDir()
 
-	// The repository is unlocked while the capture is prepared: a wrong
-	// password must still stop it before the guest is frozen or given a
-	// checkpoint, and leave nothing behind.
+	// The repository is unlocked while the capture is prepared and taken
+	// (a VM with one checkpoint of Kura's need not wait for it): a wrong
+	// password must still fail the backup, undo the capture (its new
+	// checkpoint deleted, the guest thawed) and leave nothing behind.
 	t.Run("wrong password", func(t *testing.T) {
 		w := *e
 		w.t, w.pw = t, "nope"

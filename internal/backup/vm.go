@@ -34,10 +34,11 @@ func RunVM(ctx context.Context, r *repo.Repo, vm source.VM, o VMOptions) (snap *
 }
 
 // RunVMOpening is RunVM into a repository that is still being unlocked:
-// open is called (once) while the driver prepares the capture, before the
-// VM is frozen, paused or given a checkpoint, so that the key derivation
-// overlaps the preparation. An error from open is returned as it is, and
-// the VM is left as it was.
+// open is called (once) at the start, so that the key derivation overlaps
+// the capture's preparation and, where the driver can guess the parent
+// checkpoint (source.CaptureOptions.ParentReady), its instant. An error
+// from open is returned as it is, and the VM is left as it was: a driver
+// that took the instant before it undoes it.
 func RunVMOpening(ctx context.Context, open func(context.Context) (*repo.Repo, error), vm source.VM, o VMOptions) (snap *repo.Snapshot, err error) {
 	opts := o.Options
 	opts.Name, opts.Source, opts.Workers, opts.Progress = vm.Name(), o.Source, o.Workers, o.Progress
@@ -52,55 +53,67 @@ func RunVMOpening(ctx context.Context, open func(context.Context) (*repo.Repo, e
 		r       *repo.Repo
 		parent  *repo.Snapshot
 		openErr error
-		opened  bool
 		unlock  func()
 	)
+	// The repository is opened, and the VM's latest restore point found,
+	// beside the capture's preparation; resolved is closed when that is
+	// done, and the variables above are set by then.
+	resolved := make(chan struct{})
 	defer func() {
+		<-resolved
 		if unlock != nil {
 			unlock()
 		}
 	}()
-	// resolve opens the repository and finds the VM's latest restore point.
+	log := opts.Logger
+	go func() {
+		defer close(resolved)
+		openErr = func() error {
+			var err error
+			if r, err = open(ctx); err != nil {
+				return err
+			}
+			// Reading the index (tens of milliseconds per hundred backups)
+			// can then overlap the capture. The lock comes first and is
+			// held until the backup ends, so that no prune runs between
+			// reading the index and storing against it (see Run).
+			if lock, err := r.Lock(ctx, repo.LockBackup); err == nil {
+				loaded := make(chan struct{})
+				go func() {
+					defer close(loaded)
+					r.LoadIndex(ctx) // Run reads it again if this failed
+				}()
+				unlock = func() {
+					<-loaded
+					lock.Unlock(context.WithoutCancel(ctx))
+				}
+			}
+			start := time.Now()
+			ss, err := r.Snapshots(ctx)
+			log.Debug("restore points listed", "took", time.Since(start), "err", err)
+			if err != nil {
+				return err
+			}
+			for i := len(ss) - 1; i >= 0; i-- {
+				if ss[i].Name == vm.Name() && ss[i].Source == o.Source {
+					parent = ss[i]
+					break
+				}
+			}
+			return nil
+		}()
+	}()
+	// resolve waits until the repository is open and the parent known.
 	resolve := func(ctx context.Context) error {
-		if opened {
+		select {
+		case <-resolved:
 			return openErr
+		case <-ctx.Done():
+			return ctx.Err()
 		}
-		opened = true
-		if r, openErr = open(ctx); openErr != nil {
-			return openErr
-		}
-		// Reading the index (tens of milliseconds per hundred backups)
-		// can then overlap the capture. The lock comes first and is held
-		// until the backup ends, so that no prune runs between reading
-		// the index and storing against it (see Run).
-		if lock, err := r.Lock(ctx, repo.LockBackup); err == nil {
-			loaded := make(chan struct{})
-			go func() {
-				defer close(loaded)
-				r.LoadIndex(ctx) // Run reads it again if this failed
-			}()
-			unlock = func() {
-				<-loaded
-				lock.Unlock(context.WithoutCancel(ctx))
-			}
-		}
-		start := time.Now()
-		ss, err := r.Snapshots(ctx)
-		opts.Logger.Debug("restore points listed", "took", time.Since(start), "err", err)
-		if err != nil {
-			openErr = err
-			return err
-		}
-		for i := len(ss) - 1; i >= 0; i-- {
-			if ss[i].Name == vm.Name() && ss[i].Source == o.Source {
-				parent = ss[i]
-				break
-			}
-		}
-		return nil
 	}
 	wantApp := o.Mode == "" || o.Mode == source.ModeApp
-	co := source.CaptureOptions{Mode: o.Mode, Full: o.Full}
+	co := source.CaptureOptions{Mode: o.Mode, Full: o.Full, ParentReady: resolved}
 	if wantApp {
 		// The drivers pick app when the agent answers and crash when it
 		// does not; an explicit app makes them fail instead.
@@ -123,8 +136,12 @@ func RunVMOpening(ctx context.Context, open func(context.Context) (*repo.Repo, e
 	capture, err := vm.Capture(ctx, co)
 	opts.Logger.Debug("capture", "vm", vm.Name(), "took", time.Since(captureStart), "err", err)
 	if err != nil {
-		if openErr != nil {
-			return nil, openErr // the driver stopped at Parent
+		select {
+		case <-resolved:
+			if openErr != nil {
+				return nil, openErr // the driver stopped at Parent
+			}
+		default:
 		}
 		return nil, fmt.Errorf("capturing %s: %w", vm.Name(), oneLine{err})
 	}

@@ -89,13 +89,23 @@ type CaptureOptions struct {
 	// "" (or Full) reads everything.
 	Since string
 	Full  bool
-	// Parent, when set, is called once, before the point-in-time instant,
-	// for the checkpoint of the previous backup when Since is "" ("" if
-	// there is none). It lets the caller finish work of its own, such as
-	// unlocking the repository, while the driver prepares the capture; an
-	// error from it fails the capture before the VM is frozen, paused or
-	// given a new checkpoint. Drivers call it through SinceCheckpoint.
+	// Parent, when set, is called once for the checkpoint of the previous
+	// backup when Since is "" ("" if there is none). It lets the caller
+	// finish work of its own, such as unlocking the repository, while the
+	// driver prepares the capture. Drivers call it through SinceCheckpoint,
+	// before the point-in-time instant unless ParentReady allows otherwise;
+	// an error from it fails the capture, and a driver that has taken the
+	// instant by then undoes it (the new checkpoint deleted, the job ended).
 	Parent func(context.Context) (string, error)
+	// ParentReady, when set, is closed once Parent answers without
+	// waiting. While it is open, a driver whose capture is otherwise ready
+	// may take the instant first, from the checkpoint it would be told
+	// when it can tell that without Parent (say, the VM has only one
+	// checkpoint of Kura's), and call Parent right after the instant: a
+	// capture then does not wait for the repository's key derivation.
+	// Whatever Parent then says, the capture reads no less than it would
+	// have read had it waited: a guess that proves wrong reads in full.
+	ParentReady <-chan struct{}
 }
 
 // SinceCheckpoint returns the checkpoint to read changes from: Since, or

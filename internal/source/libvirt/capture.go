@@ -198,11 +198,16 @@ func (v *VM) captureLive(ctx context.Context, def *domainDef, disks []diskDef, m
 	if err := c.prepareScratch(ctx, disks, 1); err != nil {
 		return nil, err
 	}
-	since, err := opts.SinceCheckpoint(ctx)
-	if err != nil {
-		return nil, err
+	// Waited for in any case: its QEMU transactions must not run inside
+	// the freeze.
+	newest := <-ahead
+	since, guessed := guessSince(opts, newest)
+	if !guessed {
+		if since, err = opts.SinceCheckpoint(ctx); err != nil {
+			return nil, err
+		}
 	}
-	plans, err := v.plan(ctx, disks, since, opts.Full, ahead)
+	plans, err := v.plan(ctx, disks, since, opts.Full, newest)
 	if err != nil {
 		return nil, err
 	}
@@ -223,6 +228,11 @@ func (v *VM) captureLive(ctx context.Context, def *domainDef, disks []diskDef, m
 	if err != nil {
 		return nil, err
 	}
+	if guessed {
+		if err := v.checkGuess(ctx, disks, since, opts, newest, plans); err != nil {
+			return nil, err
+		}
+	}
 	if err := c.openExports(ctx, plans); err != nil {
 		return nil, err
 	}
@@ -233,6 +243,60 @@ func (v *VM) captureLive(ctx context.Context, def *domainDef, disks []diskDef, m
 type checkpointRead struct {
 	name, xml string
 	err       error
+	kura      int // how many checkpoints of Kura's the VM has
+}
+
+// guessSince returns the checkpoint to start from, and true, when it is
+// known before Parent answers and Parent would keep the capture waiting
+// (source.CaptureOptions.ParentReady): Since, or none for a full read,
+// or else the VM's only checkpoint of Kura's (none if it has none), which
+// is its latest restore point's when that has a checkpoint the VM still
+// has. checkGuess then checks it after the instant.
+func guessSince(opts source.CaptureOptions, newest checkpointRead) (string, bool) {
+	if opts.Parent == nil || opts.ParentReady == nil {
+		return "", false
+	}
+	select {
+	case <-opts.ParentReady:
+		return "", false // as fast to ask
+	default:
+	}
+	switch {
+	case opts.Full:
+		return "", true
+	case opts.Since != "":
+		return opts.Since, true
+	case newest.err == nil && newest.kura <= 1:
+		return newest.name, true
+	}
+	return "", false
+}
+
+// checkGuess asks Parent, once the instant is taken from the guessed
+// checkpoint since (guessSince), and fixes plans if Parent names another:
+// each disk is then read as it would have been had the capture waited,
+// except that one the job tracks from a checkpoint other than Parent's is
+// read in full. An error from Parent fails the capture, which its End
+// undoes.
+func (v *VM) checkGuess(ctx context.Context, disks []diskDef, since string, opts source.CaptureOptions, newest checkpointRead, plans []*diskPlan) error {
+	parent, err := opts.SinceCheckpoint(ctx)
+	if err != nil || parent == since {
+		return err
+	}
+	want, err := v.plan(ctx, disks, parent, opts.Full, newest)
+	if err != nil {
+		return err
+	}
+	for i, p := range plans {
+		p.since, p.reason = want[i].since, want[i].reason
+		if p.since != "" {
+			// Not the checkpoint the job started from: its bitmap is not
+			// the one exported.
+			p.since = ""
+			p.reason = fmt.Sprintf("the backup job started from checkpoint %s, not the latest restore point's %s", since, parent)
+		}
+	}
+	return nil
 }
 
 // readNewestCheckpoint reads, in the background, the XML of the VM's
@@ -256,8 +320,12 @@ func (v *VM) readNewestCheckpoint(ctx context.Context) <-chan checkpointRead {
 			return
 		}
 		for _, cp := range cps {
+			if !strings.HasPrefix(cp.Name, CheckpointPrefix) {
+				continue
+			}
+			r.kura++
 			// Kura's names sort by creation time.
-			if strings.HasPrefix(cp.Name, CheckpointPrefix) && cp.Name > r.name {
+			if cp.Name > r.name {
 				r.name = cp.Name
 			}
 		}
@@ -281,16 +349,9 @@ func (v *VM) checkpointXML(ctx context.Context, name string) (string, error) {
 	})
 }
 
-// plan decides per disk whether it can be read incrementally. ahead, if
-// not nil, yields a checkpoint read ahead (readNewestCheckpoint), used if
-// it is since.
-func (v *VM) plan(ctx context.Context, disks []diskDef, since string, full bool, ahead <-chan checkpointRead) ([]*diskPlan, error) {
-	var pre checkpointRead
-	if ahead != nil {
-		// Waited for in any case: its QEMU transactions must not run
-		// inside the freeze.
-		pre = <-ahead
-	}
+// plan decides per disk whether it can be read incrementally. pre is a
+// checkpoint read ahead (readNewestCheckpoint), used if it is since.
+func (v *VM) plan(ctx context.Context, disks []diskDef, since string, full bool, pre checkpointRead) ([]*diskPlan, error) {
 	plans := make([]*diskPlan, len(disks))
 	for i, d := range disks {
 		plans[i] = &diskPlan{disk: d, bitmap: d.format() == "qcow2"}

@@ -502,6 +502,81 @@ func TestLibvirtCapture(t *testing.T) {
 		noBackupJob(t, vm)
 	})
 
+	t.Run("a capture that does not wait for its parent", func(t *testing.T) {
+		// With ParentReady open, the capture takes its instant from the
+		// VM's only Kura checkpoint and asks Parent afterwards; whatever
+		// Parent says, the disks are read as they would have been.
+		wrong := errors.New("wrong password")
+		cases := []struct {
+			name   string
+			parent func(cp string) (string, error)
+			ready  bool   // Parent answers at once: no guess
+			read   string // how vdb is read: "changed" or "full"
+			reason string // in vdb's note when read in full
+			err    error
+		}{
+			{name: "parent is the VM's checkpoint", parent: func(cp string) (string, error) { return cp, nil }, read: "changed"},
+			{name: "no parent (a new repository)", parent: func(string) (string, error) { return "", nil }, read: "full", reason: "first backup"},
+			{name: "parent the VM no longer has", parent: func(string) (string, error) { return "kura-19990101T000000.000000Z", nil }, read: "full", reason: "missing"},
+			{name: "parent fails", parent: func(string) (string, error) { return "", wrong }, err: wrong},
+			{name: "parent ready", parent: func(cp string) (string, error) { return cp, nil }, ready: true, read: "changed"},
+		}
+		for _, tc := range cases {
+			t.Run(tc.name, func(t *testing.T) {
+				before := checkpoints(t, vm)
+				if len(before) != 1 {
+					t.Fatalf("checkpoints %v; want one", before)
+				}
+				guestSh(t, ctx, g, "kura-workload write /data 1 5") // rewrites a file: the count stays
+				ready := make(chan struct{})
+				if tc.ready {
+					close(ready)
+				}
+				var atAsk []string
+				opts := source.CaptureOptions{ParentReady: ready, Parent: func(context.Context) (string, error) {
+					atAsk = checkpoints(t, vm)
+					return tc.parent(before[0])
+				}}
+				c, err := vm.Capture(ctx, opts)
+				if tc.ready && len(atAsk) != 1 || !tc.ready && len(atAsk) != 2 {
+					t.Errorf("checkpoints when Parent was asked: %v; want %d", atAsk, map[bool]int{true: 1, false: 2}[tc.ready])
+				}
+				if tc.err != nil {
+					if !errors.Is(err, tc.err) {
+						t.Fatalf("Capture: %v; want %v", err, tc.err)
+					}
+					if cps := checkpoints(t, vm); !slices.Equal(cps, before) {
+						t.Errorf("checkpoints %v after Parent failed; want %v", cps, before)
+					}
+					noBackupJob(t, vm)
+					if st := agentStatus(t, ctx, g); st != "thawed" {
+						t.Errorf("guest filesystems %q after Parent failed; want thawed", st)
+					}
+					return
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.End(ctx, false)
+				if c.Mode() != source.ModeApp {
+					t.Errorf("mode %q; want app", c.Mode())
+				}
+				n := noteFor(c, "vdb")
+				if n.Read != tc.read || !strings.Contains(n.Reason, tc.reason) {
+					t.Errorf("vdb: note %+v; want %s (%s)", n, tc.read, tc.reason)
+				}
+				_, tracks := diskByName(t, c, "vdb").(source.ChangeTracker)
+				if tracks != (tc.read == "changed") {
+					t.Errorf("vdb tracks changes: %v; want %v", tracks, tc.read == "changed")
+				}
+				endCapture(t, ctx, c, true)
+				if cps := checkpoints(t, vm); !slices.Equal(cps, []string{c.Checkpoint()}) {
+					t.Errorf("checkpoints %v; want [%s]", cps, c.Checkpoint())
+				}
+			})
+		}
+	})
+
 	t.Run("shutdown mode", func(t *testing.T) {
 		// The test guest has no D-Bus, hence no logind: it ignores the ACPI
 		// power button, and qemu-ga's guest-shutdown (shutdown -P +0)
@@ -582,4 +657,33 @@ func TestLibvirtCapture(t *testing.T) {
 		}
 	})
 	t.Logf("TestLibvirtCapture: %s", time.Since(testStart).Round(time.Second))
+}
+
+func TestGuessSince(t *testing.T) {
+	open, closed := make(chan struct{}), make(chan struct{})
+	close(closed)
+	parent := func(context.Context) (string, error) { return "", nil }
+	one := checkpointRead{name: "kura-2", kura: 1}
+	for _, tc := range []struct {
+		name    string
+		opts    source.CaptureOptions
+		newest  checkpointRead
+		want    string
+		guessed bool
+	}{
+		{"no Parent", source.CaptureOptions{ParentReady: open}, one, "", false},
+		{"no ParentReady", source.CaptureOptions{Parent: parent}, one, "", false},
+		{"Parent ready", source.CaptureOptions{Parent: parent, ParentReady: closed}, one, "", false},
+		{"one checkpoint", source.CaptureOptions{Parent: parent, ParentReady: open}, one, "kura-2", true},
+		{"no checkpoint", source.CaptureOptions{Parent: parent, ParentReady: open}, checkpointRead{}, "", true},
+		{"two checkpoints", source.CaptureOptions{Parent: parent, ParentReady: open}, checkpointRead{name: "kura-2", kura: 2}, "", false},
+		{"checkpoints unreadable", source.CaptureOptions{Parent: parent, ParentReady: open}, checkpointRead{err: errors.New("x")}, "", false},
+		{"full", source.CaptureOptions{Parent: parent, ParentReady: open, Full: true}, checkpointRead{name: "kura-2", kura: 2}, "", true},
+		{"Since given", source.CaptureOptions{Parent: parent, ParentReady: open, Since: "kura-1"}, checkpointRead{name: "kura-2", kura: 2}, "kura-1", true},
+	} {
+		got, guessed := guessSince(tc.opts, tc.newest)
+		if got != tc.want || guessed != tc.guessed {
+			t.Errorf("%s: guessSince = %q, %v; want %q, %v", tc.name, got, guessed, tc.want, tc.guessed)
+		}
+	}
 }
