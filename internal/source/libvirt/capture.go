@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -21,6 +20,7 @@ import (
 	golibvirt "github.com/digitalocean/go-libvirt"
 	"github.com/kura-backup/kura/internal/guest"
 	"github.com/kura-backup/kura/internal/nbd"
+	"github.com/kura-backup/kura/internal/qcow2"
 	"github.com/kura-backup/kura/internal/source"
 	"github.com/kura-backup/kura/internal/source/image"
 )
@@ -193,6 +193,23 @@ func (v *VM) captureLive(ctx context.Context, def *domainDef, disks []diskDef, m
 	}
 	c.owner.uid, c.owner.gid, c.owner.ok = def.qemuOwner()
 	ahead := v.readNewestCheckpoint(ctx)
+	// The watchdog that undoes a freeze or pause if Kura dies takes ~50 ms
+	// to start: it starts now, beside the preparation, and is disarmed
+	// unused if the capture fails before its instant.
+	var wdc <-chan watchdogStart
+	switch {
+	case mode == source.ModeApp:
+		wdc = v.watchdogAhead(ctx, true, false)
+	case mode == source.ModeSuspend && !paused:
+		wdc = v.watchdogAhead(ctx, false, true)
+	}
+	defer func() {
+		if wdc != nil {
+			if w := <-wdc; w.err == nil {
+				w.wd.Disarm(context.WithoutCancel(ctx))
+			}
+		}
+	}()
 	// Creating the scratch images now, rather than letting libvirt create
 	// them when the job begins, halves the time the guest stays frozen.
 	if err := c.prepareScratch(ctx, disks, 1); err != nil {
@@ -213,7 +230,9 @@ func (v *VM) captureLive(ctx context.Context, def *domainDef, disks []diskDef, m
 	}
 	switch mode {
 	case source.ModeApp:
-		err = c.frozen(ctx, def, plans)
+		w := <-wdc
+		wdc = nil
+		err = c.frozen(ctx, def, plans, w)
 	case source.ModeSuspend:
 		if paused {
 			// Someone else paused it: the instant is consistent as it is,
@@ -221,7 +240,9 @@ func (v *VM) captureLive(ctx context.Context, def *domainDef, disks []diskDef, m
 			err = c.begin(ctx, def, plans)
 			break
 		}
-		err = c.paused(ctx, def, plans)
+		w := <-wdc
+		wdc = nil
+		err = c.paused(ctx, def, plans, w)
 	default:
 		err = c.begin(ctx, def, plans)
 	}
@@ -532,8 +553,8 @@ func (c *capture) begin(ctx context.Context, def *domainDef, plans []*diskPlan) 
 		}
 		var flags golibvirt.DomainBackupBeginFlags
 		if attempt > 1 && c.scratchAttempt != 0 {
-			// Retrying after a refusal, inside the freeze: make new scratch
-			// images only if the first ones were made by Kura too.
+			// Retrying after a refusal, inside the freeze: new scratch
+			// images, as the first ones were made by Kura too.
 			disks := make([]diskDef, len(plans))
 			for i, p := range plans {
 				disks[i] = p.disk
@@ -574,19 +595,14 @@ func (c *capture) scratchPath(target string, attempt int) string {
 }
 
 // prepareScratch makes empty qcow2 scratch images of each disk's size for
-// the given attempt to begin the job. Without qemu-img it leaves that to
-// libvirt (which is slower, and does it while the guest is frozen).
+// the given attempt to begin the job (libvirt would make them itself while
+// the guest is frozen).
 func (c *capture) prepareScratch(ctx context.Context, disks []diskDef, attempt int) error {
-	qemuImg, err := exec.LookPath("qemu-img")
-	if err != nil {
-		return nil
-	}
-	// One qemu-img at a time took 40 ms per disk, before the freeze.
 	errs := make([]error, len(disks))
 	var wg sync.WaitGroup
 	for i, d := range disks {
 		target := d.Target.Dev
-		wg.Go(func() { errs[i] = c.makeScratch(ctx, qemuImg, target, attempt) })
+		wg.Go(func() { errs[i] = c.makeScratch(ctx, target, attempt) })
 	}
 	wg.Wait()
 	if err := errors.Join(errs...); err != nil {
@@ -597,7 +613,7 @@ func (c *capture) prepareScratch(ctx context.Context, disks []diskDef, attempt i
 }
 
 // makeScratch makes the scratch image of one disk.
-func (c *capture) makeScratch(ctx context.Context, qemuImg, target string, attempt int) error {
+func (c *capture) makeScratch(ctx context.Context, target string, attempt int) error {
 	v := c.vm
 	var capacity uint64
 	err := rpc0(ctx, v.c, func() (err error) {
@@ -608,9 +624,8 @@ func (c *capture) makeScratch(ctx context.Context, qemuImg, target string, attem
 		return v.errorf(err, "reading the size of disk %s", target)
 	}
 	path := c.scratchPath(target, attempt)
-	out, err := exec.CommandContext(ctx, qemuImg, "create", "-q", "-f", "qcow2", path, strconv.FormatUint(capacity, 10)).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("VM %s: creating the scratch image %s: %w: %s", v.dom.Name, path, err, strings.TrimSpace(string(out)))
+	if err := qcow2.Create(path, capacity, 0o600); err != nil {
+		return fmt.Errorf("VM %s: making the scratch image of disk %s: %w", v.dom.Name, target, err)
 	}
 	if c.owner.ok && (c.owner.uid != os.Geteuid() || c.owner.gid != os.Getegid()) {
 		if err := os.Chown(path, c.owner.uid, c.owner.gid); err != nil {
@@ -620,11 +635,28 @@ func (c *capture) makeScratch(ctx context.Context, qemuImg, target string, attem
 	return nil
 }
 
+// watchdogStart is a thaw watchdog started, or why it did not start.
+type watchdogStart struct {
+	wd  *guest.Watchdog
+	err error
+}
+
+// watchdogAhead starts the thaw watchdog of an app (thaw) or suspend
+// (resume) capture in the background.
+func (v *VM) watchdogAhead(ctx context.Context, thaw, resume bool) <-chan watchdogStart {
+	ch := make(chan watchdogStart, 1)
+	go func() {
+		wd, err := guest.StartWatchdog(ctx, v.watchdogSpec(thaw, resume))
+		ch <- watchdogStart{wd, err}
+	}()
+	return ch
+}
+
 // frozen begins the backup with the guest's filesystems frozen, guarded by
-// the thaw watchdog.
-func (c *capture) frozen(ctx context.Context, def *domainDef, plans []*diskPlan) error {
+// the thaw watchdog w.
+func (c *capture) frozen(ctx context.Context, def *domainDef, plans []*diskPlan, w watchdogStart) error {
 	v := c.vm
-	wd, err := guest.StartWatchdog(ctx, v.watchdogSpec(true, false))
+	wd, err := w.wd, w.err
 	if err != nil {
 		return fmt.Errorf("VM %s: app-consistent capture: %w (the guest was not frozen)", v.dom.Name, err)
 	}
@@ -661,11 +693,11 @@ func (c *capture) frozen(ctx context.Context, def *domainDef, plans []*diskPlan)
 	return berr
 }
 
-// paused begins the backup with the VM paused, guarded by the watchdog,
+// paused begins the backup with the VM paused, guarded by the watchdog w,
 // which resumes it if Kura dies.
-func (c *capture) paused(ctx context.Context, def *domainDef, plans []*diskPlan) error {
+func (c *capture) paused(ctx context.Context, def *domainDef, plans []*diskPlan, w watchdogStart) error {
 	v := c.vm
-	wd, err := guest.StartWatchdog(ctx, v.watchdogSpec(false, true))
+	wd, err := w.wd, w.err
 	if err != nil {
 		return fmt.Errorf("VM %s: suspend-mode capture: %w (the VM was not paused)", v.dom.Name, err)
 	}
