@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -17,6 +16,7 @@ import (
 
 	"github.com/kura-backup/kura/internal/guest"
 	"github.com/kura-backup/kura/internal/nbd"
+	"github.com/kura-backup/kura/internal/qcow2"
 	"github.com/kura-backup/kura/internal/source"
 	"golang.org/x/sys/unix"
 )
@@ -412,17 +412,10 @@ func (cp *capture) makeScratch(ctx context.Context, parent string) error {
 			return fmt.Errorf("giving the scratch directory %s to QEMU's user %d: %w", dir, uid, err)
 		}
 	}
-	qemuImg, err := exec.LookPath("qemu-img")
-	if err != nil {
-		return fmt.Errorf("qemu-img not found: install qemu-utils (apt-get install qemu-utils): %w", err)
-	}
 	for _, d := range cp.disks {
 		d.imagePath = filepath.Join(dir, fmt.Sprintf("fleece-%d.qcow2", d.idx))
-		cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		out, err := exec.CommandContext(cctx, qemuImg, "create", "-q", "-f", "qcow2", d.imagePath, strconv.FormatInt(d.info.Size, 10)).CombinedOutput()
-		cancel()
-		if err != nil {
-			return fmt.Errorf("creating the fleecing image for disk %s: qemu-img: %w: %s", d.info.Name, err, strings.TrimSpace(string(out)))
+		if err := qcow2.Create(d.imagePath, uint64(d.info.Size), 0o600); err != nil {
+			return fmt.Errorf("creating the fleecing image for disk %s: %w", d.info.Name, err)
 		}
 		if chown {
 			if err := os.Chown(d.imagePath, uid, gid); err != nil {
