@@ -274,7 +274,17 @@ server:
 	if out, err := exec.Command("virsh", "domrename", renamed, renamed+"-new").CombinedOutput(); err != nil {
 		t.Fatalf("virsh domrename: %v %s", err, out)
 	}
-	r := s.runNow("twovms")
+	// run-now --wait prints the run's outcome and fails unless it succeeded.
+	before = len(s.runs())
+	res := e.fails("partial: see `kura runs --run", "run-now", "twovms", "--wait", "--config", cfgPath)
+	runs := s.runs()
+	if len(runs) != before+1 {
+		t.Fatalf("%d runs after run-now --wait, %d before", len(runs), before)
+	}
+	r := runs[0]
+	if !strings.Contains(res.stdout, fmt.Sprintf("run %d of job twovms: partial", r.ID)) || !strings.Contains(res.stdout, gone+": not found") {
+		t.Errorf("run-now --wait printed %q for run %+v", res.stdout, r)
+	}
 	if r.Status != catalog.StatusPartial || !strings.Contains(r.Summary, gone+": not found") || !strings.Contains(r.Summary, renamed+": not found") {
 		t.Fatalf("the run with a deleted and a renamed VM: %+v\n%s", r, s.log.String())
 	}
