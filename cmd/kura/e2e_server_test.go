@@ -396,4 +396,22 @@ server:
 	if m := s.metrics(); !regexp.MustCompile(`kura_throttle_decisions_total\{datastore="[^"]+",action="pause"\} [1-9]`).MatchString(m) {
 		t.Errorf("the pause is not counted:\n%s", m)
 	}
+
+	// The read window (latency.read_window): the backup's reads go through
+	// the datastore's window, which the daemon samples and exports.
+	latencyExtra = "  read_window: true\n"
+	writeCfg(twovms)
+	reloads = strings.Count(s.log.String(), "configuration reloaded")
+	s.cmd.Process.Signal(syscall.SIGHUP)
+	s.waitFor(time.Minute, "the reload", func() bool { return strings.Count(s.log.String(), "configuration reloaded") > reloads })
+	out = e.ok("run-now", "nightly", "--wait", "--config", cfgPath)
+	if !strings.Contains(out, "succeeded") {
+		t.Errorf("run-now --wait with the read window printed %q", out)
+	}
+	limitRe := regexp.MustCompile(`(?m)^kura_datastore_backup_reads_limit\{datastore="[^"]+"\} ([0-9]+)$`)
+	s.waitFor(30*time.Second, "the read window's limit in the metrics", func() bool { return limitRe.MatchString(s.metrics()) })
+	if m := limitRe.FindStringSubmatch(s.metrics()); m[1] == "0" {
+		t.Errorf("read window limit %s; want at least 1", m[0])
+	}
+	e.ok("verify")
 }
