@@ -414,4 +414,42 @@ server:
 		t.Errorf("read window limit %s; want at least 1", m[0])
 	}
 	e.ok("verify")
+
+	// A window that closes while latency control holds the VM's
+	// datastore: the run ends with the VM left behind, and says why.
+	now := time.Now()
+	winStart := now.Truncate(time.Minute).Add(time.Minute)
+	if winStart.Sub(now) < 20*time.Second {
+		winStart = winStart.Add(time.Minute)
+	}
+	latencyExtra = "  threshold: 1us\n"
+	writeCfg(twovms + fmt.Sprintf(`
+  - name: windowed
+    repository: main
+    vms: [%s]
+    schedule: "* * * * *"
+    window: {start: "%s", duration: 1m}`, g.Name, winStart.Format("15:04")))
+	reloads = strings.Count(s.log.String(), "configuration reloaded")
+	s.cmd.Process.Signal(syscall.SIGHUP)
+	s.waitFor(time.Minute, "the reload", func() bool { return strings.Count(s.log.String(), "configuration reloaded") > reloads })
+	loadFor := int(time.Until(winStart.Add(time.Minute)).Seconds()) + 20
+	load = fmt.Sprintf(`setsid sh -c 'end=$(($(date +%%s)+%d)); while [ $(date +%%s) -lt $end ]; do dd if=/dev/zero of=/data/load bs=64k count=64 oflag=direct conv=fsync 2>/dev/null; done; rm -f /data/load' >/dev/null 2>&1 </dev/null &`, loadFor)
+	mustExec(ctx, t, g, "/bin/sh", "-c", load)
+	var windowed catalog.Run
+	s.waitFor(time.Until(winStart)+2*time.Minute, "the windowed run to end", func() bool {
+		for _, r := range s.runs() {
+			if r.Job == "windowed" && r.Due.Equal(winStart) && r.Status != catalog.StatusRunning {
+				windowed = r
+				return true
+			}
+		}
+		return false
+	})
+	t.Logf("the run whose window closed: %+v", windowed)
+	if windowed.Status == catalog.StatusSucceeded || !strings.Contains(windowed.Summary, g.Name) || !strings.Contains(windowed.Summary, "paused") {
+		t.Errorf("the run whose window closed while its datastore was held: %+v; want it to name %s, left because its datastore was paused", windowed, g.Name)
+	}
+	if out := e.ok("runs", "--config", cfgPath, "--run", fmt.Sprint(windowed.ID)); !strings.Contains(out, "not-done") || !strings.Contains(out, "paused") {
+		t.Errorf("runs --run of the run whose window closed:\n%s", out)
+	}
 }
