@@ -115,7 +115,7 @@ func (v *VM) Capture(ctx context.Context, opts source.CaptureOptions) (source.Ca
 		return nil, fmt.Errorf("VM %s: unknown capture mode %q: use %s, %s, %s or %s", v.dom.Name, opts.Mode,
 			source.ModeApp, source.ModeCrash, source.ModeSuspend, source.ModeShutdown)
 	}
-	state, err := v.state(ctx)
+	state, reason, err := v.stateReason(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -139,7 +139,14 @@ func (v *VM) Capture(ctx context.Context, opts source.CaptureOptions) (source.Ca
 		if state == golibvirt.DomainShutdown {
 			return nil, fmt.Errorf("VM %s is shutting down: wait until it is off, then back it up", v.dom.Name)
 		}
-		return v.captureOffline(ctx, disks)
+		if err := v.offlineAllowed(state, reason); err != nil {
+			return nil, err
+		}
+		why := "the VM is shut off: read offline"
+		if state == golibvirt.DomainShutoff && golibvirt.DomainShutoffReason(reason) == golibvirt.DomainShutoffSaved {
+			why = "the VM is saved (managed save): read offline, as at a power cut (its saved memory is not backed up)"
+		}
+		return v.captureOffline(ctx, disks, why)
 	}
 	mode := opts.Mode
 	switch mode {
@@ -872,10 +879,21 @@ func stateName(s golibvirt.DomainState) string {
 	return fmt.Sprintf("state %d", s)
 }
 
+// offlineAllowed refuses to read the disks of a VM that is shut off here
+// because it was migrated to another host: with shared storage, the
+// definition left behind (a migration without --undefinesource) names the
+// disks the VM is writing there, and reading them would make a torn copy
+// that looks like a clean offline one.
+func (v *VM) offlineAllowed(state golibvirt.DomainState, reason int32) error {
+	if state == golibvirt.DomainShutoff && golibvirt.DomainShutoffReason(reason) == golibvirt.DomainShutoffMigrated {
+		return fmt.Errorf("VM %s was migrated to another host (this host keeps only its definition): back it up on the host it runs on, or remove the definition here with `virsh undefine %s`", v.dom.Name, v.dom.Name)
+	}
+	return nil
+}
+
 // captureOffline reads the disk files of a VM that is shut off, in full
-// (checkpoints need a running VM).
-func (v *VM) captureOffline(ctx context.Context, disks []diskDef) (_ source.Capture, err error) {
-	const why = "the VM is shut off: read offline"
+// (checkpoints need a running VM); why is each disk's note.
+func (v *VM) captureOffline(ctx context.Context, disks []diskDef, why string) (_ source.Capture, err error) {
 	c := &capture{vm: v, mode: source.ModeShutdown}
 	for _, d := range disks {
 		if d.path() == "" {

@@ -577,6 +577,25 @@ func TestLibvirtCapture(t *testing.T) {
 		}
 	})
 
+	t.Run("a managed-saved VM is read offline and says so", func(t *testing.T) {
+		run(t, "virsh", "-c", "qemu:///system", "managedsave", g.Name)
+		defer func() {
+			run(t, "virsh", "-c", "qemu:///system", "start", g.Name)
+			if _, err := g.WaitAgent(ctx); err != nil {
+				t.Fatal(err)
+			}
+		}()
+		c, err := vm.Capture(ctx, source.CaptureOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.End(ctx, false)
+		if n := noteFor(c, "vdb"); n.Read != "full" || !strings.Contains(n.Reason, "managed save") {
+			t.Errorf("vdb of a managed-saved VM: note %+v; want full, saying it was saved", n)
+		}
+		endCapture(t, ctx, c, true)
+	})
+
 	t.Run("shutdown mode", func(t *testing.T) {
 		// The test guest has no D-Bus, hence no logind: it ignores the ACPI
 		// power button, and qemu-ga's guest-shutdown (shutdown -P +0)
@@ -684,6 +703,30 @@ func TestGuessSince(t *testing.T) {
 		got, guessed := guessSince(tc.opts, tc.newest)
 		if got != tc.want || guessed != tc.guessed {
 			t.Errorf("%s: guessSince = %q, %v; want %q, %v", tc.name, got, guessed, tc.want, tc.guessed)
+		}
+	}
+}
+
+// A shut-off VM is read offline unless libvirt says it was migrated away.
+// (Migration needs a second host, which these machines lack: the reason is
+// given here as libvirt reports it after `virsh migrate` without
+// --undefinesource.)
+func TestOfflineAllowed(t *testing.T) {
+	v := &VM{dom: golibvirt.Domain{Name: "web01"}}
+	for _, tc := range []struct {
+		state  golibvirt.DomainState
+		reason golibvirt.DomainShutoffReason
+		want   string // in the error; "" allows it
+	}{
+		{golibvirt.DomainShutoff, golibvirt.DomainShutoffShutdown, ""},
+		{golibvirt.DomainShutoff, golibvirt.DomainShutoffDestroyed, ""},
+		{golibvirt.DomainShutoff, golibvirt.DomainShutoffSaved, ""},
+		{golibvirt.DomainShutoff, golibvirt.DomainShutoffMigrated, "migrated to another host"},
+		{golibvirt.DomainCrashed, golibvirt.DomainShutoffMigrated, ""}, // another state's reason numbering
+	} {
+		err := v.offlineAllowed(tc.state, int32(tc.reason))
+		if tc.want == "" && err != nil || tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "virsh undefine web01")) {
+			t.Errorf("state %d reason %d: %v; want %q", tc.state, tc.reason, err, tc.want)
 		}
 	}
 }

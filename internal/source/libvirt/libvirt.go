@@ -232,14 +232,22 @@ func (v *VM) errorf(err error, format string, a ...any) error {
 
 // state is the domain's state (running, paused, shut off, ...).
 func (v *VM) state(ctx context.Context) (golibvirt.DomainState, error) {
-	st, err := rpc(ctx, v.c, func() (int32, error) {
-		s, _, err := v.c.l.DomainGetState(v.dom, 0)
-		return s, err
+	st, _, err := v.stateReason(ctx)
+	return st, err
+}
+
+// stateReason returns the VM's state and libvirt's reason for it (a
+// golibvirt.DomainShutoffReason when it is shut off, and so on).
+func (v *VM) stateReason(ctx context.Context) (golibvirt.DomainState, int32, error) {
+	type sr struct{ s, r int32 }
+	st, err := rpc(ctx, v.c, func() (sr, error) {
+		s, r, err := v.c.l.DomainGetState(v.dom, 0)
+		return sr{s, r}, err
 	})
 	if err != nil {
-		return 0, v.errorf(err, "reading its state")
+		return 0, 0, v.errorf(err, "reading its state")
 	}
-	return golibvirt.DomainState(st), nil
+	return golibvirt.DomainState(st.s), st.r, nil
 }
 
 // rpc runs f, a go-libvirt call that cannot be cancelled, bounded by ctx
