@@ -115,6 +115,11 @@ func (a *app) runNowCmd() *cobra.Command {
 // run-now started (manual, due at or after asked, less a second of clock
 // rounding) and that run has ended, and returns it.
 func waitForRun(ctx context.Context, path, job string, asked time.Time) (catalog.Run, error) {
+	// stopped is the error of a wait cut short, not wrapping ctx's: an
+	// interrupted wait is not an interrupted backup.
+	stopped := func() (catalog.Run, error) {
+		return catalog.Run{}, fmt.Errorf("stopped waiting for the run of job %s (%v): it goes on in the server: see `kura runs --job %s`", job, ctx.Err(), job)
+	}
 	var st catalog.Store
 	defer func() {
 		if st != nil {
@@ -124,17 +129,27 @@ func waitForRun(ctx context.Context, path, job string, asked time.Time) (catalog
 	for pause := 50 * time.Millisecond; ; pause = min(2*pause, time.Second) {
 		if st == nil {
 			if _, err := os.Stat(path); err == nil {
-				if st, err = catalog.Open(ctx, path); err != nil {
+				s, err := catalog.Open(ctx, path)
+				if ctx.Err() != nil {
+					return stopped()
+				}
+				if err != nil {
 					return catalog.Run{}, err
 				}
+				st = s
 			}
 		}
 		if st != nil {
 			runs, err := st.Runs(ctx, catalog.RunFilter{Job: job, Since: asked.Add(-time.Second), Limit: 10})
+			if ctx.Err() != nil {
+				return stopped()
+			}
 			if err != nil {
 				return catalog.Run{}, err
 			}
 			for _, r := range runs {
+				// Since bounds when runs started; an earlier run-now's
+				// run may start late, so its due time is checked too.
 				if r.Manual && !r.Due.Before(asked.Add(-time.Second)) && r.Status != catalog.StatusRunning && !r.Ended.IsZero() {
 					return r, nil
 				}
@@ -142,7 +157,7 @@ func waitForRun(ctx context.Context, path, job string, asked time.Time) (catalog
 		}
 		select {
 		case <-ctx.Done():
-			return catalog.Run{}, fmt.Errorf("waiting for the run of job %s: %w (it goes on in the server: see `kura runs --job %s`)", job, ctx.Err(), job)
+			return stopped()
 		case <-time.After(pause):
 		}
 	}

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -217,6 +219,28 @@ server:
 	out := e.ok("run-now", "hourly", "--wait", "--config", cfgPath)
 	if r := s.runs()[0]; r.Job != "hourly" || !r.Manual || r.Status != catalog.StatusSucceeded || !strings.Contains(out, "succeeded") {
 		t.Fatalf("the reloaded job's run, after run-now --wait printed %q: %+v", out, r)
+	}
+	// Interrupted, run-now --wait stops waiting, says where the run goes
+	// on, and the run ends in the server as if nobody had waited.
+	before = len(s.runs())
+	waiting := e.cmd("run-now", "hourly", "--wait", "--config", cfgPath)
+	var waitErr bytes.Buffer
+	waiting.Stderr = &waitErr
+	started, _ := waiting.StdoutPipe()
+	if err := waiting.Start(); err != nil {
+		t.Fatal(err)
+	}
+	// Its first line says the server started the run, which takes a
+	// second or more: interrupted now, it is still waiting.
+	if line, err := bufio.NewReader(started).ReadString('\n'); err != nil {
+		t.Fatalf("run-now --wait printed %q, %v", line, err)
+	}
+	waiting.Process.Signal(os.Interrupt)
+	if err := waiting.Wait(); err == nil || !strings.Contains(waitErr.String(), "it goes on in the server") {
+		t.Errorf("run-now --wait interrupted: %v, %q; want a failure saying the run goes on in the server", err, waitErr.String())
+	}
+	if r := s.waitRun("hourly", before); r.Status != catalog.StatusSucceeded {
+		t.Fatalf("the run whose run-now --wait was interrupted: %+v\n%s", r, s.log.String())
 	}
 
 	// Killed mid-backup.
@@ -437,14 +461,19 @@ server:
 	mustExec(ctx, t, g, "/bin/sh", "-c", load)
 	var windowed catalog.Run
 	s.waitFor(time.Until(winStart)+2*time.Minute, "the windowed run to end", func() bool {
+		// The first run that ended: its due time is the cron minute
+		// before or at the window's start.
 		for _, r := range s.runs() {
-			if r.Job == "windowed" && r.Due.Equal(winStart) && r.Status != catalog.StatusRunning {
+			if r.Job == "windowed" && !r.Ended.IsZero() {
 				windowed = r
 				return true
 			}
 		}
 		return false
 	})
+	if windowed.Ended.Before(winStart.Add(time.Minute)) {
+		t.Errorf("the windowed run ended at %s, before its window closed at %s", windowed.Ended, winStart.Add(time.Minute))
+	}
 	t.Logf("the run whose window closed: %+v", windowed)
 	if windowed.Status == catalog.StatusSucceeded || !strings.Contains(windowed.Summary, g.Name) || !strings.Contains(windowed.Summary, "paused") {
 		t.Errorf("the run whose window closed while its datastore was held: %+v; want it to name %s, left because its datastore was paused", windowed, g.Name)
