@@ -66,42 +66,43 @@ func RunVMOpening(ctx context.Context, open func(context.Context) (*repo.Repo, e
 		}
 	}()
 	log := opts.Logger
+	openParent := func() error {
+		var err error
+		if r, err = open(ctx); err != nil {
+			return err
+		}
+		// Reading the index (tens of milliseconds per hundred backups) can
+		// then overlap the capture. The lock comes first and is held until
+		// the backup ends, so that no prune runs between reading the index
+		// and storing against it (see Run).
+		if lock, err := r.Lock(ctx, repo.LockBackup); err == nil {
+			loaded := make(chan struct{})
+			go func() {
+				defer close(loaded)
+				r.LoadIndex(ctx) // Run reads it again if this failed
+			}()
+			unlock = func() {
+				<-loaded
+				lock.Unlock(context.WithoutCancel(ctx))
+			}
+		}
+		start := time.Now()
+		ss, err := r.Snapshots(ctx)
+		log.Debug("restore points listed", "took", time.Since(start), "err", err)
+		if err != nil {
+			return err
+		}
+		for i := len(ss) - 1; i >= 0; i-- {
+			if ss[i].Name == vm.Name() && ss[i].Source == o.Source {
+				parent = ss[i]
+				break
+			}
+		}
+		return nil
+	}
 	go func() {
 		defer close(resolved)
-		openErr = func() error {
-			var err error
-			if r, err = open(ctx); err != nil {
-				return err
-			}
-			// Reading the index (tens of milliseconds per hundred backups)
-			// can then overlap the capture. The lock comes first and is
-			// held until the backup ends, so that no prune runs between
-			// reading the index and storing against it (see Run).
-			if lock, err := r.Lock(ctx, repo.LockBackup); err == nil {
-				loaded := make(chan struct{})
-				go func() {
-					defer close(loaded)
-					r.LoadIndex(ctx) // Run reads it again if this failed
-				}()
-				unlock = func() {
-					<-loaded
-					lock.Unlock(context.WithoutCancel(ctx))
-				}
-			}
-			start := time.Now()
-			ss, err := r.Snapshots(ctx)
-			log.Debug("restore points listed", "took", time.Since(start), "err", err)
-			if err != nil {
-				return err
-			}
-			for i := len(ss) - 1; i >= 0; i-- {
-				if ss[i].Name == vm.Name() && ss[i].Source == o.Source {
-					parent = ss[i]
-					break
-				}
-			}
-			return nil
-		}()
+		openErr = openParent()
 	}()
 	// resolve waits until the repository is open and the parent known.
 	resolve := func(ctx context.Context) error {

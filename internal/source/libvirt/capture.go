@@ -55,10 +55,7 @@ type capture struct {
 	// How long the backup job took to begin (for tests and diagnostics).
 	beginTime            time.Duration
 	freezeCall, thawCall time.Duration // parts of the freeze window (FreezeParts)
-	// Scratch images made ahead of the begin (VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL):
-	// the attempt they were made for, 0 if none.
-	scratchAttempt int
-	owner          struct {
+	owner                struct {
 		uid, gid int
 		ok       bool
 	}
@@ -558,10 +555,9 @@ func (c *capture) begin(ctx context.Context, def *domainDef, plans []*diskPlan) 
 			}
 			cpXML = golibvirt.OptString{checkpointXML(name, all, cpDisks)}
 		}
-		var flags golibvirt.DomainBackupBeginFlags
-		if attempt > 1 && c.scratchAttempt != 0 {
+		if attempt > 1 {
 			// Retrying after a refusal, inside the freeze: new scratch
-			// images, as the first ones were made by Kura too.
+			// images.
 			disks := make([]diskDef, len(plans))
 			for i, p := range plans {
 				disks[i] = p.disk
@@ -570,9 +566,8 @@ func (c *capture) begin(ctx context.Context, def *domainDef, plans []*diskPlan) 
 				return err
 			}
 		}
-		if c.scratchAttempt == attempt {
-			flags = golibvirt.DomainBackupBeginReuseExternal
-		}
+		// Kura made the scratch images (prepareScratch) before the freeze.
+		flags := golibvirt.DomainBackupBeginReuseExternal
 		began := time.Now()
 		err := rpc0(ctx, v.c, func() error { return v.c.l.DomainBackupBegin(v.dom, b.String(), cpXML, flags) })
 		c.beginTime += time.Since(began)
@@ -612,11 +607,7 @@ func (c *capture) prepareScratch(ctx context.Context, disks []diskDef, attempt i
 		wg.Go(func() { errs[i] = c.makeScratch(ctx, target, attempt) })
 	}
 	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
-		return err
-	}
-	c.scratchAttempt = attempt
-	return nil
+	return errors.Join(errs...)
 }
 
 // makeScratch makes the scratch image of one disk.
