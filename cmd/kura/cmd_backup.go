@@ -19,7 +19,7 @@ import (
 
 func (a *app) backupCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "backup", Short: "Back up disk images or virtual machines"}
-	var name string
+	var name, limitRead string
 	var workers int
 	img := &cobra.Command{
 		Use:   "image PATH...",
@@ -29,6 +29,10 @@ func (a *app) backupCmd() *cobra.Command {
 			ctx := cmd.Context()
 			if name == "" {
 				name = strings.TrimSuffix(filepath.Base(args[0]), filepath.Ext(args[0]))
+			}
+			gate, err := readGate(limitRead)
+			if err != nil {
+				return err
 			}
 			r, err := a.open(ctx)
 			if err != nil {
@@ -56,7 +60,7 @@ func (a *app) backupCmd() *cobra.Command {
 			stop := progressLine(a.stderr, a.progressOn(), func() string {
 				return rateLine("backup", prog.Done.Load(), prog.Total.Load(), prog.Started)
 			})
-			snap, err := backup.Run(ctx, r, disks, backup.Options{Name: name, Source: "image", Workers: workers, Progress: prog, Logger: a.log})
+			snap, err := backup.Run(ctx, r, disks, backup.Options{Name: name, Source: "image", Workers: workers, Progress: prog, Logger: a.log, ReadGate: gate})
 			stop()
 			if err != nil {
 				return err
@@ -67,6 +71,7 @@ func (a *app) backupCmd() *cobra.Command {
 	}
 	img.Flags().StringVar(&name, "name", "", "restore point `name` (default: the first image's base name)")
 	img.Flags().IntVar(&workers, "workers", 0, "parallel workers (default 2 per CPU)")
+	limitReadFlag(img.Flags(), &limitRead)
 	cmd.AddCommand(img, a.vmBackupCmd(), a.qmpBackupCmd())
 	return cmd
 }

@@ -36,7 +36,7 @@ func checkMode(m string) error {
 }
 
 func (a *app) vmBackupCmd() *cobra.Command {
-	var connect, mode string
+	var connect, mode, limitRead string
 	var all, full, requireApp bool
 	var parallel, workers int
 	var freezeTimeout time.Duration
@@ -50,6 +50,10 @@ func (a *app) vmBackupCmd() *cobra.Command {
 			}
 			if len(args) == 0 && !all {
 				return errors.New("name the VMs to back up, or pass --all")
+			}
+			gate, err := readGate(limitRead)
+			if err != nil {
+				return err
 			}
 			r, err := a.openLater(ctx)
 			if err != nil {
@@ -72,7 +76,7 @@ func (a *app) vmBackupCmd() *cobra.Command {
 			}
 			return a.backupVMs(ctx, r, names, parallel, func(ctx context.Context, name string) (source.VM, error) {
 				return conn.VM(ctx, name)
-			}, backup.VMOptions{Mode: mode, RequireApp: requireApp, Full: full, Source: "libvirt", Workers: workers})
+			}, backup.VMOptions{Mode: mode, RequireApp: requireApp, Full: full, Source: "libvirt", Workers: workers, Options: backup.Options{ReadGate: gate}})
 		},
 	}
 	f := cmd.Flags()
@@ -83,6 +87,7 @@ func (a *app) vmBackupCmd() *cobra.Command {
 	f.BoolVar(&full, "full", false, "read every disk in full once, ignoring changed-block tracking")
 	f.IntVar(&parallel, "parallel", 1, "back up this many VMs at once")
 	f.IntVar(&workers, "workers", 0, "parallel workers per VM (default 2 per CPU)")
+	limitReadFlag(f, &limitRead)
 	freezeTimeoutFlag(f, &freezeTimeout)
 	return cmd
 }
@@ -95,7 +100,7 @@ func freezeTimeoutFlag(f *pflag.FlagSet, d *time.Duration) {
 }
 
 func (a *app) qmpBackupCmd() *cobra.Command {
-	var socket, name, mode string
+	var socket, name, mode, limitRead string
 	var full, requireApp bool
 	var workers int
 	var freezeTimeout time.Duration
@@ -111,13 +116,17 @@ func (a *app) qmpBackupCmd() *cobra.Command {
 			if err := checkMode(mode); err != nil {
 				return err
 			}
+			gate, err := readGate(limitRead)
+			if err != nil {
+				return err
+			}
 			r, err := a.openLater(ctx)
 			if err != nil {
 				return err
 			}
 			return a.backupVMs(ctx, r, []string{name}, 1, func(ctx context.Context, name string) (source.VM, error) {
 				return qmp.OpenWith(ctx, socket, name, qmp.Options{Agent: guest.Timeouts{Freeze: freezeTimeout}})
-			}, backup.VMOptions{Mode: mode, RequireApp: requireApp, Full: full, Source: "qmp", Workers: workers})
+			}, backup.VMOptions{Mode: mode, RequireApp: requireApp, Full: full, Source: "qmp", Workers: workers, Options: backup.Options{ReadGate: gate}})
 		},
 	}
 	f := cmd.Flags()
@@ -127,6 +136,7 @@ func (a *app) qmpBackupCmd() *cobra.Command {
 	f.BoolVar(&requireApp, "require-app", false, "fail, without touching the VM, when the guest agent does not answer")
 	f.BoolVar(&full, "full", false, "read every disk in full once, ignoring changed-block tracking")
 	f.IntVar(&workers, "workers", 0, "parallel workers (default 2 per CPU)")
+	limitReadFlag(f, &limitRead)
 	freezeTimeoutFlag(f, &freezeTimeout)
 	return cmd
 }

@@ -443,7 +443,7 @@ func (c *Config) validate() error {
 		errs = append(errs, c.errorf(c.Limits.lines[""], "limits", "limits cannot be negative"))
 	}
 	if c.Limits.Bandwidth != "" {
-		n, err := parseRate(c.Limits.Bandwidth)
+		n, err := ParseRate(c.Limits.Bandwidth)
 		if err != nil {
 			errs = append(errs, c.errorf(c.Limits.lines["bandwidth"], "limits.bandwidth", "%v", err))
 		}
@@ -457,7 +457,7 @@ func (c *Config) validate() error {
 		if r.s == "" {
 			continue
 		}
-		n, err := parseRate(r.s)
+		n, err := ParseRate(r.s)
 		if err != nil {
 			errs = append(errs, c.errorf(c.lines["latency"], r.field, "%v", err))
 		}
@@ -532,8 +532,9 @@ func (c *Config) validate() error {
 	return errors.Join(errs...)
 }
 
-// parseRate reads "200MiB", "50MB", "1GiB" (per second).
-func parseRate(s string) (int64, error) {
+// ParseRate reads a rate in bytes per second: "200MiB", "50MB", "1GiB",
+// optionally with "/s".
+func ParseRate(s string) (int64, error) {
 	units := []struct {
 		suffix string
 		mult   int64

@@ -1,0 +1,37 @@
+package main
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/spf13/pflag"
+
+	"github.com/kura-backup/kura/internal/config"
+	"github.com/kura-backup/kura/internal/throttle"
+)
+
+// limitReadFlag adds --limit-read: the most a backup command reads from
+// its disks per second, all its disks and VMs together, so that a backup
+// started by hand leaves the datastore's throughput to the guests.
+func limitReadFlag(f *pflag.FlagSet, s *string) {
+	f.StringVar(s, "limit-read", "", "read at most `RATE` per second from the disks, all of them together (e.g. 50MiB; default: unlimited)")
+}
+
+// readGate returns the backup.Options.ReadGate that paces reads to the
+// --limit-read value s (nil for ""), or an error naming the flag.
+func readGate(s string) (func(context.Context, int) (func(bool), error), error) {
+	if s == "" {
+		return nil, nil
+	}
+	rate, err := config.ParseRate(s)
+	if err != nil {
+		return nil, fmt.Errorf("--limit-read: %w", err)
+	}
+	lim := throttle.NewLimiter(float64(rate), nil)
+	return func(ctx context.Context, n int) (func(bool), error) {
+		if err := lim.Wait(ctx, n); err != nil {
+			return nil, err
+		}
+		return func(bool) {}, nil
+	}, nil
+}
