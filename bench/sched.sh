@@ -37,6 +37,7 @@
 #   BENCH_SCHED_LIMIT_WRITE_MIBS  datastore write limit, MiB/s [32]
 #   BENCH_SCHED_LIMIT_READ_IOPS, BENCH_SCHED_LIMIT_WRITE_IOPS  IOPS limits [0: none]
 #   BENCH_SCHED_LIMIT_SCOPE       shared (one cgroup, one budget for all guests) or per-vm [shared]
+#   BENCH_SCHED_IOTHREAD          1: the guests' disks (and their backup exports) served in an I/O thread [0]
 #   BENCH_SCHED_CACHE             cache mode of the guests' disks: none, directsync, writeback, default [none]
 #   BENCH_SCHED_WARMUP_S          fio in every guest before the first phase, not measured [30]
 #   BENCH_SCHED_BASELINE_S        idle lead-in (fio, no backup) before each strategy [20]
@@ -54,6 +55,7 @@
 #   BENCH_SCHED_MEMORY_MIB, BENCH_SCHED_CPUS  guest size [768, 1]
 #   BENCH_SCHED_SEED              seed of the data disk's files [42]
 #   BENCH_SCHED_OUT               output directory [$KURA_CACHE/bench/sched-results/<timestamp>]
+#   BENCH_SCHED_OFF_RATE          the off-datastore strategy's --limit-read, e.g. 10MiB [none]
 #   BENCH_SCHED_KURA_FLAGS        extra global kura flags, e.g. -v
 #   BENCH_WORK                    where the scratch directory (guest disks, repositories) is made;
 #                                 must be on a block device (not tmpfs) [/var/tmp]

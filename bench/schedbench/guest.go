@@ -150,7 +150,7 @@ func (b *bench) bootGuests(ctx context.Context) error {
 			if b.backing != "" {
 				aio = "threads"
 			}
-			if err := vg.setCache(ctx, b.cfg.Cache, aio); err != nil {
+			if err := vg.setCache(ctx, b.cfg.Cache, aio, b.cfg.IOThread); err != nil {
 				return err
 			}
 		}
@@ -181,23 +181,28 @@ func (b *bench) bootGuests(ctx context.Context) error {
 	v, _ := benchutil.Sh(ctx, b.guests[0].g, "fio --version")
 	b.res.Meta.FioVersion = strings.TrimSpace(v)
 	for _, vg := range b.guests {
-		if err := vg.checkCache(ctx, b.cfg.Cache); err != nil {
+		if err := vg.checkCache(ctx, b.cfg.Cache, b.cfg.IOThread); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-var driverQEMU = regexp.MustCompile(`<driver name='qemu'`)
+var (
+	driverQEMU = regexp.MustCompile(`<driver name='qemu'`)
+	vcpuEnd    = regexp.MustCompile(`</vcpu>`)
+)
 
 // setCache restarts the domain with every disk's cache mode set, and the
-// AIO mode aio with cache=none or directsync.
+// AIO mode aio with cache=none or directsync; with iothread, the domain
+// gets one I/O thread and every disk is served in it (QEMU's NBD export
+// of the disk for a pull-mode backup too), not in QEMU's main loop.
 //
 // aio is "native", or "threads" on the model's FUSE mount, where a Linux
 // AIO submission of direct I/O blocks until the request is served (go-fuse
 // does not offer the kernel asynchronous direct I/O), which would stall
 // QEMU's main loop on every request.
-func (vg *vmGuest) setCache(ctx context.Context, mode, aio string) error {
+func (vg *vmGuest) setCache(ctx context.Context, mode, aio string, iothread bool) error {
 	if _, err := virsh(ctx, "destroy", vg.name); err != nil {
 		return err
 	}
@@ -208,6 +213,10 @@ func (vg *vmGuest) setCache(ctx context.Context, mode, aio string) error {
 	attrs := fmt.Sprintf("<driver name='qemu' cache='%s'", mode)
 	if mode == "none" || mode == "directsync" {
 		attrs += " io='" + aio + "'"
+	}
+	if iothread {
+		attrs += " iothread='1'"
+		x = vcpuEnd.ReplaceAllString(x, "</vcpu>\n  <iothreads>1</iothreads>")
 	}
 	x = driverQEMU.ReplaceAllString(x, attrs)
 	p := filepath.Join(vg.dir, "domain-cache.xml")
@@ -227,8 +236,8 @@ func (vg *vmGuest) setCache(ctx context.Context, mode, aio string) error {
 }
 
 // checkCache verifies in the running domain's XML and QEMU's command line
-// that every disk has the cache mode.
-func (vg *vmGuest) checkCache(ctx context.Context, mode string) error {
+// that every disk has the cache mode (and the I/O thread).
+func (vg *vmGuest) checkCache(ctx context.Context, mode string, iothread bool) error {
 	if mode == "default" {
 		return nil
 	}
@@ -239,6 +248,9 @@ func (vg *vmGuest) checkCache(ctx context.Context, mode string) error {
 	n := strings.Count(x, "<disk ")
 	if m := strings.Count(x, "cache='"+mode+"'"); m < n {
 		return fmt.Errorf("%s: %d of %d disks have cache='%s' in the live XML", vg.name, m, n, mode)
+	}
+	if m := strings.Count(x, "iothread='1'"); iothread && m < n {
+		return fmt.Errorf("%s: %d of %d disks are served in I/O thread 1 in the live XML", vg.name, m, n)
 	}
 	if mode == "none" || mode == "directsync" {
 		cmdline := strings.ReplaceAll(benchutil.ReadFile(fmt.Sprintf("/proc/%d/cmdline", vg.pid)), "\x00", " ")

@@ -72,6 +72,7 @@ type config struct {
 	Datastore                     string // blkio (cgroup throttle) or model (slowfs)
 	Model                         slowfs.Model
 	Cache                         string // cache mode of the guests' disks
+	IOThread                      bool   // the guests' disks served in an I/O thread
 	BaselineSec                   int    // idle lead-in of each phase
 	WarmupSec                     int    // fio before the first phase, not measured
 	SettleSec                     int
@@ -79,6 +80,7 @@ type config struct {
 	ThresholdMS                   float64
 	ThresholdX                    float64 // threshold = X × baseline p99 when ThresholdMS is 0
 	MinRate, Increase             string  // latency.min_rate and latency.increase of the scheduler's config
+	OffRate                       string  // --limit-read of the off-datastore strategy ("": none)
 	ReadWindow                    bool    // latency.read_window
 	IntervalS                     float64
 	Seed                          int64
@@ -129,6 +131,7 @@ func loadConfig() config {
 		KuraFlags:      strings.Fields(os.Getenv("BENCH_SCHED_KURA_FLAGS")),
 		Guests:         envInt("BENCH_SCHED_GUESTS", 3),
 		MinRate:        envStr("BENCH_SCHED_MIN_RATE", "2MiB"),
+		OffRate:        os.Getenv("BENCH_SCHED_OFF_RATE"),
 		Increase:       envStr("BENCH_SCHED_INCREASE", "4MiB"),
 		ReadWindow:     os.Getenv("BENCH_SCHED_READ_WINDOW") == "1",
 		Strategies:     strings.Fields(envStr("BENCH_SCHED_STRATEGIES", "all-at-once sequential scheduler")),
@@ -149,6 +152,7 @@ func loadConfig() config {
 			Overhead: time.Duration(envFloat("BENCH_SCHED_MODEL_OVERHEAD_MS", 0.5) * float64(time.Millisecond)),
 		},
 		Cache:        envStr("BENCH_SCHED_CACHE", "none"),
+		IOThread:     os.Getenv("BENCH_SCHED_IOTHREAD") == "1",
 		BaselineSec:  envInt("BENCH_SCHED_BASELINE_S", 20),
 		WarmupSec:    envInt("BENCH_SCHED_WARMUP_S", 30),
 		SettleSec:    envInt("BENCH_SCHED_SETTLE_S", 5),
@@ -190,6 +194,9 @@ func loadConfig() config {
 	case "none", "directsync", "writeback", "default":
 	default:
 		fatalf("BENCH_SCHED_CACHE=%q: use none, directsync, writeback or default", c.Cache)
+	}
+	if c.IOThread && c.Cache == "default" {
+		fatalf("BENCH_SCHED_IOTHREAD=1 needs a BENCH_SCHED_CACHE other than default (the domain is redefined with both)")
 	}
 	return c
 }
@@ -252,6 +259,10 @@ type bench struct {
 	backing string
 	pwFile  string
 	res     *Results
+	// rootSrc is the root image as a file off the datastore (the
+	// off-datastore strategy reads it).
+	rootSrc string
+	nice    bool // the running phase runs kura at nice 19
 }
 
 func (b *bench) cleanup() {
@@ -294,6 +305,7 @@ func (b *bench) run(ctx context.Context) error {
 		return err
 	}
 	b.img = img
+	b.rootSrc = img.RootQcow2
 	b.res.Meta.GuestImage = img.Version
 	if !strings.Contains(img.Version, "fio") {
 		return fmt.Errorf("the guest image (%s) has no fio: rebuild it with scripts/mkguest.sh", img.Version)

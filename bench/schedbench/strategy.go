@@ -21,12 +21,17 @@ import (
 )
 
 // parseStrategy checks a strategy name: all-at-once, sequential,
-// scheduler (limits from BENCH_SCHED_PER_HOST/PER_DATASTORE) or
-// scheduler-pdN (at most N backups at once on the datastore). It returns
-// the kind and, for the scheduler, per_datastore.
+// scheduler (limits from BENCH_SCHED_PER_HOST/PER_DATASTORE),
+// scheduler-pdN (at most N backups at once on the datastore) or
+// off-datastore (a diagnostic, not a way to protect the guests: kura backs
+// up, one after the other, copies of the guests' data held off the
+// datastore, so that the guests feel only the backups' use of the host's
+// CPU). Any of them with the suffix -nice runs kura at nice 19. It
+// returns the kind and, for the scheduler, per_datastore.
 func parseStrategy(s string, c config) (kind string, perDatastore int, err error) {
+	s = strings.TrimSuffix(s, "-nice")
 	switch {
-	case s == "all-at-once" || s == "sequential":
+	case s == "all-at-once" || s == "sequential" || s == "off-datastore":
 		return s, 0, nil
 	case s == "scheduler":
 		return s, c.PerDatastore, nil
@@ -37,7 +42,7 @@ func parseStrategy(s string, c config) (kind string, perDatastore int, err error
 		}
 		return "scheduler", n, nil
 	}
-	return "", 0, fmt.Errorf("unknown strategy %q (use all-at-once, sequential, scheduler, scheduler-pdN)", s)
+	return "", 0, fmt.Errorf("unknown strategy %q (use all-at-once, sequential, scheduler, scheduler-pdN, off-datastore, each optionally with -nice)", s)
 }
 
 // runPhase measures one strategy: a fresh repository, fio in every guest,
@@ -45,7 +50,9 @@ func parseStrategy(s string, c config) (kind string, perDatastore int, err error
 // is stopped and its samples are cut into the two windows.
 func (b *bench) runPhase(ctx context.Context, strategy string) error {
 	kind, perDS, _ := parseStrategy(strategy, b.cfg)
-	ph := &Phase{Strategy: strategy, Kind: kind}
+	ph := &Phase{Strategy: strategy, Kind: kind, Nice: strings.HasSuffix(strategy, "-nice")}
+	b.nice = ph.Nice
+	defer func() { b.nice = false }()
 	b.res.Phases = append(b.res.Phases, ph)
 	repoDir := filepath.Join(b.work, "repo-"+strategy)
 	if _, err := b.kura(ctx, "init-"+strategy, "-r", repoDir, "init"); err != nil {
@@ -148,6 +155,20 @@ func (b *bench) runPhase(ctx context.Context, strategy string) error {
 		}
 	case "scheduler":
 		err = srv.runNow(ctx, ph)
+	case "off-datastore":
+		// The guests' data as a backup of them reads it (the root image
+		// and the data disk), from the files the guests' disks were
+		// copied from: neither on the model's mount nor in the guests'
+		// cgroup.
+		args := []string{"-r", repoDir, "backup", "image"}
+		if b.cfg.OffRate != "" {
+			args = append(args, "--limit-read", b.cfg.OffRate)
+		}
+		for _, vg := range b.guests {
+			if _, err = b.kura(ctx, strategy+"-"+vg.name, append(args, "--name", vg.name, b.rootSrc, b.vdb)...); err != nil {
+				break
+			}
+		}
 	}
 	ph.End = time.Now()
 	if kind == "scheduler" && !ph.RunEnded.IsZero() {
@@ -250,6 +271,9 @@ func (b *bench) kura(ctx context.Context, name string, args ...string) (string, 
 	full := append(append([]string{"--password-file", b.pwFile}, b.cfg.KuraFlags...), args...)
 	logf("%s: kura %s", name, strings.Join(args, " "))
 	cmd := exec.CommandContext(ctx, b.cfg.Kura, full...)
+	if b.nice {
+		cmd = exec.CommandContext(ctx, "nice", append([]string{"-n", "19", b.cfg.Kura}, full...)...)
+	}
 	out, err := cmd.CombinedOutput()
 	os.WriteFile(filepath.Join(b.cfg.Out, "logs", name+".log"), out, 0o644)
 	if err != nil {
@@ -373,6 +397,9 @@ server:
 	}
 	args := append(append([]string{}, b.cfg.KuraFlags...), "server", "--config", s.cfgPath)
 	s.cmd = exec.Command(b.cfg.Kura, args...)
+	if b.nice {
+		s.cmd = exec.Command("nice", append([]string{"-n", "19", b.cfg.Kura}, args...)...)
+	}
 	s.cmd.Stdout, s.cmd.Stderr = lf, lf
 	s.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	logf("%s: kura %s (threshold %.2f ms, per_host %d, per_datastore %d)", strategy, strings.Join(args, " "), ph.ThresholdMS, ph.PerHost, ph.PerDatastore)
