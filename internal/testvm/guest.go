@@ -36,6 +36,9 @@ type Options struct {
 	Transient bool
 	// ExtraCmdline is appended to the kernel command line.
 	ExtraCmdline string
+	// IOThread serves every disk in one I/O thread of QEMU: virtio-blk
+	// disks in it, and the virtio-scsi controller.
+	IOThread bool
 }
 
 // Guest is a running test guest. Exec, ExecFull and Agent may be called from

@@ -215,8 +215,9 @@ type domainXML struct {
 		Unit  string `xml:"unit,attr"`
 		Value int    `xml:",chardata"`
 	} `xml:"memory"`
-	VCPU int `xml:"vcpu"`
-	OS   struct {
+	VCPU      int `xml:"vcpu"`
+	IOThreads int `xml:"iothreads,omitempty"`
+	OS        struct {
 		Type struct {
 			Arch    string `xml:"arch,attr"`
 			Machine string `xml:"machine,attr"`
@@ -274,9 +275,10 @@ type diskXML struct {
 	Type   string `xml:"type,attr"`
 	Device string `xml:"device,attr"`
 	Driver struct {
-		Name    string `xml:"name,attr"`
-		Type    string `xml:"type,attr"`
-		Discard string `xml:"discard,attr,omitempty"`
+		Name     string `xml:"name,attr"`
+		Type     string `xml:"type,attr"`
+		Discard  string `xml:"discard,attr,omitempty"`
+		IOThread int    `xml:"iothread,attr,omitempty"`
 	} `xml:"driver"`
 	Source struct {
 		File string `xml:"file,attr"`
@@ -289,9 +291,12 @@ type diskXML struct {
 }
 
 type controllerXML struct {
-	Type  string `xml:"type,attr"`
-	Index int    `xml:"index,attr"`
-	Model string `xml:"model,attr"`
+	Type   string `xml:"type,attr"`
+	Index  int    `xml:"index,attr"`
+	Model  string `xml:"model,attr"`
+	Driver *struct {
+		IOThread int `xml:"iothread,attr"`
+	} `xml:"driver"`
 }
 
 // domainConfig is everything domainDefinition needs.
@@ -303,6 +308,7 @@ type domainConfig struct {
 	consoleLog      string
 	disks           []Disk
 	ownerPID        int
+	iothread        bool
 }
 
 // domainDefinition is the libvirt domain XML of a test guest.
@@ -343,11 +349,22 @@ func domainDefinition(c domainConfig) ([]byte, error) {
 		x.Serial = disk.Target
 		if disk.Bus == BusSCSI {
 			scsi = true
+		} else if c.iothread {
+			x.Driver.IOThread = 1
 		}
 		d.Devices.Disks = append(d.Devices.Disks, x)
 	}
 	if scsi {
-		d.Devices.Controllers = append(d.Devices.Controllers, controllerXML{Type: "scsi", Index: 0, Model: "virtio-scsi"})
+		ctl := controllerXML{Type: "scsi", Index: 0, Model: "virtio-scsi"}
+		if c.iothread {
+			ctl.Driver = &struct {
+				IOThread int `xml:"iothread,attr"`
+			}{1}
+		}
+		d.Devices.Controllers = append(d.Devices.Controllers, ctl)
+	}
+	if c.iothread {
+		d.IOThreads = 1
 	}
 	d.Devices.Channel.Type = "unix"
 	d.Devices.Channel.Source.Mode = "bind" // libvirt picks the socket path
@@ -402,7 +419,7 @@ func StartLibvirt(ctx context.Context, o Options) (*Guest, error) {
 	def, err := domainDefinition(domainConfig{
 		name: g.Name, accel: g.Accel, memoryMiB: o.MemoryMiB, cpus: o.CPUs,
 		kernel: o.Image.Kernel, initrd: o.Image.Initrd, cmdline: cmdline,
-		consoleLog: g.ConsoleLog, disks: g.Disks, ownerPID: os.Getpid(),
+		consoleLog: g.ConsoleLog, disks: g.Disks, ownerPID: os.Getpid(), iothread: o.IOThread,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("writing the domain XML: %w", err)

@@ -26,6 +26,7 @@ type qemuConfig struct {
 	consoleLog        string
 	qmpSocket, qgaSoc string
 	disks             []Disk
+	iothread          bool
 }
 
 // qemuArgs is the qemu-system-x86_64 command line of a plain QEMU guest.
@@ -47,10 +48,15 @@ func qemuArgs(c qemuConfig) []string {
 		"-device", "virtio-serial-pci,id=virtio-serial0",
 		"-device", "virtserialport,bus=virtio-serial0.0,chardev=qga0,name=org.qemu.guest_agent.0",
 	}
+	io := ""
+	if c.iothread {
+		args = append(args, "-object", "iothread,id=io1")
+		io = ",iothread=io1"
+	}
 	scsi := false
 	for _, d := range c.disks {
 		if d.Bus == BusSCSI && !scsi {
-			args = append(args, "-device", "virtio-scsi-pci,id=scsi0")
+			args = append(args, "-device", "virtio-scsi-pci,id=scsi0"+io)
 			scsi = true
 		}
 		args = append(args,
@@ -60,7 +66,7 @@ func qemuArgs(c qemuConfig) []string {
 		case BusSCSI:
 			args = append(args, "-device", fmt.Sprintf("scsi-hd,bus=scsi0.0,drive=%s,id=%s,serial=%s", d.NodeName, d.Target, d.Target))
 		default:
-			args = append(args, "-device", fmt.Sprintf("virtio-blk-pci,drive=%s,id=%s,serial=%s", d.NodeName, d.Target, d.Target))
+			args = append(args, "-device", fmt.Sprintf("virtio-blk-pci,drive=%s,id=%s,serial=%s%s", d.NodeName, d.Target, d.Target, io))
 		}
 	}
 	return args
@@ -113,7 +119,7 @@ func StartQEMU(ctx context.Context, o Options) (*Guest, error) {
 		name: g.Name, accel: g.Accel, memoryMiB: o.MemoryMiB, cpus: o.CPUs,
 		kernel: o.Image.Kernel, initrd: o.Image.Initrd, cmdline: cmdline,
 		consoleLog: g.ConsoleLog, qmpSocket: g.QMPSocket, qgaSoc: g.AgentSocket,
-		disks: g.Disks,
+		disks: g.Disks, iothread: o.IOThread,
 	})
 
 	var stderr bytes.Buffer

@@ -50,6 +50,17 @@ type capture struct {
 	notes      []source.DiskNote
 	checkpoint string // created with the backup job; "" if none
 	jobStarted bool
+	// iothreads: QEMU serves some of the VM's disks in an I/O thread, and
+	// so the backup's NBD exports too. QEMU 7.2 (Debian 12) then aborts,
+	// killing the VM, when an NBD client of the export disconnects
+	// (nbd_blockdev_client_closed asserts it runs in the main loop); when
+	// libvirt stops the NBD server at the end of the job, QEMU closes the
+	// connections itself from the main loop. So End ends the job and
+	// waits for it to be gone before it closes the connections.
+	iothreads bool
+	// clients are NBD connections that End closes but that are not among
+	// the disks (a disk refused after it connected).
+	clients []*nbd.Client
 
 	freeze time.Duration
 	// How long the backup job took to begin (for tests and diagnostics).
@@ -183,7 +194,7 @@ type diskPlan struct {
 }
 
 func (v *VM) captureLive(ctx context.Context, def *domainDef, disks []diskDef, mode string, paused bool, opts source.CaptureOptions) (_ source.Capture, err error) {
-	c := &capture{vm: v, mode: mode}
+	c := &capture{vm: v, mode: mode, iothreads: def.usesIOThreads()}
 	defer func() {
 		if err != nil {
 			c.End(context.WithoutCancel(ctx), false)
@@ -774,7 +785,7 @@ func (c *capture) openExports(ctx context.Context, plans []*diskPlan) error {
 			granted[mc.Name] = true
 		}
 		if !granted[nbd.MetaBaseAllocation] {
-			client.Close()
+			c.clients = append(c.clients, client) // End closes it, after the job
 			return fmt.Errorf("VM %s: the backup export of disk %s offers no %s", v.dom.Name, target, nbd.MetaBaseAllocation)
 		}
 		d := &exportDisk{
@@ -1044,10 +1055,18 @@ func (c *capture) End(ctx context.Context, ok bool) error {
 	c.mu.Unlock()
 	v := c.vm
 	var errs []error
-	for _, d := range c.disks {
-		if err := d.Close(); err != nil && !errors.Is(err, nbd.ErrClosed) {
-			errs = append(errs, fmt.Errorf("VM %s: closing disk %s: %w", v.dom.Name, d.Info().Name, err))
+	closeDisks := func() {
+		for _, d := range c.disks {
+			if err := d.Close(); err != nil && !errors.Is(err, nbd.ErrClosed) {
+				errs = append(errs, fmt.Errorf("VM %s: closing disk %s: %w", v.dom.Name, d.Info().Name, err))
+			}
 		}
+		for _, cl := range c.clients {
+			cl.Close()
+		}
+	}
+	if !c.iothreads || !c.jobStarted {
+		closeDisks()
 	}
 	gone := false
 	dropped := false
@@ -1077,11 +1096,15 @@ func (c *capture) End(ctx context.Context, ok bool) error {
 		// After a good backup libvirt finishes tearing the job down on its
 		// own (about 80 ms: the NBD server and the scratch nodes); the next
 		// capture of this VM waits for it (clearStaleJob). A failed one
-		// waits here, to delete its checkpoint.
-		if !gone && err == nil && !ok {
+		// waits here, to delete its checkpoint, and so does one whose
+		// NBD connections must outlive the NBD server (c.iothreads).
+		if !gone && err == nil && (!ok || c.iothreads) {
 			if err := c.waitJobGone(ctx); err != nil {
 				errs = append(errs, err)
 			}
+		}
+		if c.iothreads {
+			closeDisks()
 		}
 	}
 	if c.checkpoint != "" && !gone && c.lost == nil && !dropped {

@@ -12,8 +12,13 @@ type domainDef struct {
 	Name    string `xml:"name"`
 	UUID    string `xml:"uuid"`
 	Devices struct {
-		Disks    []diskDef    `xml:"disk"`
-		Channels []channelDef `xml:"channel"`
+		Disks       []diskDef    `xml:"disk"`
+		Channels    []channelDef `xml:"channel"`
+		Controllers []struct {
+			Driver struct {
+				IOThread string `xml:"iothread,attr"`
+			} `xml:"driver"`
+		} `xml:"controller"`
 	} `xml:"devices"`
 	SecLabels []struct {
 		Model string `xml:"model,attr"`
@@ -25,7 +30,8 @@ type diskDef struct {
 	Type   string `xml:"type,attr"`   // file, block, network, volume
 	Device string `xml:"device,attr"` // disk, cdrom, floppy, lun
 	Driver struct {
-		Type string `xml:"type,attr"` // raw, qcow2, ...
+		Type     string `xml:"type,attr"` // raw, qcow2, ...
+		IOThread string `xml:"iothread,attr"`
 	} `xml:"driver"`
 	Source *struct {
 		File     string `xml:"file,attr"`
@@ -53,6 +59,23 @@ func parseDomain(s string) (*domainDef, error) {
 		return nil, fmt.Errorf("parsing the domain XML: %w", err)
 	}
 	return &d, nil
+}
+
+// usesIOThreads reports whether QEMU serves any of the domain's disks in
+// an I/O thread: a disk's own (driver iothread) or its controller's
+// (virtio-scsi).
+func (d *domainDef) usesIOThreads() bool {
+	for _, disk := range d.Devices.Disks {
+		if disk.Driver.IOThread != "" {
+			return true
+		}
+	}
+	for _, c := range d.Devices.Controllers {
+		if c.Driver.IOThread != "" {
+			return true
+		}
+	}
+	return false
 }
 
 // path is where the disk's data lives on the host ("" if not a local file

@@ -714,10 +714,14 @@ func (cp *capture) release(ctx context.Context, ok bool) error {
 		<-cp.watchDone
 		cp.stopWatch = nil
 	}
+	// The NBD connections close after QEMU removed the exports: QEMU 7.2
+	// (Debian 12) aborts, killing the VM, when a client of an export of
+	// a disk served in an I/O thread disconnects on its own; exports
+	// removed with mode hard close their clients from QEMU's main loop.
+	err := cp.releaseQEMU(ctx, ok)
 	for _, d := range cp.disks {
 		d.Close()
 	}
-	err := cp.releaseQEMU(ctx, ok)
 	if errors.Is(err, ErrClosed) {
 		err = fmt.Errorf("QEMU is gone (the VM exited or closed its QMP socket), so nothing is left inside it to clean up: %w", err)
 	}
