@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -136,6 +137,26 @@ func freePort(t *testing.T) string {
 // a configuration reload during a backup (bad then good), and a daemon
 // killed mid-backup that, restarted, marks the run interrupted, clears
 // libvirt's job and backs up again.
+// checkNice fails t unless every thread of process pid runs at nice.
+func checkNice(t *testing.T, pid, nice int) {
+	t.Helper()
+	stats, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/stat", pid))
+	if len(stats) == 0 {
+		t.Fatalf("no threads of process %d", pid)
+	}
+	for _, p := range stats {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue // the thread ended
+		}
+		// After the command name in parentheses: state is field 3, nice 19.
+		f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
+		if len(f) < 17 || f[16] != strconv.Itoa(nice) {
+			t.Fatalf("%s: want nice %d: %s", p, nice, b)
+		}
+	}
+}
+
 func TestServer(t *testing.T) {
 	needVM(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
@@ -148,7 +169,7 @@ func TestServer(t *testing.T) {
 	os.WriteFile(pwFile, []byte(e.pw+"\n"), 0o600)
 	listen := freePort(t)
 	cfgPath := filepath.Join(dir, "kura.yaml")
-	serverExtra, latencyExtra := "", ""
+	serverExtra, latencyExtra, limitsExtra := "", "", ""
 	writeCfg := func(extra string) {
 		cfg := fmt.Sprintf(`repositories:
   main:
@@ -156,7 +177,7 @@ func TestServer(t *testing.T) {
     password_file: %s
 latency:
   interval: 1s
-%sjobs:
+%s%sjobs:
   - name: nightly
     repository: main
     vms: [%s]
@@ -166,7 +187,7 @@ latency:
 server:
   listen: %s
   state_dir: %s
-%s`, e.repo, pwFile, latencyExtra, g.Name, extra, listen, filepath.Join(dir, "state"), serverExtra)
+%s`, e.repo, pwFile, latencyExtra, limitsExtra, g.Name, extra, listen, filepath.Join(dir, "state"), serverExtra)
 		if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 			t.Fatal(err)
 		}
@@ -189,6 +210,9 @@ server:
 		}
 	}
 	e.fails("no such job", "run-now", "nosuch", "--config", cfgPath)
+	// The daemon, backups included, runs at the lowest CPU priority by
+	// default (limits.nice 19).
+	checkNice(t, s.cmd.Process.Pid, 19)
 	if out := e.ok("jobs", "--config", cfgPath); !strings.Contains(out, "nightly") || !strings.Contains(out, "succeeded") {
 		t.Errorf("jobs:\n%s", out)
 	}
@@ -200,6 +224,7 @@ server:
 	s.waitFor(30*time.Second, "the bad configuration to be refused", func() bool {
 		return strings.Contains(s.log.String(), "configuration not reloaded")
 	})
+	limitsExtra = "limits:\n  nice: 5\n"
 	writeCfg(`  - name: hourly
     repository: main
     vms: [` + g.Name + `]
@@ -215,6 +240,7 @@ server:
 	if !strings.Contains(s.log.String(), "configuration reloaded") {
 		t.Fatalf("the good configuration was not reloaded:\n%s", s.log.String())
 	}
+	checkNice(t, s.cmd.Process.Pid, 5)
 	// run-now --wait returns once the run has ended, with its outcome.
 	out := e.ok("run-now", "hourly", "--wait", "--config", cfgPath)
 	if r := s.runs()[0]; r.Job != "hourly" || !r.Manual || r.Status != catalog.StatusSucceeded || !strings.Contains(out, "succeeded") {

@@ -60,6 +60,10 @@ type Limits struct {
 	PerDatastore  int    `yaml:"per_datastore"`  // default 1
 	PerRepository int    `yaml:"per_repository"` // default 2
 	Bandwidth     string `yaml:"bandwidth"`      // per backup, e.g. "200MiB" (per second); "" = unlimited
+	// Nice is the CPU priority of the daemon's backups (and of the whole
+	// daemon), -20 to 19; default 19, the lowest: hashing, compressing
+	// and encrypting then take only the CPU the guests leave.
+	Nice *int `yaml:"nice"`
 
 	BandwidthBytes int64 `yaml:"-"`
 	lines          map[string]int
@@ -344,6 +348,10 @@ func (c *Config) defaults() {
 	if c.Limits.PerRepository == 0 {
 		c.Limits.PerRepository = 2
 	}
+	if c.Limits.Nice == nil {
+		n := 19
+		c.Limits.Nice = &n
+	}
 	if c.Latency.Threshold.Duration == 0 && !c.Latency.Disabled {
 		c.Latency.Threshold.Duration = 20 * time.Millisecond
 	}
@@ -441,6 +449,9 @@ func (c *Config) validate() error {
 	}
 	if c.Limits.PerHost < 0 || c.Limits.PerDatastore < 0 || c.Limits.PerRepository < 0 {
 		errs = append(errs, c.errorf(c.Limits.lines[""], "limits", "limits cannot be negative"))
+	}
+	if n := *c.Limits.Nice; n < -20 || n > 19 {
+		errs = append(errs, c.errorf(c.Limits.lines["nice"], "limits.nice", "%d: use a CPU priority from -20 to 19 (19, the default, is the lowest)", n))
 	}
 	if c.Limits.Bandwidth != "" {
 		n, err := ParseRate(c.Limits.Bandwidth)

@@ -55,7 +55,7 @@ func TestParseGood(t *testing.T) {
 	if c.Latency.MinRateBytes != 2<<20 || c.Latency.IncreaseBytes != 0 {
 		t.Errorf("latency rates: %+v", c.Latency)
 	}
-	if c.Limits.PerHost != 3 || c.Limits.PerDatastore != 1 || c.Limits.BandwidthBytes != 200<<20 || c.Latency.Threshold.Duration != 15*time.Millisecond {
+	if c.Limits.PerHost != 3 || c.Limits.PerDatastore != 1 || c.Limits.BandwidthBytes != 200<<20 || *c.Limits.Nice != 19 || c.Latency.Threshold.Duration != 15*time.Millisecond {
 		t.Errorf("limits %+v latency %+v", c.Limits, c.Latency)
 	}
 	if e := c.Server.Email; e == nil || e.SMTP != "mail.example.com:587" || len(e.To) != 1 {
@@ -63,6 +63,17 @@ func TestParseGood(t *testing.T) {
 	}
 	if c.Server.Listen != "127.0.0.1:9470" || c.Server.Catalog != "/var/lib/kura/catalog.db" || c.Server.LogFormat != "json" || c.Libvirt.Connect != "qemu:///system" {
 		t.Errorf("server %+v libvirt %+v", c.Server, c.Libvirt)
+	}
+}
+
+// A nice of 0 is kept, not taken for "unset".
+func TestNiceZero(t *testing.T) {
+	c, err := Parse("kura.yaml", []byte(strings.Replace(good, "per_host: 3", "per_host: 3\n  nice: 0", 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if *c.Limits.Nice != 0 {
+		t.Errorf("limits.nice: 0 parsed as %d", *c.Limits.Nice)
 	}
 }
 
@@ -82,6 +93,8 @@ func TestParseErrors(t *testing.T) {
 		{"bad duration", `rpo: 1d|rpo: one day`, `line 17: "one day" is not a duration`},
 		{"bad window", `start: "22:00"|start: "10pm"`, `kura.yaml:16: jobs[0] (nightly).window.start: "10pm": use HH:MM`},
 		{"bad bandwidth", `bandwidth: 200MiB|bandwidth: fast`, `kura.yaml:8: limits.bandwidth: "fast" is not a rate`},
+		{"nice too low", `bandwidth: 200MiB|nice: -21`, `kura.yaml:8: limits.nice: -21: use a CPU priority from -20 to 19`},
+		{"nice too high", `bandwidth: 200MiB|nice: 20`, `kura.yaml:8: limits.nice: 20: use a CPU priority`},
 		{"duplicate name", `name: hourly-db|name: nightly`, `jobs[1] (nightly).name: "nightly" is also the name of the job at line 12`},
 		{"no vms", `    tags: [database]
 |`, `kura.yaml:19: jobs[1] (hourly-db): say which VMs`},

@@ -142,6 +142,9 @@ func (d *Daemon) Metrics() *metrics.Registry { return d.reg }
 // running backups (each releases its VM) and returns.
 func (d *Daemon) Run(ctx context.Context) error {
 	cfg := d.cfg
+	if err := setNice(*cfg.Limits.Nice); err != nil {
+		return fmt.Errorf("%w: run kura server as root or raise limits.nice", err)
+	}
 	if err := os.MkdirAll(cfg.Server.StateDir, 0o700); err != nil {
 		return fmt.Errorf("state directory: %w", err)
 	}
@@ -407,6 +410,11 @@ func (d *Daemon) Reload(ctx context.Context, rereadConfig bool) error {
 		d.log.Error("configuration not reloaded; the old one stays in force", "err", err)
 		d.m.errs.Inc("config")
 		return err
+	}
+	if *cfg.Limits.Nice != *d.cfg.Limits.Nice {
+		if err := setNice(*cfg.Limits.Nice); err != nil {
+			d.log.Error("the reloaded limits.nice is not in effect", "err", err)
+		}
 	}
 	d.mu.Lock()
 	d.cfg = cfg
