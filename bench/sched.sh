@@ -55,6 +55,7 @@
 #   BENCH_SCHED_MEMORY_MIB, BENCH_SCHED_CPUS  guest size [768, 1]
 #   BENCH_SCHED_SEED              seed of the data disk's files [42]
 #   BENCH_SCHED_OUT               output directory [$KURA_CACHE/bench/sched-results/<timestamp>]
+#   BENCH_SCHED_MAX_READS         latency.max_reads: backup reads in flight on the datastore, fixed (or the read window's cap) [0: none]
 #   BENCH_SCHED_OFF_RATE          the off-datastore strategy's --limit-read, e.g. 10MiB [none]
 #   BENCH_SCHED_KURA_FLAGS        extra global kura flags, e.g. -v
 #   BENCH_WORK                    where the scratch directory (guest disks, repositories) is made;

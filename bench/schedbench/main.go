@@ -82,6 +82,7 @@ type config struct {
 	MinRate, Increase             string  // latency.min_rate and latency.increase of the scheduler's config
 	OffRate                       string  // --limit-read of the off-datastore strategy ("": none)
 	ReadWindow                    bool    // latency.read_window
+	MaxReads                      int     // latency.max_reads
 	IntervalS                     float64
 	Seed                          int64
 	Keep                          bool
@@ -134,6 +135,7 @@ func loadConfig() config {
 		OffRate:        os.Getenv("BENCH_SCHED_OFF_RATE"),
 		Increase:       envStr("BENCH_SCHED_INCREASE", "4MiB"),
 		ReadWindow:     os.Getenv("BENCH_SCHED_READ_WINDOW") == "1",
+		MaxReads:       envInt("BENCH_SCHED_MAX_READS", 0),
 		Strategies:     strings.Fields(envStr("BENCH_SCHED_STRATEGIES", "all-at-once sequential scheduler")),
 		DataMiB:        envInt("BENCH_SCHED_DATA_MIB", 256),
 		FioMiB:         envInt("BENCH_SCHED_FIO_MIB", 64),

@@ -370,6 +370,7 @@ latency:
   min_rate: %s
   increase: %s
   read_window: %t
+  max_reads: %d
 jobs:
   - name: bench
     repository: bench
@@ -382,7 +383,7 @@ server:
   log_format: text
 `, strategy, repoDir, b.pwFile, ph.PerHost, ph.PerDatastore, max(ph.PerHost, ph.PerDatastore),
 		time.Duration(ph.ThresholdMS*float64(time.Millisecond)).Round(10*time.Microsecond),
-		time.Duration(b.cfg.IntervalS*float64(time.Second)), b.cfg.MinRate, b.cfg.Increase, b.cfg.ReadWindow, os.Getpid(), listen, filepath.Join(dir, "state"))
+		time.Duration(b.cfg.IntervalS*float64(time.Second)), b.cfg.MinRate, b.cfg.Increase, b.cfg.ReadWindow, b.cfg.MaxReads, os.Getpid(), listen, filepath.Join(dir, "state"))
 	s := &server{b: b, cfgPath: filepath.Join(dir, "kura.yaml"), listen: listen, done: make(chan struct{}),
 		logRel: filepath.Join("logs", "server-"+strategy+".log")}
 	s.logPath = filepath.Join(b.cfg.Out, s.logRel)

@@ -85,6 +85,10 @@ type Latency struct {
 	// by default: its estimate is still noisy on busy datastores, where it
 	// holds backups well below what the guests can spare (docs/BENCHMARKS.md).
 	ReadWindow bool `yaml:"read_window"`
+	// MaxReads caps the backup reads in flight on one datastore (the read
+	// window never grows past it; with read_window off, a fixed window of
+	// this many reads); 0: no cap. Each read is one chunk.
+	MaxReads int `yaml:"max_reads"`
 
 	MinRateBytes, IncreaseBytes int64 `yaml:"-"`
 }
@@ -449,6 +453,9 @@ func (c *Config) validate() error {
 	}
 	if c.Limits.PerHost < 0 || c.Limits.PerDatastore < 0 || c.Limits.PerRepository < 0 {
 		errs = append(errs, c.errorf(c.Limits.lines[""], "limits", "limits cannot be negative"))
+	}
+	if c.Latency.MaxReads < 0 {
+		errs = append(errs, c.errorf(c.lines["latency"], "latency.max_reads", "%d: use a positive number of reads, or 0 for no cap", c.Latency.MaxReads))
 	}
 	if n := *c.Limits.Nice; n < -20 || n > 19 {
 		errs = append(errs, c.errorf(c.Limits.lines["nice"], "limits.nice", "%d: use a CPU priority from -20 to 19 (19, the default, is the lowest)", n))

@@ -93,6 +93,7 @@ func TestParseErrors(t *testing.T) {
 		{"bad duration", `rpo: 1d|rpo: one day`, `line 17: "one day" is not a duration`},
 		{"bad window", `start: "22:00"|start: "10pm"`, `kura.yaml:16: jobs[0] (nightly).window.start: "10pm": use HH:MM`},
 		{"bad bandwidth", `bandwidth: 200MiB|bandwidth: fast`, `kura.yaml:8: limits.bandwidth: "fast" is not a rate`},
+		{"negative max_reads", `min_rate: 2MiB}|min_rate: 2MiB, max_reads: -1}`, `kura.yaml:9: latency.max_reads: -1: use a positive number`},
 		{"nice too low", `bandwidth: 200MiB|nice: -21`, `kura.yaml:8: limits.nice: -21: use a CPU priority from -20 to 19`},
 		{"nice too high", `bandwidth: 200MiB|nice: 20`, `kura.yaml:8: limits.nice: 20: use a CPU priority`},
 		{"duplicate name", `name: hourly-db|name: nightly`, `jobs[1] (nightly).name: "nightly" is also the name of the job at line 12`},

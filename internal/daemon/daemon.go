@@ -552,12 +552,13 @@ func (d *Daemon) backupVM(ctx context.Context, t schedule.Task) (*repo.Snapshot,
 	lim := throttle.NewLimiter(float64(cfg.Limits.BandwidthBytes), nil)
 	id := t.VM + "/" + t.Job
 	var win *throttle.Window
-	if ctrl := d.controller(t.Datastore); ctrl != nil {
+	ctrl := d.controller(t.Datastore)
+	if ctrl != nil {
 		ctrl.Attach(id, lim)
 		defer ctrl.Detach(id)
-		if cfg.Latency.ReadWindow {
-			win = d.window(t.Datastore)
-		}
+	}
+	if (ctrl != nil && cfg.Latency.ReadWindow) || cfg.Latency.MaxReads > 0 {
+		win = d.window(t.Datastore)
 	}
 	mode := t.Mode
 	if mode == source.ModeApp {

@@ -65,10 +65,16 @@ func (d *Daemon) window(ds string) *throttle.Window {
 	defer d.mu.Unlock()
 	w := d.windows[ds]
 	if w == nil {
-		w = throttle.NewWindow(throttle.WindowConfig{})
+		w = throttle.NewWindow(windowConfig(d.cfg))
 		d.windows[ds] = w
 	}
 	return w
+}
+
+// windowConfig is the read windows' configuration in cfg: adaptive
+// (latency.read_window) up to latency.max_reads, or fixed at max_reads.
+func windowConfig(cfg *config.Config) throttle.WindowConfig {
+	return throttle.WindowConfig{Max: cfg.Latency.MaxReads, Fixed: !cfg.Latency.ReadWindow}
 }
 
 // readGate paces one backup's reads with its rate limiter, then holds each
@@ -104,6 +110,13 @@ func latencyConfig(cfg *config.Config) throttle.Config {
 // reconfigureControllers puts a reloaded configuration's latency settings
 // in effect on the datastores' controllers. d.mu is held.
 func (d *Daemon) reconfigureControllers() {
+	// Backups that start from now on share a window of the new settings
+	// (running ones keep theirs).
+	for ds, w := range d.windows {
+		if w.Config() != windowConfig(d.cfg) {
+			delete(d.windows, ds)
+		}
+	}
 	for ds, c := range d.ctrls {
 		if err := c.SetConfig(latencyConfig(d.cfg)); err != nil {
 			d.log.Error("latency control: the reloaded settings are not in effect", "datastore", ds, "err", err)

@@ -33,7 +33,8 @@ import (
 // tells the Window how many are in flight, and once its own reads queue,
 // the estimate of C counts them with L.
 type Window struct {
-	cfg WindowConfig
+	cfg   WindowConfig
+	asked WindowConfig // as given to NewWindow
 
 	mu       sync.Mutex
 	cond     *sync.Cond
@@ -56,6 +57,7 @@ type Window struct {
 // WindowConfig tunes a [Window]; zero fields take the defaults in brackets.
 type WindowConfig struct {
 	Max       int           // the limit never exceeds this [16]
+	Fixed     bool          // the limit is Max and does not adapt
 	Tolerance float64       // a round within (1+Tolerance)×floor did not queue [0.2]
 	Hold      time.Duration // how long to stay below a knee before probing [20s]
 	Epoch     time.Duration // how long a floor is remembered [30s]
@@ -63,8 +65,10 @@ type WindowConfig struct {
 	Clock     Clock         // [RealClock]
 }
 
-// NewWindow returns a Window starting at one read in flight.
+// NewWindow returns a Window starting at one read in flight (at Max,
+// for good, when Fixed).
 func NewWindow(cfg WindowConfig) *Window {
+	asked := cfg
 	if cfg.Max <= 0 {
 		cfg.Max = 16
 	}
@@ -83,7 +87,10 @@ func NewWindow(cfg WindowConfig) *Window {
 	if cfg.Clock == nil {
 		cfg.Clock = RealClock
 	}
-	w := &Window{cfg: cfg, limit: 1}
+	w := &Window{cfg: cfg, asked: asked, limit: 1}
+	if cfg.Fixed {
+		w.limit = cfg.Max
+	}
 	w.cond = sync.NewCond(&w.mu)
 	return w
 }
@@ -119,7 +126,7 @@ func (w *Window) Done(n int, took time.Duration) {
 	defer w.mu.Unlock()
 	w.inflight--
 	w.cond.Broadcast()
-	if n < w.cfg.MinBytes || took <= 0 {
+	if n < w.cfg.MinBytes || took <= 0 || w.cfg.Fixed {
 		return
 	}
 	now := w.cfg.Clock.Now()
@@ -201,4 +208,12 @@ func (w *Window) SetOthers(n float64) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.others = max(0, n)
+}
+
+// Config returns the configuration NewWindow was given, without its
+// Clock.
+func (w *Window) Config() WindowConfig {
+	c := w.asked
+	c.Clock = nil
+	return c
 }

@@ -127,3 +127,38 @@ func maxOf(v []int) int {
 	}
 	return m
 }
+
+// A fixed Window holds Max reads in flight whatever their latency, and
+// a capped one never grows past Max.
+func TestWindowFixedAndCapped(t *testing.T) {
+	tests := []struct {
+		name      string
+		cfg       WindowConfig
+		serves    int // the simulated datastore
+		wantLimit int
+	}{
+		{"fixed, datastore queues", WindowConfig{Max: 3, Fixed: true}, 1, 3},
+		{"fixed, datastore never queues", WindowConfig{Max: 2, Fixed: true}, 100, 2},
+		{"capped, datastore never queues", WindowConfig{Max: 3}, 100, 3},
+		{"capped above the knee", WindowConfig{Max: 8}, 4, 3},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			clk := newFakeClock()
+			tt.cfg.Clock = clk
+			tt.cfg.Hold = time.Hour
+			w := NewWindow(tt.cfg)
+			var seen []int
+			for range 40 {
+				seen = append(seen, round(t, w, tt.serves, 25*time.Millisecond))
+				clk.Advance(100 * time.Millisecond)
+			}
+			if got := w.State().Limit; got != tt.wantLimit || maxOf(seen) > tt.cfg.Max {
+				t.Fatalf("limit %d after rounds %v; want %d, never above %d", got, seen, tt.wantLimit, tt.cfg.Max)
+			}
+			if c := w.Config(); c.Max != tt.cfg.Max || c.Fixed != tt.cfg.Fixed || c.Clock != nil {
+				t.Fatalf("Config() = %+v, want what NewWindow was given without the clock", c)
+			}
+		})
+	}
+}
