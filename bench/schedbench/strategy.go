@@ -26,12 +26,14 @@ import (
 // off-datastore (a diagnostic, not a way to protect the guests: kura backs
 // up, one after the other, copies of the guests' data held off the
 // datastore, so that the guests feel only the backups' use of the host's
-// CPU). Any of them with the suffix -nice runs kura at nice 19. It
+// CPU) or on-datastore (the same with copies on the model's mount: the
+// backups' reads go through the datastore but not through the guests'
+// QEMU). Any of them with the suffix -nice runs kura at nice 19. It
 // returns the kind and, for the scheduler, per_datastore.
 func parseStrategy(s string, c config) (kind string, perDatastore int, err error) {
 	s = strings.TrimSuffix(s, "-nice")
 	switch {
-	case s == "all-at-once" || s == "sequential" || s == "off-datastore":
+	case s == "all-at-once" || s == "sequential" || s == "off-datastore" || s == "on-datastore":
 		return s, 0, nil
 	case s == "scheduler":
 		return s, c.PerDatastore, nil
@@ -42,7 +44,7 @@ func parseStrategy(s string, c config) (kind string, perDatastore int, err error
 		}
 		return "scheduler", n, nil
 	}
-	return "", 0, fmt.Errorf("unknown strategy %q (use all-at-once, sequential, scheduler, scheduler-pdN, off-datastore, each optionally with -nice)", s)
+	return "", 0, fmt.Errorf("unknown strategy %q (use all-at-once, sequential, scheduler, scheduler-pdN, off-datastore, on-datastore, each optionally with -nice)", s)
 }
 
 // runPhase measures one strategy: a fresh repository, fio in every guest,
@@ -155,17 +157,22 @@ func (b *bench) runPhase(ctx context.Context, strategy string) error {
 		}
 	case "scheduler":
 		err = srv.runNow(ctx, ph)
-	case "off-datastore":
+	case "off-datastore", "on-datastore":
 		// The guests' data as a backup of them reads it (the root image
-		// and the data disk), from the files the guests' disks were
-		// copied from: neither on the model's mount nor in the guests'
-		// cgroup.
+		// and the data disk): off the datastore, the files the guests'
+		// disks were copied from (neither on the model's mount nor in the
+		// guests' cgroup); on it, the root image the guests boot from and
+		// a copy of the data disk on the model's mount.
 		args := []string{"-r", repoDir, "backup", "image"}
 		if b.cfg.OffRate != "" {
 			args = append(args, "--limit-read", b.cfg.OffRate)
 		}
+		root, vdb := b.rootSrc, b.vdb
+		if kind == "on-datastore" {
+			root, vdb = b.img.RootQcow2, filepath.Join(filepath.Dir(b.img.RootQcow2), "vdb-copy.qcow2")
+		}
 		for _, vg := range b.guests {
-			if _, err = b.kura(ctx, strategy+"-"+vg.name, append(args, "--name", vg.name, b.rootSrc, b.vdb)...); err != nil {
+			if _, err = b.kura(ctx, strategy+"-"+vg.name, append(args, "--name", vg.name, root, vdb)...); err != nil {
 				break
 			}
 		}
