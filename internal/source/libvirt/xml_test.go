@@ -279,3 +279,31 @@ func TestDomainInfo(t *testing.T) {
 		t.Error("bad XML accepted")
 	}
 }
+
+// The capture ends the job before it closes its NBD connections when QEMU
+// serves a disk in an I/O thread (see capture.iothreads); which domains
+// that is.
+func TestUsesIOThreads(t *testing.T) {
+	tests := []struct {
+		name, devices string
+		want          bool
+	}{
+		{"no I/O threads", `<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/a.qcow2'/><target dev='vda' bus='virtio'/></disk>`, false},
+		{"a virtio-blk disk in one", `<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/a.qcow2'/><target dev='vda' bus='virtio'/></disk>
+			<disk type='file' device='disk'><driver name='qemu' type='raw' iothread='2'/><source file='/b.raw'/><target dev='vdb' bus='virtio'/></disk>`, true},
+		{"a virtio-scsi controller in one", `<controller type='scsi' index='0' model='virtio-scsi'><driver iothread='1'/></controller>
+			<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/a.qcow2'/><target dev='sda' bus='scsi'/></disk>`, true},
+		{"a controller without one", `<controller type='scsi' index='0' model='virtio-scsi'><driver queues='4'/></controller>`, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			d, err := parseDomain("<domain><name>vm</name><iothreads>2</iothreads><devices>" + tt.devices + "</devices></domain>")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := d.usesIOThreads(); got != tt.want {
+				t.Fatalf("usesIOThreads() = %v, want %v", got, tt.want)
+			}
+		})
+	}
+}
