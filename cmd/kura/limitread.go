@@ -27,11 +27,5 @@ func readGate(s string) (func(context.Context, int) (func(bool), error), error) 
 	if err != nil {
 		return nil, fmt.Errorf("--limit-read: %w", err)
 	}
-	lim := throttle.NewLimiter(float64(rate), nil)
-	return func(ctx context.Context, n int) (func(bool), error) {
-		if err := lim.Wait(ctx, n); err != nil {
-			return nil, err
-		}
-		return func(bool) {}, nil
-	}, nil
+	return throttle.ReadGate(throttle.NewLimiter(float64(rate), nil), nil), nil
 }

@@ -565,7 +565,7 @@ func (d *Daemon) backupVM(ctx context.Context, t schedule.Task) (*repo.Snapshot,
 		mode = "" // app when the agent answers, crash with a warning otherwise
 	}
 	snap, err := backup.RunVM(ctx, r, vm, backup.VMOptions{Mode: mode, Source: "libvirt",
-		Options: backup.Options{Logger: d.log, ReadGate: readGate(lim, win), Tags: map[string]string{"job": t.Job}}})
+		Options: backup.Options{Logger: d.log, ReadGate: throttle.ReadGate(lim, win), Tags: map[string]string{"job": t.Job}}})
 	if err != nil {
 		return nil, false, err
 	}

@@ -77,30 +77,6 @@ func windowConfig(cfg *config.Config) throttle.WindowConfig {
 	return throttle.WindowConfig{Max: cfg.Latency.MaxReads, Fixed: !cfg.Latency.ReadWindow}
 }
 
-// readGate paces one backup's reads with its rate limiter, then holds each
-// read to the datastore's window (nil: none) and times it for the window.
-func readGate(lim *throttle.Limiter, win *throttle.Window) func(context.Context, int) (func(bool), error) {
-	return func(ctx context.Context, n int) (func(bool), error) {
-		if err := lim.Wait(ctx, n); err != nil {
-			return nil, err
-		}
-		if win == nil {
-			return func(bool) {}, nil
-		}
-		if err := win.Acquire(ctx); err != nil {
-			return nil, err
-		}
-		start := time.Now()
-		return func(ok bool) {
-			took := time.Since(start)
-			if !ok {
-				took = 0 // a failed read says nothing of the datastore
-			}
-			win.Done(n, took)
-		}, nil
-	}
-}
-
 // latencyConfig is the controllers' configuration in cfg.
 func latencyConfig(cfg *config.Config) throttle.Config {
 	return throttle.Config{Threshold: cfg.Latency.Threshold.Duration,

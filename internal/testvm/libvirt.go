@@ -291,12 +291,14 @@ type diskXML struct {
 }
 
 type controllerXML struct {
-	Type   string `xml:"type,attr"`
-	Index  int    `xml:"index,attr"`
-	Model  string `xml:"model,attr"`
-	Driver *struct {
-		IOThread int `xml:"iothread,attr"`
-	} `xml:"driver"`
+	Type   string            `xml:"type,attr"`
+	Index  int               `xml:"index,attr"`
+	Model  string            `xml:"model,attr"`
+	Driver *controllerDriver `xml:"driver"`
+}
+
+type controllerDriver struct {
+	IOThread int `xml:"iothread,attr"`
 }
 
 // domainConfig is everything domainDefinition needs.
@@ -357,9 +359,7 @@ func domainDefinition(c domainConfig) ([]byte, error) {
 	if scsi {
 		ctl := controllerXML{Type: "scsi", Index: 0, Model: "virtio-scsi"}
 		if c.iothread {
-			ctl.Driver = &struct {
-				IOThread int `xml:"iothread,attr"`
-			}{1}
+			ctl.Driver = &controllerDriver{IOThread: 1}
 		}
 		d.Devices.Controllers = append(d.Devices.Controllers, ctl)
 	}

@@ -1065,7 +1065,9 @@ func (c *capture) End(ctx context.Context, ok bool) error {
 			cl.Close()
 		}
 	}
-	if !c.iothreads || !c.jobStarted {
+	// See capture.iothreads: then the connections close after the job.
+	closeLate := c.iothreads && c.jobStarted
+	if !closeLate {
 		closeDisks()
 	}
 	gone := false
@@ -1103,7 +1105,7 @@ func (c *capture) End(ctx context.Context, ok bool) error {
 				errs = append(errs, err)
 			}
 		}
-		if c.iothreads {
+		if closeLate {
 			closeDisks()
 		}
 	}
