@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -9,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 )
 
@@ -83,6 +85,27 @@ func TestSetNice(t *testing.T) {
 		}
 		os.Exit(0)
 	}
+	if os.Getenv("KURA_TEST_SETNICE_CHILD") == "denied" {
+		// Read a configuration that asks for nice 0, lower the priority,
+		// give up the right to raise it again, and start the daemon.
+		d, err := New(Options{ConfigPath: os.Getenv("KURA_TEST_CONFIG")})
+		if err != nil {
+			fmt.Println("New:", err)
+			os.Exit(2)
+		}
+		if err := setNice(10); err != nil {
+			fmt.Println("setNice(10):", err)
+			os.Exit(2)
+		}
+		if os.Geteuid() == 0 {
+			if err := syscall.Setresuid(65534, 65534, 65534); err != nil {
+				fmt.Println("setresuid:", err)
+				os.Exit(2)
+			}
+		}
+		fmt.Println(d.Run(context.Background()))
+		os.Exit(0)
+	}
 	cmd := exec.Command(os.Args[0], "-test.run=^TestSetNice$")
 	cmd.Env = append(os.Environ(), "KURA_TEST_SETNICE_CHILD=1")
 	out, err := cmd.CombinedOutput()
@@ -97,5 +120,30 @@ func TestSetNice(t *testing.T) {
 		if lines[i+1] != "7" {
 			t.Errorf("thread %s runs at nice %s, want 7", lines[i], lines[i+1])
 		}
+	}
+}
+
+// A daemon that may not raise its priority to limits.nice does not start,
+// and says what to do.
+func TestSetNiceDenied(t *testing.T) {
+	cfg := filepath.Join(t.TempDir(), "kura.yaml")
+	if err := os.WriteFile(cfg, []byte("repositories:\n  main: {path: /nonexistent/repo, password_file: /nonexistent/pw}\n"+
+		"limits: {nice: 0}\njobs:\n  - {name: j, repository: main, all: true, schedule: \"@daily\"}\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestSetNice$")
+	cmd.Env = append(os.Environ(), "KURA_TEST_SETNICE_CHILD=denied", "KURA_TEST_CONFIG="+cfg)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("child: %v\n%s", err, out)
+	}
+	msg := strings.TrimSpace(string(out))
+	for _, want := range []string{"setting the CPU priority (limits.nice 0)", "permission denied", "run kura server as root or raise limits.nice"} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("daemon start: %q does not say %q", msg, want)
+		}
+	}
+	if strings.Contains(msg, "\n") {
+		t.Errorf("the error is not one line: %q", msg)
 	}
 }
