@@ -36,7 +36,7 @@ func checkMode(m string) error {
 }
 
 func (a *app) vmBackupCmd() *cobra.Command {
-	var connect, mode, limitRead string
+	var connect, mode, method, limitRead string
 	var all, full, requireApp bool
 	var parallel, workers int
 	var freezeTimeout time.Duration
@@ -76,12 +76,13 @@ func (a *app) vmBackupCmd() *cobra.Command {
 			}
 			return a.backupVMs(ctx, r, names, parallel, func(ctx context.Context, name string) (source.VM, error) {
 				return conn.VM(ctx, name)
-			}, backup.VMOptions{Mode: mode, RequireApp: requireApp, Full: full, Source: "libvirt", Workers: workers, Options: backup.Options{ReadGate: gate}})
+			}, backup.VMOptions{Mode: mode, Method: method, RequireApp: requireApp, Full: full, Source: "libvirt", Workers: workers, Options: backup.Options{ReadGate: gate}})
 		},
 	}
 	f := cmd.Flags()
 	f.StringVarP(&connect, "connect", "c", "qemu:///system", "libvirt `URI` or socket path")
 	f.StringVar(&mode, "mode", "", "consistency: app (default when the guest agent answers), crash, suspend or shutdown")
+	f.StringVar(&method, "capture", source.MethodFleece, "capture method: fleece (QEMU's backup job serves the reads) or overlay (the guest writes to an overlay, kura reads the disk images itself, the overlay is merged back)")
 	f.BoolVar(&all, "all", false, "every running and defined domain")
 	f.BoolVar(&requireApp, "require-app", false, "fail, without touching the VM, when the guest agent does not answer (default: fall back to crash-consistent with a warning)")
 	f.BoolVar(&full, "full", false, "read every disk in full once, ignoring changed-block tracking")

@@ -18,6 +18,7 @@ type VMOptions struct {
 	// RequireApp fails the backup, without touching the VM, when the guest
 	// agent does not answer (instead of falling back to crash).
 	RequireApp bool
+	Method     string // capture method, source.Method*; "" = fleece
 	Full       bool   // ignore changed-block tracking once
 	Source     string // "libvirt" or "qmp"
 	Workers    int
@@ -114,7 +115,7 @@ func RunVMOpening(ctx context.Context, open func(context.Context) (*repo.Repo, e
 		}
 	}
 	wantApp := o.Mode == "" || o.Mode == source.ModeApp
-	co := source.CaptureOptions{Mode: o.Mode, Full: o.Full, ParentReady: resolved}
+	co := source.CaptureOptions{Mode: o.Mode, Method: o.Method, Full: o.Full, ParentReady: resolved}
 	if wantApp {
 		// The drivers pick app when the agent answers and crash when it
 		// does not; an explicit app makes them fail instead.

@@ -95,17 +95,20 @@ type Latency struct {
 
 // Job is one scheduled backup.
 type Job struct {
-	Name       string    `yaml:"name"`
-	Repository string    `yaml:"repository"`
-	VMs        []string  `yaml:"vms"`  // names or shell globs
-	Tags       []string  `yaml:"tags"` // libvirt metadata tags (any)
-	All        bool      `yaml:"all"`  // every domain
-	Mode       string    `yaml:"mode"` // app (default), crash, suspend, shutdown
-	Schedule   string    `yaml:"schedule"`
-	Window     *Window   `yaml:"window"`
-	RPO        Duration  `yaml:"rpo"`
-	Retention  Retention `yaml:"retention"`
-	Retry      Retry     `yaml:"retry"`
+	Name       string   `yaml:"name"`
+	Repository string   `yaml:"repository"`
+	VMs        []string `yaml:"vms"`  // names or shell globs
+	Tags       []string `yaml:"tags"` // libvirt metadata tags (any)
+	All        bool     `yaml:"all"`  // every domain
+	Mode       string   `yaml:"mode"` // app (default), crash, suspend, shutdown
+	// Capture is the capture method: fleece (default) or overlay
+	// (source.Method*).
+	Capture   string    `yaml:"capture"`
+	Schedule  string    `yaml:"schedule"`
+	Window    *Window   `yaml:"window"`
+	RPO       Duration  `yaml:"rpo"`
+	Retention Retention `yaml:"retention"`
+	Retry     Retry     `yaml:"retry"`
 
 	lines map[string]int
 	line  int
@@ -378,6 +381,9 @@ func (c *Config) defaults() {
 		if j.Mode == "" {
 			j.Mode = "app"
 		}
+		if j.Capture == "" {
+			j.Capture = "fleece"
+		}
 		if j.Retry.Attempts == 0 {
 			j.Retry.Attempts = 3
 		}
@@ -523,6 +529,11 @@ func (c *Config) validate() error {
 		case "app", "crash", "suspend", "shutdown":
 		default:
 			errs = append(errs, c.errorf(at("mode"), field+".mode", "%q: use app, crash, suspend or shutdown", j.Mode))
+		}
+		switch j.Capture {
+		case "fleece", "overlay":
+		default:
+			errs = append(errs, c.errorf(at("capture"), field+".capture", "%q: use fleece or overlay", j.Capture))
 		}
 		if j.Schedule == "" {
 			errs = append(errs, c.errorf(at("schedule"), field+".schedule", "missing: a cron schedule like \"0 22 * * *\" or @daily"))

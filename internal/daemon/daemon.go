@@ -564,7 +564,13 @@ func (d *Daemon) backupVM(ctx context.Context, t schedule.Task) (*repo.Snapshot,
 	if mode == source.ModeApp {
 		mode = "" // app when the agent answers, crash with a warning otherwise
 	}
-	snap, err := backup.RunVM(ctx, r, vm, backup.VMOptions{Mode: mode, Source: "libvirt",
+	method := ""
+	for _, j := range cfg.Jobs {
+		if j.Name == t.Job {
+			method = j.Capture
+		}
+	}
+	snap, err := backup.RunVM(ctx, r, vm, backup.VMOptions{Mode: mode, Method: method, Source: "libvirt",
 		Options: backup.Options{Logger: d.log, ReadGate: throttle.ReadGate(lim, win), Tags: map[string]string{"job": t.Job}}})
 	if err != nil {
 		return nil, false, err

@@ -79,11 +79,29 @@ const (
 	ModeShutdown = "shutdown" // clean shutdown, offline copy, start again
 )
 
+// Capture methods of a live capture: how the point-in-time view is held
+// and read.
+const (
+	// MethodFleece (the default) is the hypervisor's backup job: QEMU keeps
+	// the view with copy-before-write into a scratch image and serves it
+	// over NBD, so every read goes through the guest's own QEMU.
+	MethodFleece = "fleece"
+	// MethodOverlay redirects the guest's writes into a new overlay image
+	// at the instant and reads the disk images below it, frozen, with a
+	// process of Kura's own; the overlay is merged back when the capture
+	// ends. The guest's QEMU serves no backup reads and copies nothing
+	// before writes; it pays a merge of what the guest wrote meanwhile.
+	MethodOverlay = "overlay"
+)
+
 // CaptureOptions say how to take a point-in-time view of a VM.
 type CaptureOptions struct {
 	// Mode is one of the Mode constants; "" means app when the guest agent
 	// answers, else crash.
 	Mode string
+	// Method is one of the Method constants; "" means MethodFleece.
+	// Drivers that support only one method refuse the other.
+	Method string
 	// Since names the checkpoint of the previous backup; the capture's
 	// disks then implement ChangeTracker relative to it when they can.
 	// "" (or Full) reads everything.

@@ -42,14 +42,18 @@ const endCallTimeout = 15 * time.Second
 // capture is a point-in-time view of a VM's disks: a pull-mode backup job
 // (live) or the disk files of a shut-down VM (offline).
 type capture struct {
-	vm   *VM
-	mode string
+	vm     *VM
+	mode   string
+	method string // source.MethodFleece or MethodOverlay (live captures)
 
 	dir        string // private directory: NBD socket and scratch files
 	disks      []source.Disk
 	notes      []source.DiskNote
 	checkpoint string // created with the backup job; "" if none
 	jobStarted bool
+	// overlays are the disks the overlay method put on overlays; End
+	// merges them back.
+	overlays []overlay
 	// iothreads: QEMU serves some of the VM's disks in an I/O thread, and
 	// so the backup's NBD exports too. QEMU 7.2 (Debian 12) then aborts,
 	// killing the VM, when an NBD client of the export disconnects
@@ -123,6 +127,11 @@ func (v *VM) Capture(ctx context.Context, opts source.CaptureOptions) (source.Ca
 		return nil, fmt.Errorf("VM %s: unknown capture mode %q: use %s, %s, %s or %s", v.dom.Name, opts.Mode,
 			source.ModeApp, source.ModeCrash, source.ModeSuspend, source.ModeShutdown)
 	}
+	switch opts.Method {
+	case "", source.MethodFleece, source.MethodOverlay:
+	default:
+		return nil, fmt.Errorf("VM %s: unknown capture method %q: use %s or %s", v.dom.Name, opts.Method, source.MethodFleece, source.MethodOverlay)
+	}
 	state, reason, err := v.stateReason(ctx)
 	if err != nil {
 		return nil, err
@@ -187,14 +196,26 @@ func (v *VM) freezer() guest.Freezer {
 
 // diskPlan is how one disk is read: incrementally from since, or in full.
 type diskPlan struct {
-	disk   diskDef
-	since  string // checkpoint to read changes from; "" reads in full
-	bitmap bool   // the new checkpoint gets a bitmap for this disk
-	reason string // why the disk is read in full
+	disk  diskDef
+	since string // checkpoint to read changes from; "" reads in full
+	// sinceBitmap is the bitmap of since for this disk, if the checkpoint
+	// names one other than since.
+	sinceBitmap string
+	bitmap      bool   // the new checkpoint gets a bitmap for this disk
+	reason      string // why the disk is read in full
 }
 
 func (v *VM) captureLive(ctx context.Context, def *domainDef, disks []diskDef, mode string, paused bool, opts source.CaptureOptions) (_ source.Capture, err error) {
-	c := &capture{vm: v, mode: mode, iothreads: def.usesIOThreads()}
+	c := &capture{vm: v, mode: mode, method: opts.Method, iothreads: def.usesIOThreads()}
+	if c.method == "" {
+		c.method = source.MethodFleece
+	}
+	overlaid := c.method == source.MethodOverlay
+	if overlaid {
+		if err := v.checkOverlayable(disks); err != nil {
+			return nil, err
+		}
+	}
 	defer func() {
 		if err != nil {
 			c.End(context.WithoutCancel(ctx), false)
@@ -227,8 +248,10 @@ func (v *VM) captureLive(ctx context.Context, def *domainDef, disks []diskDef, m
 	}()
 	// Creating the scratch images now, rather than letting libvirt create
 	// them when the job begins, halves the time the guest stays frozen.
-	if err := c.prepareScratch(ctx, disks, 1); err != nil {
-		return nil, err
+	if !overlaid {
+		if err := c.prepareScratch(ctx, disks, 1); err != nil {
+			return nil, err
+		}
 	}
 	// Waited for in any case: its QEMU transactions must not run inside
 	// the freeze.
@@ -243,6 +266,11 @@ func (v *VM) captureLive(ctx context.Context, def *domainDef, disks []diskDef, m
 	if err != nil {
 		return nil, err
 	}
+	if overlaid {
+		if err := c.prepareOverlays(ctx, plans); err != nil {
+			return nil, err
+		}
+	}
 	switch mode {
 	case source.ModeApp:
 		w := <-wdc
@@ -252,27 +280,40 @@ func (v *VM) captureLive(ctx context.Context, def *domainDef, disks []diskDef, m
 		if paused {
 			// Someone else paused it: the instant is consistent as it is,
 			// and it stays paused.
-			err = c.begin(ctx, def, plans)
+			err = c.instant(ctx, def, plans)
 			break
 		}
 		w := <-wdc
 		wdc = nil
 		err = c.paused(ctx, def, plans, w)
 	default:
-		err = c.begin(ctx, def, plans)
+		err = c.instant(ctx, def, plans)
 	}
 	if err != nil {
 		return nil, err
 	}
 	if guessed {
-		if err := v.checkGuess(ctx, disks, since, opts, newest, plans); err != nil {
+		if err := v.checkGuess(ctx, disks, since, opts, newest, plans, overlaid); err != nil {
 			return nil, err
 		}
 	}
-	if err := c.openExports(ctx, plans); err != nil {
+	if overlaid {
+		err = c.openOverlaid(ctx, plans)
+	} else {
+		err = c.openExports(ctx, plans)
+	}
+	if err != nil {
 		return nil, err
 	}
 	return c, nil
+}
+
+// instant takes the point-in-time view by the capture's method.
+func (c *capture) instant(ctx context.Context, def *domainDef, plans []*diskPlan) error {
+	if c.method == source.MethodOverlay {
+		return c.overlayInstant(ctx, def, plans)
+	}
+	return c.begin(ctx, def, plans)
 }
 
 // checkpointRead is a checkpoint's XML, with the sizes of its bitmaps.
@@ -314,7 +355,10 @@ func guessSince(opts source.CaptureOptions, newest checkpointRead) (string, bool
 // except that one the job tracks from a checkpoint other than Parent's is
 // read in full. An error from Parent fails the capture, which its End
 // undoes.
-func (v *VM) checkGuess(ctx context.Context, disks []diskDef, since string, opts source.CaptureOptions, newest checkpointRead, plans []*diskPlan) error {
+//
+// An overlay capture (overlaid) reads any checkpoint's bitmap from the
+// images below the overlays, so it simply reads as Parent says.
+func (v *VM) checkGuess(ctx context.Context, disks []diskDef, since string, opts source.CaptureOptions, newest checkpointRead, plans []*diskPlan, overlaid bool) error {
 	parent, err := opts.SinceCheckpoint(ctx)
 	if err != nil || parent == since {
 		return err
@@ -324,8 +368,8 @@ func (v *VM) checkGuess(ctx context.Context, disks []diskDef, since string, opts
 		return err
 	}
 	for i, p := range plans {
-		p.since, p.reason = want[i].since, want[i].reason
-		if p.since != "" {
+		p.since, p.sinceBitmap, p.reason = want[i].since, want[i].sinceBitmap, want[i].reason
+		if p.since != "" && !overlaid {
 			// Not the checkpoint the job started from: its bitmap is not
 			// the one exported.
 			p.since = ""
@@ -434,7 +478,7 @@ func (v *VM) plan(ctx context.Context, disks []diskDef, since string, full bool,
 			case cd.Size == nil:
 				p.reason = fmt.Sprintf("the bitmap of checkpoint %s is missing or broken (VM killed, or disk replaced?)", since)
 			default:
-				p.since = since
+				p.since, p.sinceBitmap = since, cd.Bitmap
 			}
 		}
 	}
@@ -470,6 +514,9 @@ var staleDirPattern = regexp.MustCompile(`^kura-(\d+)-[0-9a-f]+$`)
 // (its private directory names its pid), and refuses to run beside any
 // other backup job.
 func (v *VM) clearStaleJob(ctx context.Context) error {
+	if err := v.clearStaleOverlays(ctx); err != nil {
+		return err
+	}
 	x, err := rpc(ctx, v.c, func() (string, error) { return v.c.l.DomainBackupGetXMLDesc(v.dom, 0) })
 	if libvirtCode(err) == golibvirt.ErrNoDomainBackup {
 		return nil
@@ -684,7 +731,7 @@ func (c *capture) frozen(ctx context.Context, def *domainDef, plans []*diskPlan,
 		}
 		return fmt.Errorf("VM %s: freezing the guest's filesystems: %w; the guest was thawed and runs on, nothing was captured: retry, or use crash mode", v.dom.Name, ferr)
 	}
-	berr := c.begin(ctx, def, plans)
+	berr := c.instant(ctx, def, plans)
 	thawStart := time.Now()
 	_, terr := f.Thaw(context.WithoutCancel(ctx))
 	c.freeze = time.Since(start)
@@ -715,7 +762,7 @@ func (c *capture) paused(ctx context.Context, def *domainDef, plans []*diskPlan,
 		wd.Disarm(context.WithoutCancel(ctx))
 		return v.errorf(err, "pausing")
 	}
-	berr := c.begin(ctx, def, plans)
+	berr := c.instant(ctx, def, plans)
 	rerr := rpc0(context.WithoutCancel(ctx), v.c, func() error { return v.c.l.DomainResume(v.dom) })
 	c.mu.Lock()
 	c.pause = time.Since(start)
@@ -1072,6 +1119,16 @@ func (c *capture) End(ctx context.Context, ok bool) error {
 	}
 	gone := false
 	dropped := false
+	// Overlays are merged back before anything else; until they are, their
+	// files hold the guest's latest writes and the checkpoints stay.
+	merged := true
+	if len(c.overlays) > 0 {
+		var err error
+		if merged, err = c.mergeOverlays(ctx); err != nil {
+			errs = append(errs, err)
+		}
+		dropped = !merged
+	}
 	if ok && c.jobStarted && c.checkpoint != "" {
 		// Older checkpoints go while the job still runs: deleting one
 		// needs libvirt's job lock, which the job's teardown holds for a
@@ -1120,7 +1177,7 @@ func (c *capture) End(ctx context.Context, ok bool) error {
 			errs = append(errs, err)
 		}
 	}
-	if c.dir != "" {
+	if c.dir != "" && merged {
 		if err := os.RemoveAll(c.dir); err != nil {
 			errs = append(errs, fmt.Errorf("VM %s: removing the scratch directory: %w", v.dom.Name, err))
 		}
@@ -1327,7 +1384,9 @@ func (v *VM) ClearStale(ctx context.Context) error {
 }
 
 // SweepScratch removes scratch directories in dir left by Kura processes
-// that no longer run, and returns them.
+// that no longer run, and returns them. A directory holding an overlay
+// stays: a VM may still run on it, and clearing that VM (ClearStale, or
+// its next capture) merges it back and removes the directory.
 func SweepScratch(dir string) []string {
 	if dir == "" {
 		dir = "/var/tmp"
@@ -1340,8 +1399,8 @@ func SweepScratch(dir string) []string {
 			continue
 		}
 		pid, _ := strconv.Atoi(m[1])
-		if pid != os.Getpid() && syscall.Kill(pid, 0) == syscall.ESRCH {
-			p := filepath.Join(dir, e.Name())
+		p := filepath.Join(dir, e.Name())
+		if pid != os.Getpid() && syscall.Kill(pid, 0) == syscall.ESRCH && !holdsOverlay(p) {
 			if os.RemoveAll(p) == nil {
 				removed = append(removed, p)
 			}

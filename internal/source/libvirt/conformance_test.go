@@ -6,16 +6,23 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kura-backup/kura/internal/source"
 	"github.com/kura-backup/kura/internal/source/sourcetest"
 	"github.com/kura-backup/kura/internal/testvm"
 )
 
-// TestLibvirtConformance runs the source.VM conformance suite on one
-// libvirt guest. Besides its root disk the guest has three disks it does
+// TestLibvirtConformance runs the source.VM conformance suite on a
+// libvirt guest, once for each capture method. Besides its root disk the guest has three disks it does
 // not mount, which the suite writes through the guest with dd: vdb (qcow2),
 // vdc (a raw file with known data) and vdd (qcow2, left idle).
 func TestLibvirtConformance(t *testing.T) {
 	needLibvirt(t)
+	for _, method := range []string{source.MethodFleece, source.MethodOverlay} {
+		t.Run(method, func(t *testing.T) { conformance(t, method) })
+	}
+}
+
+func conformance(t *testing.T, method string) {
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
@@ -56,6 +63,7 @@ func TestLibvirtConformance(t *testing.T) {
 		},
 		Write:       sourcetest.GuestWriter(g),
 		ScratchDirs: []string{scratch},
+		Method:      method,
 	})
 	t.Logf("the conformance suite took %s in all", time.Since(start).Round(time.Second))
 }

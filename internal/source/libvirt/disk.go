@@ -2,11 +2,13 @@ package libvirt
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"sync"
 
 	"github.com/kura-backup/kura/internal/nbd"
+	"github.com/kura-backup/kura/internal/qsd"
 	"github.com/kura-backup/kura/internal/source"
 )
 
@@ -15,6 +17,9 @@ import (
 type exportDisk struct {
 	info   source.DiskInfo
 	client *nbd.Client
+	// daemon serves the export for the overlay method (nil: libvirt's
+	// backup job does); Close stops it.
+	daemon *qsd.Daemon
 	// explain adds what became of the VM to a failed read ("the VM is no
 	// longer running").
 	explain func(ctx context.Context, err error) error
@@ -111,7 +116,12 @@ func toExtents(status []nbd.Extent, zero func(uint32) bool) []source.Extent {
 
 // Close disconnects from the export; the capture's End ends the job.
 func (d *exportDisk) Close() error {
-	d.closeOnce.Do(func() { d.closeErr = d.client.Close() })
+	d.closeOnce.Do(func() {
+		d.closeErr = d.client.Close()
+		if d.daemon != nil {
+			d.closeErr = errors.Join(d.closeErr, d.daemon.Close())
+		}
+	})
 	return d.closeErr
 }
 

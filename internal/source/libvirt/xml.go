@@ -43,6 +43,16 @@ type diskDef struct {
 		Dev string `xml:"dev,attr"`
 	} `xml:"target"`
 	ReadOnly *struct{} `xml:"readonly"`
+	// Backing is the image below (live XML only).
+	Backing *struct {
+		Format struct {
+			Type string `xml:"type,attr"`
+		} `xml:"format"`
+		Source *struct {
+			File string `xml:"file,attr"`
+			Dev  string `xml:"dev,attr"`
+		} `xml:"source"`
+	} `xml:"backingStore"`
 }
 
 type channelDef struct {

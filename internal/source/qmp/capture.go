@@ -108,6 +108,9 @@ func (v *vm) Capture(ctx context.Context, opts source.CaptureOptions) (_ source.
 	default:
 		return nil, fmt.Errorf("capturing %s: unknown mode %q: use app, crash or suspend", v.name, opts.Mode)
 	}
+	if opts.Method != "" && opts.Method != source.MethodFleece {
+		return nil, fmt.Errorf("capturing %s: the qmp driver captures only with method %s, not %q: use the libvirt driver for %s", v.name, source.MethodFleece, opts.Method, source.MethodOverlay)
+	}
 	since, err := opts.SinceCheckpoint(ctx)
 	if err != nil {
 		return nil, err

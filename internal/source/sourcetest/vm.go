@@ -44,6 +44,8 @@ type Harness struct {
 	// ScratchDirs are where the driver keeps a capture's temporary files;
 	// after End they must hold no more than they did before Capture.
 	ScratchDirs []string
+	// Method is the capture method of every capture (CaptureOptions.Method).
+	Method string
 }
 
 // A Write asks the guest to write Pattern(Seed, N) at byte Off of the disk
@@ -233,6 +235,7 @@ func (s *vmSuite) capture(t *testing.T, ctx context.Context, opts source.Capture
 	t.Helper()
 	tk := &taken{seq: s.seq, truth: map[string][]byte{}, scratch: s.listScratch(t)}
 	start := time.Now()
+	opts.Method = s.h.Method
 	c, err := s.h.VM.Capture(ctx, opts)
 	if err != nil {
 		t.Fatalf("Capture(%+v): %v", opts, err)

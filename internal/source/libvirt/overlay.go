@@ -1,0 +1,452 @@
+package libvirt
+
+import (
+	"context"
+	"encoding/xml"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	golibvirt "github.com/digitalocean/go-libvirt"
+	"github.com/kura-backup/kura/internal/nbd"
+	"github.com/kura-backup/kura/internal/qsd"
+	"github.com/kura-backup/kura/internal/source"
+)
+
+// The overlay method (source.MethodOverlay): at the instant, one libvirt
+// call (an external disk-only snapshot, atomic across the disks) makes
+// QEMU write each disk's changes into a new qcow2 overlay in the capture's
+// private directory, so the image below stays as it was at the instant.
+// Kura reads those images with a qemu-storage-daemon of its own (at its
+// own CPU priority), changed blocks from the checkpoint bitmaps stored in
+// them, and merges each overlay back (an active block commit into the
+// image below, then a pivot) when the capture ends. The guest's QEMU then
+// serves none of the backup's reads and copies nothing before the guest's
+// writes: it only merges what the guest wrote during the backup.
+//
+// The new checkpoint is created just before the snapshot, so its bitmaps,
+// which libvirt carries into the overlays and back, cover every write
+// after the instant (and the few between the two calls, read again next
+// time). A Kura process that dies leaves the VM running on its overlay;
+// the next capture, or ClearStale, merges it back (clearStaleOverlays).
+
+// overlaySuffix ends the file name of every overlay Kura makes.
+const overlaySuffix = ".overlay"
+
+// mergeTimeout bounds the merge of one overlay back into its disk.
+const mergeTimeout = 10 * time.Minute
+
+func (c *capture) overlayPath(target string) string {
+	return filepath.Join(c.dir, target+overlaySuffix)
+}
+
+// checkOverlayable refuses disks an overlay cannot be put on.
+func (v *VM) checkOverlayable(disks []diskDef) error {
+	for _, d := range disks {
+		if d.path() == "" {
+			return fmt.Errorf("VM %s: disk %s is a %s disk: the overlay capture method needs local file or block disks; use --capture fleece", v.dom.Name, d.Target.Dev, d.Type)
+		}
+	}
+	return nil
+}
+
+// prepareOverlays makes the overlays before the instant (qemu-img create
+// takes ~40 ms a disk): qcow2 images of each disk's size backed by its
+// current image, owned by QEMU's user.
+func (c *capture) prepareOverlays(ctx context.Context, plans []*diskPlan) error {
+	v := c.vm
+	for _, p := range plans {
+		var capacity uint64
+		err := rpc0(ctx, v.c, func() (err error) {
+			_, capacity, _, err = v.c.l.DomainGetBlockInfo(v.dom, p.disk.Target.Dev, 0)
+			return err
+		})
+		if err != nil {
+			return v.errorf(err, "reading the size of disk %s", p.disk.Target.Dev)
+		}
+		path := c.overlayPath(p.disk.Target.Dev)
+		// -u: the backing image is open in the running VM; the size is given.
+		cmd := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-u", "-f", "qcow2",
+			"-o", "cluster_size=65536", "-F", p.disk.format(), "-b", p.disk.path(), path, strconv.FormatUint(capacity, 10))
+		if out, err := cmd.CombinedOutput(); err != nil {
+			if errors.Is(err, exec.ErrNotFound) {
+				return errors.New("qemu-img not found: install qemu-utils (apt-get install qemu-utils)")
+			}
+			return fmt.Errorf("VM %s: making the overlay of disk %s: %w: %s", v.dom.Name, p.disk.Target.Dev, err, strings.TrimSpace(string(out)))
+		}
+		if c.owner.ok && (c.owner.uid != os.Geteuid() || c.owner.gid != os.Getegid()) {
+			if err := os.Chown(path, c.owner.uid, c.owner.gid); err != nil {
+				return fmt.Errorf("VM %s: handing the overlay %s to QEMU's user: %w", v.dom.Name, path, err)
+			}
+		}
+	}
+	return nil
+}
+
+// snapshotDef is libvirt's domainsnapshot XML for an external disk-only
+// snapshot.
+type snapshotDef struct {
+	XMLName xml.Name       `xml:"domainsnapshot"`
+	Disks   []snapshotDisk `xml:"disks>disk"`
+}
+
+type snapshotDisk struct {
+	Name     string `xml:"name,attr"`
+	Snapshot string `xml:"snapshot,attr"` // external or no
+	Type     string `xml:"type,attr,omitempty"`
+	Driver   *struct {
+		Type string `xml:"type,attr"`
+	} `xml:"driver"`
+	Source *struct {
+		File string `xml:"file,attr"`
+	} `xml:"source"`
+}
+
+// overlayInstant is the instant of an overlay capture: the new
+// checkpoint, then the snapshot that puts every selected disk on its
+// overlay.
+func (c *capture) overlayInstant(ctx context.Context, def *domainDef, plans []*diskPlan) error {
+	v := c.vm
+	began := time.Now()
+	defer func() { c.beginTime += time.Since(began) }()
+	selected := map[string]bool{}
+	for _, p := range plans {
+		selected[p.disk.Target.Dev] = true
+	}
+	cpDisks := map[string]bool{}
+	name := ""
+	var all []diskDef
+	for _, d := range def.Devices.Disks {
+		if d.Target.Dev != "" {
+			all = append(all, d)
+		}
+	}
+	for _, p := range plans {
+		if p.bitmap {
+			cpDisks[p.disk.Target.Dev] = true
+			name = newCheckpointName()
+		}
+	}
+	if name != "" {
+		x := checkpointXML(name, all, cpDisks)
+		if err := rpc0(ctx, v.c, func() error {
+			_, err := v.c.l.DomainCheckpointCreateXML(v.dom, x, 0)
+			return err
+		}); err != nil {
+			return v.errorf(err, "creating checkpoint %s", name)
+		}
+	}
+	snap := snapshotDef{}
+	for _, d := range all {
+		sd := snapshotDisk{Name: d.Target.Dev, Snapshot: "no"}
+		if selected[d.Target.Dev] {
+			sd.Snapshot, sd.Type = "external", "file"
+			sd.Driver = &struct {
+				Type string `xml:"type,attr"`
+			}{"qcow2"}
+			sd.Source = &struct {
+				File string `xml:"file,attr"`
+			}{c.overlayPath(d.Target.Dev)}
+		}
+		snap.Disks = append(snap.Disks, sd)
+	}
+	b, err := xml.Marshal(snap)
+	if err != nil {
+		return fmt.Errorf("VM %s: encoding the snapshot XML: %w", v.dom.Name, err)
+	}
+	flags := uint32(golibvirt.DomainSnapshotCreateDiskOnly | golibvirt.DomainSnapshotCreateNoMetadata |
+		golibvirt.DomainSnapshotCreateAtomic | golibvirt.DomainSnapshotCreateReuseExt)
+	err = rpc0(ctx, v.c, func() error {
+		_, err := v.c.l.DomainSnapshotCreateXML(v.dom, string(b), flags)
+		return err
+	})
+	// Even after an error (a call that timed out may have taken effect),
+	// End looks for every disk on its overlay, and then deletes the
+	// checkpoint of a failed capture.
+	c.checkpoint = name
+	for _, p := range plans {
+		c.overlays = append(c.overlays, overlay{target: p.disk.Target.Dev, base: p.disk.path(), format: p.disk.format(), path: c.overlayPath(p.disk.Target.Dev)})
+	}
+	if err != nil {
+		return v.errorf(err, "putting the disks on overlays (external snapshot)")
+	}
+	return nil
+}
+
+// overlay is a disk put on an overlay by a capture.
+type overlay struct {
+	target       string
+	base, format string // the image below and its format
+	path         string
+}
+
+// openOverlaid starts a qemu-storage-daemon on each disk's image below its
+// overlay and connects to it; disks with a plan's since are read
+// incrementally from that checkpoint's bitmap in the image.
+func (c *capture) openOverlaid(ctx context.Context, plans []*diskPlan) error {
+	v := c.vm
+	for _, p := range plans {
+		target := p.disk.Target.Dev
+		opts := qsd.Options{Path: p.disk.path(), Format: p.disk.format(), ExportName: target}
+		bitmap := ""
+		if p.since != "" {
+			bitmap = p.since
+			if p.sinceBitmap != "" {
+				bitmap = p.sinceBitmap
+			}
+			opts.Bitmaps = []string{bitmap}
+		}
+		daemon, err := qsd.Start(ctx, opts)
+		if err != nil && p.since != "" {
+			p.since, p.reason = "", fmt.Sprintf("the bitmap of checkpoint %s could not be read: %v", bitmap, err)
+			opts.Bitmaps = nil
+			daemon, err = qsd.Start(ctx, opts)
+		}
+		if err != nil {
+			return fmt.Errorf("VM %s: reading disk %s below its overlay: %w", v.dom.Name, target, err)
+		}
+		metas := []string{nbd.MetaBaseAllocation}
+		if p.since != "" {
+			metas = append(metas, nbd.MetaDirtyBitmapPrefix+bitmap)
+		}
+		client, err := nbd.Dial(ctx, "unix", daemon.Socket(), nbd.Options{ExportName: daemon.ExportName(), MetaContexts: metas})
+		if err != nil {
+			daemon.Close()
+			return fmt.Errorf("VM %s: connecting to the reader of disk %s: %w", v.dom.Name, target, err)
+		}
+		d := &exportDisk{
+			info:    source.DiskInfo{Name: target, Size: client.Size(), Format: p.disk.format(), Path: p.disk.path()},
+			client:  client,
+			daemon:  daemon,
+			explain: func(_ context.Context, err error) error { return err },
+		}
+		if p.since != "" {
+			c.disks = append(c.disks, &trackedDisk{exportDisk: d, bitmap: nbd.MetaDirtyBitmapPrefix + bitmap})
+			c.notes = append(c.notes, source.DiskNote{Disk: target, Read: readChanged, Reason: "changes since checkpoint " + p.since})
+			continue
+		}
+		c.disks = append(c.disks, d)
+		c.notes = append(c.notes, source.DiskNote{Disk: target, Read: readFull, Reason: p.reason})
+	}
+	return nil
+}
+
+// mergeOverlays merges every overlay of the capture back into its disk.
+// It reports whether all are merged (their files may go).
+func (c *capture) mergeOverlays(ctx context.Context) (bool, error) {
+	v := c.vm
+	var errs []error
+	merged := true
+	for _, o := range c.overlays {
+		if err := v.mergeOverlay(ctx, o, c.endCall); err != nil {
+			merged = false
+			errs = append(errs, err)
+		}
+	}
+	return merged, errors.Join(errs...)
+}
+
+// mergeOverlay merges one overlay back into the image below it: an active
+// commit of the overlay alone (shallow: never deeper into the backing
+// chain), then a pivot onto that image. A commit already running (one a
+// dead Kura started) is waited for; a disk no longer on the overlay needs
+// nothing. If the VM is shut off, its definition still names the overlay:
+// the overlay is committed offline and the definition pointed at the
+// image again (mergeOffline). A VM that no longer exists took its overlay
+// with it.
+func (v *VM) mergeOverlay(ctx context.Context, o overlay, call func(context.Context, func() error) error) error {
+	ctx, cancel := context.WithTimeout(ctx, mergeTimeout)
+	defer cancel()
+	shutOff := func() bool {
+		st, err := v.state(ctx)
+		return err == nil && st == golibvirt.DomainShutoff
+	}
+	var x string
+	err := call(ctx, func() (err error) { x, err = v.c.l.DomainGetXMLDesc(v.dom, 0); return err })
+	switch {
+	case golibvirt.IsNotFound(err):
+		return nil
+	case err != nil:
+		return v.overlayErr(o, err, "reading the domain XML")
+	case shutOff():
+		return v.mergeOffline(ctx, o)
+	}
+	def, err := parseDomain(x)
+	if err != nil {
+		return v.overlayErr(o, err, "reading the domain XML")
+	}
+	on := false
+	for _, d := range def.Devices.Disks {
+		on = on || (d.Target.Dev == o.target && d.path() == o.path)
+	}
+	if !on {
+		return nil
+	}
+	found, _, err := v.blockJob(ctx, o.target, call)
+	if err != nil {
+		return v.overlayErr(o, err, "reading the block jobs of disk %s", o.target)
+	}
+	if !found {
+		err := call(ctx, func() error {
+			return v.c.l.DomainBlockCommit(v.dom, o.target, nil, nil, 0, golibvirt.DomainBlockCommitShallow|golibvirt.DomainBlockCommitActive)
+		})
+		if err != nil {
+			if shutOff() {
+				return v.mergeOffline(ctx, o)
+			}
+			return v.overlayErr(o, err, "merging the overlay of disk %s back", o.target)
+		}
+	}
+	for {
+		err := call(ctx, func() error { return v.c.l.DomainBlockJobAbort(v.dom, o.target, golibvirt.DomainBlockJobAbortPivot) })
+		if err == nil {
+			return nil
+		}
+		// Not ready yet: the commit still copies (the guest writes on).
+		if libvirtCode(err) != golibvirt.ErrBlockCopyActive && !strings.Contains(err.Error(), "not ready") {
+			if shutOff() {
+				return v.mergeOffline(ctx, o)
+			}
+			return v.overlayErr(o, err, "switching disk %s back from its overlay", o.target)
+		}
+		select {
+		case <-ctx.Done():
+			return v.overlayErr(o, ctx.Err(), "merging the overlay of disk %s back", o.target)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// blockJob reports whether disk target has a block job, and its type.
+func (v *VM) blockJob(ctx context.Context, target string, call func(context.Context, func() error) error) (bool, int32, error) {
+	var found, typ int32
+	err := call(ctx, func() (err error) {
+		found, typ, _, _, _, err = v.c.l.DomainGetBlockJobInfo(v.dom, target, 0)
+		return err
+	})
+	return found != 0, typ, err
+}
+
+// overlayErr says what failed while merging overlay o, and what to do.
+func (v *VM) overlayErr(o overlay, err error, format string, a ...any) error {
+	return fmt.Errorf("%w; disk %s still runs on Kura's overlay %s: merge it with `virsh blockcommit %s %s --active --shallow --pivot`, then delete the file", v.errorf(err, format, a...), o.target, o.path, v.dom.Name, o.target)
+}
+
+// mergeOffline merges the overlay of a VM that was shut off while it ran
+// on it: qemu-img commits the overlay into the image below, and the VM's
+// definition names that image again.
+func (v *VM) mergeOffline(ctx context.Context, o overlay) error {
+	x, err := rpc(ctx, v.c, func() (string, error) {
+		return v.c.l.DomainGetXMLDesc(v.dom, golibvirt.DomainXMLSecure|golibvirt.DomainXMLInactive)
+	})
+	if err != nil {
+		return v.overlayErr(o, err, "reading the definition")
+	}
+	if !strings.Contains(x, o.path) {
+		return nil // the definition does not use it (a transient VM, or fixed by hand)
+	}
+	if out, err := exec.CommandContext(ctx, "qemu-img", "commit", "-q", "-f", "qcow2", o.path).CombinedOutput(); err != nil {
+		return v.overlayErr(o, fmt.Errorf("%w: %s", err, strings.TrimSpace(string(out))), "committing the overlay of shut-off disk %s", o.target)
+	}
+	fixed, err := pointDiskAt(x, o)
+	if err != nil {
+		return v.overlayErr(o, err, "pointing disk %s back at %s", o.target, o.base)
+	}
+	if err := rpc0(ctx, v.c, func() error { _, err := v.c.l.DomainDefineXML(fixed); return err }); err != nil {
+		return v.overlayErr(o, err, "redefining the VM with disk %s on %s", o.target, o.base)
+	}
+	return nil
+}
+
+// clearStaleOverlays merges back the overlays a Kura process that died
+// left the VM running on, and removes that process's directory. An
+// overlay of a live Kura process is another backup running: an error.
+func (v *VM) clearStaleOverlays(ctx context.Context) error {
+	x, err := rpc(ctx, v.c, func() (string, error) { return v.c.l.DomainGetXMLDesc(v.dom, 0) })
+	if err != nil {
+		return nil // the capture will say what is wrong
+	}
+	def, err := parseDomain(x)
+	if err != nil {
+		return fmt.Errorf("VM %s: %w", v.dom.Name, err)
+	}
+	call := func(ctx context.Context, f func() error) error { return rpc0(ctx, v.c, f) }
+	dirs := map[string]bool{}
+	var errs []error
+	for _, d := range def.Devices.Disks {
+		p := d.path()
+		dir := filepath.Dir(p)
+		m := staleDirPattern.FindStringSubmatch(filepath.Base(dir))
+		if m == nil || !strings.HasSuffix(p, overlaySuffix) {
+			continue
+		}
+		pid, _ := strconv.Atoi(m[1])
+		if pid == os.Getpid() || syscall.Kill(pid, 0) != syscall.ESRCH {
+			return fmt.Errorf("VM %s runs on the overlay %s of a Kura process (pid %d): another backup is running; wait for it", v.dom.Name, p, pid)
+		}
+		o := overlay{target: d.Target.Dev, path: p}
+		if b := d.Backing; b != nil && b.Source != nil {
+			o.base, o.format = b.Source.File+b.Source.Dev, b.Format.Type
+		}
+		if err := v.mergeOverlay(ctx, o, call); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		dirs[dir] = true
+	}
+	if len(errs) > 0 {
+		return errors.Join(errs...)
+	}
+	for dir := range dirs {
+		os.RemoveAll(dir)
+	}
+	return nil
+}
+
+// holdsOverlay reports whether dir holds an overlay file: a VM may still
+// run on it, so it must not be swept.
+func holdsOverlay(dir string) bool {
+	m, _ := filepath.Glob(filepath.Join(dir, "*"+overlaySuffix))
+	return len(m) > 0
+}
+
+var (
+	diskElem    = regexp.MustCompile(`(?s)<disk\b.*?</disk>`)
+	backingElem = regexp.MustCompile(`(?s)<backingStore\b(/>|.*</backingStore>)`)
+	driverType  = regexp.MustCompile(`(<driver\b[^>]*\btype=)(['"])qcow2(['"])`)
+)
+
+// pointDiskAt rewrites a domain definition whose disk o.target names the
+// overlay o.path to name the image below it (o.base, format o.format)
+// again, without a backing chain (libvirt finds it again).
+func pointDiskAt(domXML string, o overlay) (string, error) {
+	if o.base == "" || o.format == "" {
+		return "", fmt.Errorf("the image below overlay %s is not known", o.path)
+	}
+	var esc strings.Builder
+	xml.EscapeText(&esc, []byte(o.path))
+	found := false
+	out := diskElem.ReplaceAllStringFunc(domXML, func(d string) string {
+		if found || !strings.Contains(d, "'"+esc.String()+"'") && !strings.Contains(d, `"`+esc.String()+`"`) {
+			return d
+		}
+		found = true
+		var base strings.Builder
+		xml.EscapeText(&base, []byte(o.base))
+		d = strings.ReplaceAll(d, "'"+esc.String()+"'", "'"+base.String()+"'")
+		d = strings.ReplaceAll(d, `"`+esc.String()+`"`, `"`+base.String()+`"`)
+		d = backingElem.ReplaceAllString(d, "")
+		return driverType.ReplaceAllString(d, "${1}${2}"+o.format+"${3}")
+	})
+	if !found {
+		return "", fmt.Errorf("no disk of the definition names %s", o.path)
+	}
+	return out, nil
+}
