@@ -26,6 +26,8 @@
 #   BENCH_SCHED_GUESTS            test guests [3]
 #   BENCH_SCHED_STRATEGIES        phases, in order [all-at-once sequential scheduler]
 #                                 (also scheduler-pdN: the scheduler with per_datastore N)
+#                                 (each optionally with -overlay: kura captures with `--capture overlay`,
+#                                 the job with `capture: overlay`; and then -nice: kura at nice 19)
 #   BENCH_SCHED_DATA_MIB          random files on each guest's data disk, MiB [256]
 #   BENCH_SCHED_FIO_MIB           fio's file on the data disk, MiB [64]
 #   BENCH_SCHED_DATA_GIB          virtual size of the data disk [2]
@@ -57,6 +59,7 @@
 #   BENCH_SCHED_OUT               output directory [$KURA_CACHE/bench/sched-results/<timestamp>]
 #   BENCH_SCHED_MAX_READS         latency.max_reads: backup reads in flight on the datastore, fixed (or the read window's cap) [0: none]
 #   BENCH_SCHED_OFF_RATE          the off-datastore strategy's --limit-read, e.g. 10MiB [none]
+#   BENCH_SCHED_SCRATCH           datastore: kura's scratch directory (copy-before-write images, overlays) on the datastore [/var/tmp]
 #   BENCH_SCHED_KURA_FLAGS        extra global kura flags, e.g. -v
 #   BENCH_WORK                    where the scratch directory (guest disks, repositories) is made;
 #                                 must be on a block device (not tmpfs) [/var/tmp]

@@ -83,6 +83,7 @@ type config struct {
 	OffRate                       string  // --limit-read of the off-datastore strategy ("": none)
 	ReadWindow                    bool    // latency.read_window
 	MaxReads                      int     // latency.max_reads
+	ScratchOnDatastore            bool    // kura's scratch directory (CBW images, overlays) on the datastore
 	IntervalS                     float64
 	Seed                          int64
 	Keep                          bool
@@ -126,28 +127,29 @@ func loadConfig() config {
 		fatalf("%v", err)
 	}
 	c := config{
-		Out:            os.Getenv("BENCH_SCHED_OUT"),
-		Work:           envStr("BENCH_WORK", "/var/tmp"),
-		Kura:           os.Getenv("BENCH_KURA_BIN"),
-		KuraFlags:      strings.Fields(os.Getenv("BENCH_SCHED_KURA_FLAGS")),
-		Guests:         envInt("BENCH_SCHED_GUESTS", 3),
-		MinRate:        envStr("BENCH_SCHED_MIN_RATE", "2MiB"),
-		OffRate:        os.Getenv("BENCH_SCHED_OFF_RATE"),
-		Increase:       envStr("BENCH_SCHED_INCREASE", "4MiB"),
-		ReadWindow:     os.Getenv("BENCH_SCHED_READ_WINDOW") == "1",
-		MaxReads:       envInt("BENCH_SCHED_MAX_READS", 0),
-		Strategies:     strings.Fields(envStr("BENCH_SCHED_STRATEGIES", "all-at-once sequential scheduler")),
-		DataMiB:        envInt("BENCH_SCHED_DATA_MIB", 256),
-		FioMiB:         envInt("BENCH_SCHED_FIO_MIB", 64),
-		DataGiB:        envInt("BENCH_SCHED_DATA_GIB", 2),
-		ReadIOPS:       envInt("BENCH_SCHED_FIO_READ_IOPS", 40),
-		WriteIOPS:      envInt("BENCH_SCHED_FIO_WRITE_IOPS", 40),
-		LimitReadMiBs:  envInt("BENCH_SCHED_LIMIT_READ_MIBS", 32),
-		LimitWriteMiBs: envInt("BENCH_SCHED_LIMIT_WRITE_MIBS", 32),
-		LimitReadIOPS:  envInt("BENCH_SCHED_LIMIT_READ_IOPS", 0),
-		LimitWriteIOPS: envInt("BENCH_SCHED_LIMIT_WRITE_IOPS", 0),
-		LimitScope:     envStr("BENCH_SCHED_LIMIT_SCOPE", "shared"),
-		Datastore:      envStr("BENCH_SCHED_DATASTORE", "blkio"),
+		Out:                os.Getenv("BENCH_SCHED_OUT"),
+		Work:               envStr("BENCH_WORK", "/var/tmp"),
+		Kura:               os.Getenv("BENCH_KURA_BIN"),
+		KuraFlags:          strings.Fields(os.Getenv("BENCH_SCHED_KURA_FLAGS")),
+		Guests:             envInt("BENCH_SCHED_GUESTS", 3),
+		MinRate:            envStr("BENCH_SCHED_MIN_RATE", "2MiB"),
+		OffRate:            os.Getenv("BENCH_SCHED_OFF_RATE"),
+		Increase:           envStr("BENCH_SCHED_INCREASE", "4MiB"),
+		ReadWindow:         os.Getenv("BENCH_SCHED_READ_WINDOW") == "1",
+		MaxReads:           envInt("BENCH_SCHED_MAX_READS", 0),
+		ScratchOnDatastore: os.Getenv("BENCH_SCHED_SCRATCH") == "datastore",
+		Strategies:         strings.Fields(envStr("BENCH_SCHED_STRATEGIES", "all-at-once sequential scheduler")),
+		DataMiB:            envInt("BENCH_SCHED_DATA_MIB", 256),
+		FioMiB:             envInt("BENCH_SCHED_FIO_MIB", 64),
+		DataGiB:            envInt("BENCH_SCHED_DATA_GIB", 2),
+		ReadIOPS:           envInt("BENCH_SCHED_FIO_READ_IOPS", 40),
+		WriteIOPS:          envInt("BENCH_SCHED_FIO_WRITE_IOPS", 40),
+		LimitReadMiBs:      envInt("BENCH_SCHED_LIMIT_READ_MIBS", 32),
+		LimitWriteMiBs:     envInt("BENCH_SCHED_LIMIT_WRITE_MIBS", 32),
+		LimitReadIOPS:      envInt("BENCH_SCHED_LIMIT_READ_IOPS", 0),
+		LimitWriteIOPS:     envInt("BENCH_SCHED_LIMIT_WRITE_IOPS", 0),
+		LimitScope:         envStr("BENCH_SCHED_LIMIT_SCOPE", "shared"),
+		Datastore:          envStr("BENCH_SCHED_DATASTORE", "blkio"),
 		Model: slowfs.Model{
 			Channels: envInt("BENCH_SCHED_MODEL_CHANNELS", 4),
 			MiBs:     envFloat("BENCH_SCHED_MODEL_MIBS", 40),

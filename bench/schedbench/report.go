@@ -46,6 +46,7 @@ type Phase struct {
 	Strategy string `json:"strategy"`
 	Kind     string `json:"kind"`
 	Nice     bool   `json:"nice,omitempty"` // kura ran at nice 19
+	Capture  string `json:"capture"`        // kura's capture method: fleece or overlay
 	// FioStart..FioEnd is the plotted span; IdleFrom..IdleTo the idle
 	// lead-in; Start..End the backups (from the first start to the moment
 	// every VM was protected).

@@ -28,10 +28,12 @@ import (
 // datastore, so that the guests feel only the backups' use of the host's
 // CPU) or on-datastore (the same with copies on the model's mount: the
 // backups' reads go through the datastore but not through the guests'
-// QEMU). Any of them with the suffix -nice runs kura at nice 19. It
-// returns the kind and, for the scheduler, per_datastore.
+// QEMU). Any of them with the suffix -nice runs kura at nice 19; with
+// -overlay (before -nice, if both) kura captures the VMs with the overlay
+// method instead of QEMU's backup job. It returns the kind and, for the
+// scheduler, per_datastore.
 func parseStrategy(s string, c config) (kind string, perDatastore int, err error) {
-	s = strings.TrimSuffix(s, "-nice")
+	s = strings.TrimSuffix(strings.TrimSuffix(s, "-nice"), "-overlay")
 	switch {
 	case s == "all-at-once" || s == "sequential" || s == "off-datastore" || s == "on-datastore":
 		return s, 0, nil
@@ -44,7 +46,7 @@ func parseStrategy(s string, c config) (kind string, perDatastore int, err error
 		}
 		return "scheduler", n, nil
 	}
-	return "", 0, fmt.Errorf("unknown strategy %q (use all-at-once, sequential, scheduler, scheduler-pdN, off-datastore, on-datastore, each optionally with -nice)", s)
+	return "", 0, fmt.Errorf("unknown strategy %q (use all-at-once, sequential, scheduler, scheduler-pdN, off-datastore, on-datastore, each optionally with -overlay and -nice)", s)
 }
 
 // runPhase measures one strategy: a fresh repository, fio in every guest,
@@ -52,7 +54,10 @@ func parseStrategy(s string, c config) (kind string, perDatastore int, err error
 // is stopped and its samples are cut into the two windows.
 func (b *bench) runPhase(ctx context.Context, strategy string) error {
 	kind, perDS, _ := parseStrategy(strategy, b.cfg)
-	ph := &Phase{Strategy: strategy, Kind: kind, Nice: strings.HasSuffix(strategy, "-nice")}
+	ph := &Phase{Strategy: strategy, Kind: kind, Nice: strings.HasSuffix(strategy, "-nice"), Capture: "fleece"}
+	if strings.HasSuffix(strings.TrimSuffix(strategy, "-nice"), "-overlay") {
+		ph.Capture = "overlay"
+	}
 	b.nice = ph.Nice
 	defer func() { b.nice = false }()
 	b.res.Phases = append(b.res.Phases, ph)
@@ -144,14 +149,14 @@ func (b *bench) runPhase(ctx context.Context, strategy string) error {
 	var err error
 	switch kind {
 	case "all-at-once":
-		args := []string{"-r", repoDir, "backup", "vm", "--parallel", strconv.Itoa(len(b.guests))}
+		args := []string{"-r", repoDir, "backup", "vm", "--capture", ph.Capture, "--scratch-dir", b.scratchDir(), "--parallel", strconv.Itoa(len(b.guests))}
 		for _, vg := range b.guests {
 			args = append(args, vg.name)
 		}
 		_, err = b.kura(ctx, strategy, args...)
 	case "sequential":
 		for _, vg := range b.guests {
-			if _, err = b.kura(ctx, strategy+"-"+vg.name, "-r", repoDir, "backup", "vm", vg.name); err != nil {
+			if _, err = b.kura(ctx, strategy+"-"+vg.name, "-r", repoDir, "backup", "vm", "--capture", ph.Capture, "--scratch-dir", b.scratchDir(), vg.name); err != nil {
 				break
 			}
 		}
@@ -274,6 +279,19 @@ func settle(ctx context.Context, d time.Duration) error {
 
 // kura runs the kura binary (password from the bench's file), its output
 // in logs/NAME.log; a non-zero exit is an error with the end of it.
+// scratchDir is kura's scratch directory: /var/tmp, off the datastore,
+// or with BENCH_SCHED_SCRATCH=datastore a directory on it (the fleece
+// method's copy-before-write images and the overlay method's overlays,
+// which take the guests' writes during a backup, then share its budget).
+func (b *bench) scratchDir() string {
+	if !b.cfg.ScratchOnDatastore {
+		return "/var/tmp"
+	}
+	dir := filepath.Join(b.disks, "scratch")
+	os.MkdirAll(dir, 0o755)
+	return dir
+}
+
 func (b *bench) kura(ctx context.Context, name string, args ...string) (string, error) {
 	full := append(append([]string{"--password-file", b.pwFile}, b.cfg.KuraFlags...), args...)
 	logf("%s: kura %s", name, strings.Join(args, " "))
@@ -367,6 +385,7 @@ repositories:
     password_file: %s
 libvirt:
   connect: qemu:///system
+  scratch_dir: %s
 limits:
   per_host: %d
   per_datastore: %d
@@ -382,15 +401,16 @@ jobs:
   - name: bench
     repository: bench
     vms: ["kura-sched-%d-g*"]
+    capture: %s
     schedule: "0 3 * * *"
     retry: {attempts: 1}
 server:
   listen: %s
   state_dir: %s
   log_format: text
-`, strategy, repoDir, b.pwFile, ph.PerHost, ph.PerDatastore, max(ph.PerHost, ph.PerDatastore),
+`, strategy, repoDir, b.pwFile, b.scratchDir(), ph.PerHost, ph.PerDatastore, max(ph.PerHost, ph.PerDatastore),
 		time.Duration(ph.ThresholdMS*float64(time.Millisecond)).Round(10*time.Microsecond),
-		time.Duration(b.cfg.IntervalS*float64(time.Second)), b.cfg.MinRate, b.cfg.Increase, b.cfg.ReadWindow, b.cfg.MaxReads, os.Getpid(), listen, filepath.Join(dir, "state"))
+		time.Duration(b.cfg.IntervalS*float64(time.Second)), b.cfg.MinRate, b.cfg.Increase, b.cfg.ReadWindow, b.cfg.MaxReads, os.Getpid(), ph.Capture, listen, filepath.Join(dir, "state"))
 	s := &server{b: b, cfgPath: filepath.Join(dir, "kura.yaml"), listen: listen, done: make(chan struct{}),
 		logRel: filepath.Join("logs", "server-"+strategy+".log")}
 	s.logPath = filepath.Join(b.cfg.Out, s.logRel)

@@ -36,7 +36,7 @@ func checkMode(m string) error {
 }
 
 func (a *app) vmBackupCmd() *cobra.Command {
-	var connect, mode, method, limitRead string
+	var connect, mode, method, scratch, limitRead string
 	var all, full, requireApp bool
 	var parallel, workers int
 	var freezeTimeout time.Duration
@@ -59,7 +59,7 @@ func (a *app) vmBackupCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			conn, err := libvirt.ConnectWithOptions(ctx, connect, libvirt.Options{Agent: guest.Timeouts{Freeze: freezeTimeout}})
+			conn, err := libvirt.ConnectWithOptions(ctx, connect, libvirt.Options{Agent: guest.Timeouts{Freeze: freezeTimeout}, ScratchDir: scratch})
 			if err != nil {
 				return err
 			}
@@ -83,6 +83,7 @@ func (a *app) vmBackupCmd() *cobra.Command {
 	f.StringVarP(&connect, "connect", "c", "qemu:///system", "libvirt `URI` or socket path")
 	f.StringVar(&mode, "mode", "", "consistency: app (default when the guest agent answers), crash, suspend or shutdown")
 	f.StringVar(&method, "capture", source.MethodFleece, "capture method: fleece (QEMU's backup job serves the reads) or overlay (the guest writes to an overlay, kura reads the disk images itself, the overlay is merged back)")
+	f.StringVar(&scratch, "scratch-dir", "/var/tmp", "`DIR` for the capture's temporary images (fleece: copy-before-write data; overlay: the guest's writes during the backup)")
 	f.BoolVar(&all, "all", false, "every running and defined domain")
 	f.BoolVar(&requireApp, "require-app", false, "fail, without touching the VM, when the guest agent does not answer (default: fall back to crash-consistent with a warning)")
 	f.BoolVar(&full, "full", false, "read every disk in full once, ignoring changed-block tracking")

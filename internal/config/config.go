@@ -52,6 +52,10 @@ type Repository struct {
 // Libvirt says how to reach libvirtd.
 type Libvirt struct {
 	Connect string `yaml:"connect"` // default qemu:///system
+	// ScratchDir receives each capture's temporary files: the fleece
+	// method's copy-before-write images, the overlay method's overlays
+	// (the guests' writes during a backup). Default /var/tmp.
+	ScratchDir string `yaml:"scratch_dir"`
 }
 
 // Limits bound how many backups run at once and how fast they read.

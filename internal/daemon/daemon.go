@@ -159,13 +159,13 @@ func (d *Daemon) Run(ctx context.Context) error {
 	} else if n > 0 {
 		d.log.Warn("runs of the previous daemon were interrupted", "runs", n)
 	}
-	conn, err := libvirt.Connect(ctx, cfg.Libvirt.Connect)
+	conn, err := libvirt.ConnectWithOptions(ctx, cfg.Libvirt.Connect, libvirt.Options{ScratchDir: cfg.Libvirt.ScratchDir})
 	if err != nil {
 		return err
 	}
 	defer conn.Close()
 	d.conn = conn
-	for _, p := range libvirt.SweepScratch("") {
+	for _, p := range libvirt.SweepScratch(cfg.Libvirt.ScratchDir) {
 		d.log.Info("removed a scratch directory of a dead kura process", "dir", p)
 	}
 	jobs, err := d.resolve(ctx, cfg)
