@@ -48,6 +48,9 @@ func (a *app) vmBackupCmd() *cobra.Command {
 			if err := checkMode(mode); err != nil {
 				return err
 			}
+			if method != source.MethodFleece && method != source.MethodOverlay {
+				return fmt.Errorf("--capture %q: use %s or %s", method, source.MethodFleece, source.MethodOverlay)
+			}
 			if len(args) == 0 && !all {
 				return errors.New("name the VMs to back up, or pass --all")
 			}

@@ -48,11 +48,18 @@ func dataGuest(ctx context.Context, t *testing.T, dir string, n, seed int) *test
 	return g
 }
 
-// A real libvirt guest (TCG) backed up live through the CLI: an
-// app-consistent full backup, an incremental one that reads only what the
-// guest changed, and a restore of the data disk that fscks clean.
+// A real libvirt guest (TCG) backed up live through the CLI, with each
+// capture method: an app-consistent full backup, an incremental one that
+// reads only what the guest changed, and a restore of the data disk that
+// fscks clean.
 func TestLiveVMBackup(t *testing.T) {
 	needVM(t, "fsck.ext4", "debugfs")
+	for _, method := range []string{"fleece", "overlay"} {
+		t.Run(method, func(t *testing.T) { liveVMBackup(t, method) })
+	}
+}
+
+func liveVMBackup(t *testing.T, method string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	if err := testvm.EnsureLibvirtd(ctx); err != nil {
@@ -60,10 +67,18 @@ func TestLiveVMBackup(t *testing.T) {
 	}
 	dir := t.TempDir()
 	g := dataGuest(ctx, t, dir, 20, 1)
+	disks := func() string {
+		out, err := exec.Command("virsh", "-c", "qemu:///system", "domblklist", g.Name).CombinedOutput()
+		if err != nil {
+			t.Fatalf("virsh domblklist: %v\n%s", err, out)
+		}
+		return string(out)
+	}
+	before := disks()
 
 	e := newEnv(t)
 	e.ok("init")
-	out := e.ok("backup", "vm", g.Name)
+	out := e.ok("backup", "vm", "--capture", method, g.Name)
 	if !strings.Contains(out, "mode app") || !strings.Contains(out, "guest frozen") {
 		t.Fatalf("first backup is not app-consistent:\n%s", out)
 	}
@@ -71,7 +86,10 @@ func TestLiveVMBackup(t *testing.T) {
 	if out, code, err := g.Exec(ctx, "/usr/local/bin/kura-workload", "write", "/data/more", "8", "2"); err != nil || code != 0 {
 		t.Fatalf("workload: %v %d %s", err, code, out)
 	}
-	e.ok("backup", "vm", g.Name)
+	e.ok("backup", "vm", "--capture", method, g.Name)
+	if after := disks(); after != before {
+		t.Fatalf("the guest's disks after the backups:\n%s\nwant, as before them:\n%s", after, before)
+	}
 	var ss []struct {
 		ID     string `json:"id"`
 		Kind   string `json:"kind"`
@@ -137,6 +155,7 @@ func TestVMBackupBadInput(t *testing.T) {
 	e.ok("init")
 	e.fails("--all", "backup", "vm")
 	e.fails("--mode", "backup", "vm", "web01", "--mode", "bogus")
+	e.fails("--capture", "backup", "vm", "web01", "--capture", "snapshot")
 	e.fails("--freeze-timeout", "backup", "vm", "web01", "--freeze-timeout", "soon")
 	e.fails("--socket", "backup", "qmp", "--name", "vm7")
 	e.fails("no-such.qmp", "backup", "qmp", "--socket", filepath.Join(e.dir, "no-such.qmp"), "--name", "vm7")

@@ -49,6 +49,9 @@ func TestParseGood(t *testing.T) {
 		j.Window.Duration.Duration != 8*time.Hour || j.Retention.Policy().Daily != 7 || j.Retry.Attempts != 3 || j.Retry.Backoff.Duration != time.Minute {
 		t.Errorf("job 0: %+v", j)
 	}
+	if j.Capture != "fleece" {
+		t.Errorf("job 0's capture method %q, want the default fleece", j.Capture)
+	}
 	if c.Jobs[1].Mode != "crash" || c.Jobs[1].Tags[0] != "database" {
 		t.Errorf("job 1: %+v", c.Jobs[1])
 	}
@@ -63,6 +66,18 @@ func TestParseGood(t *testing.T) {
 	}
 	if c.Server.Listen != "127.0.0.1:9470" || c.Server.Catalog != "/var/lib/kura/catalog.db" || c.Server.LogFormat != "json" || c.Libvirt.Connect != "qemu:///system" {
 		t.Errorf("server %+v libvirt %+v", c.Server, c.Libvirt)
+	}
+}
+
+// The overlay capture method and a scratch directory are read.
+func TestCaptureAndScratch(t *testing.T) {
+	cfg := strings.Replace(good, "mode: crash", "mode: crash\n    capture: overlay", 1) + "libvirt:\n  scratch_dir: /srv/scratch\n"
+	c, err := Parse("kura.yaml", []byte(cfg))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Jobs[1].Capture != "overlay" || c.Libvirt.ScratchDir != "/srv/scratch" {
+		t.Errorf("capture %q, scratch_dir %q", c.Jobs[1].Capture, c.Libvirt.ScratchDir)
 	}
 }
 
@@ -90,6 +105,7 @@ func TestParseErrors(t *testing.T) {
     tags|    repository: backup
     tags`, `kura.yaml:20: jobs[1] (hourly-db).repository: "backup" is not one of the repositories configured`},
 		{"bad mode", `mode: crash|mode: snapshot`, `kura.yaml:22: jobs[1] (hourly-db).mode: "snapshot": use app, crash, suspend or shutdown`},
+		{"bad capture", "mode: crash|mode: crash\n    capture: snapshot", `kura.yaml:23: jobs[1] (hourly-db).capture: "snapshot": use fleece or overlay`},
 		{"bad duration", `rpo: 1d|rpo: one day`, `line 17: "one day" is not a duration`},
 		{"bad window", `start: "22:00"|start: "10pm"`, `kura.yaml:16: jobs[0] (nightly).window.start: "10pm": use HH:MM`},
 		{"bad bandwidth", `bandwidth: 200MiB|bandwidth: fast`, `kura.yaml:8: limits.bandwidth: "fast" is not a rate`},

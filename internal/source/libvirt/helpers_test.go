@@ -36,6 +36,9 @@ func TestMain(m *testing.M) {
 // waits to be killed.
 const childEnv = "KURA_LIBVIRT_TEST_CHILD"
 
+// childMethodEnv is the capture method of that Kura.
+const childMethodEnv = "KURA_LIBVIRT_TEST_METHOD"
+
 func captureChild(name string) int {
 	ctx := context.Background()
 	conn, err := Connect(ctx, DefaultURI)
@@ -48,7 +51,7 @@ func captureChild(name string) int {
 		fmt.Println("error:", err)
 		return 1
 	}
-	c, err := vm.Capture(ctx, source.CaptureOptions{Mode: source.ModeCrash})
+	c, err := vm.Capture(ctx, source.CaptureOptions{Mode: source.ModeCrash, Method: os.Getenv(childMethodEnv)})
 	if err != nil {
 		fmt.Println("error:", err)
 		return 1

@@ -1,0 +1,162 @@
+package libvirt
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kura-backup/kura/internal/source"
+	"github.com/kura-backup/kura/internal/testvm"
+)
+
+// TestOverlayRecovery: a VM left running on the overlays of a Kura that
+// was killed, and a VM shut off while it ran on a capture's overlays, both
+// get their writes merged back into their disks, without losing any.
+func TestOverlayRecovery(t *testing.T) {
+	needLibvirt(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	g, err := testvm.StartLibvirt(ctx, testvm.Options{Dir: dir, Disks: []testvm.DiskSpec{{FS: "ext4", Mount: "/data"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { g.Destroy(context.Background()) })
+	if _, err := g.WaitAgent(ctx); err != nil {
+		t.Fatal(err)
+	}
+	conn, err := Connect(ctx, DefaultURI)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	sv, err := conn.VM(ctx, g.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vm := sv.(*VM)
+	sources := func(flags string) string {
+		return run(t, "virsh", "-c", DefaultURI, "domblklist", g.Name, flags)
+	}
+	before := sources("--details")
+	if strings.Contains(before, overlaySuffix) {
+		t.Fatalf("the guest starts on an overlay:\n%s", before)
+	}
+	// write makes the guest write a file of random data and returns its
+	// checksum; check reads it back past the guest's page cache.
+	write := func(name string) string {
+		return strings.TrimSpace(guestSh(t, ctx, g, fmt.Sprintf("head -c 3M /dev/urandom > /data/%s && sync && sha256sum < /data/%s", name, name)))
+	}
+	check := func(name, want string) {
+		t.Helper()
+		got := strings.TrimSpace(guestSh(t, ctx, g, fmt.Sprintf("echo 3 > /proc/sys/vm/drop_caches; sha256sum < /data/%s", name)))
+		if got != want {
+			t.Errorf("/data/%s reads %s, want %s", name, got, want)
+		}
+	}
+
+	var childCheckpoint string
+	t.Run("overlays of a killed kura are merged back", func(t *testing.T) {
+		cmd := exec.Command(os.Args[0], "-test.run=^$")
+		cmd.Env = append(os.Environ(), childEnv+"="+g.Name, childMethodEnv+"="+source.MethodOverlay)
+		out, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		line, _ := bufio.NewReader(out).ReadString('\n')
+		cmd.Process.Kill()
+		cmd.Wait()
+		if !strings.HasPrefix(line, "captured ") {
+			t.Fatalf("child: %q", line)
+		}
+		childCheckpoint = strings.TrimSpace(strings.TrimPrefix(line, "captured "))
+		if on := sources("--details"); !strings.Contains(on, overlaySuffix) {
+			t.Fatalf("the killed kura left no overlay:\n%s", on)
+		}
+		sum := write("during")
+		if swept := SweepScratch(""); len(swept) > 0 {
+			for _, s := range swept {
+				if strings.Contains(s, fmt.Sprintf("kura-%d-", cmd.Process.Pid)) {
+					t.Fatalf("SweepScratch removed %s, whose overlays the VM runs on", s)
+				}
+			}
+		}
+		if err := vm.ClearStale(ctx); err != nil {
+			t.Fatalf("ClearStale: %v", err)
+		}
+		if after := sources("--details"); after != before {
+			t.Errorf("disks after ClearStale:\n%s\nwant\n%s", after, before)
+		}
+		if m, _ := filepath.Glob(fmt.Sprintf("/var/tmp/kura-%d-*", cmd.Process.Pid)); len(m) != 0 {
+			t.Errorf("the dead run's scratch directory is still there: %v", m)
+		}
+		check("during", sum)
+	})
+
+	t.Run("changes since the dead run's checkpoint survive the merge", func(t *testing.T) {
+		if childCheckpoint == "" {
+			t.Skip("no checkpoint")
+		}
+		c, err := vm.Capture(ctx, source.CaptureOptions{Mode: source.ModeCrash, Method: source.MethodOverlay, Since: childCheckpoint})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n := noteFor(c, "vdb"); n.Read != readChanged {
+			t.Errorf("vdb read %s (%s), want changed blocks since %s", n.Read, n.Reason, childCheckpoint)
+		}
+		d := diskByName(t, c, "vdb")
+		exts, err := d.(source.ChangeTracker).Changed(ctx, 0, d.Info().Size)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var changed int64
+		for _, e := range exts {
+			if !e.Zero {
+				changed += e.Length
+			}
+		}
+		if changed < 3<<20 {
+			t.Errorf("%d bytes changed since %s; the guest wrote 3 MiB after it", changed, childCheckpoint)
+		}
+		endCapture(t, ctx, c, true)
+	})
+
+	t.Run("a VM shut off on its overlays", func(t *testing.T) {
+		c, err := vm.Capture(ctx, source.CaptureOptions{Mode: source.ModeCrash, Method: source.MethodOverlay})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sum := write("poweroff")
+		run(t, "virsh", "-c", DefaultURI, "destroy", g.Name)
+		if err := c.End(ctx, true); err != nil {
+			t.Fatalf("End: %v", err)
+		}
+		if after := sources("--inactive"); strings.Contains(after, overlaySuffix) {
+			t.Fatalf("the definition still names an overlay:\n%s", after)
+		}
+		if x := run(t, "virsh", "-c", DefaultURI, "dumpxml", "--inactive", g.Name); strings.Contains(x, overlaySuffix) {
+			t.Fatalf("the definition still names an overlay:\n%s", x)
+		}
+		if _, err := os.Stat(c.(*capture).dir); !os.IsNotExist(err) {
+			t.Errorf("the scratch directory is still there: %v", err)
+		}
+		run(t, "virsh", "-c", DefaultURI, "start", g.Name)
+		if _, err := g.WaitAgent(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if on := sources("--details"); on != before {
+			t.Errorf("disks after the restart:\n%s\nwant\n%s", on, before)
+		}
+		guestSh(t, ctx, g, "mountpoint -q /data || mount /dev/vdb /data")
+		check("poweroff", sum)
+	})
+}
