@@ -54,6 +54,7 @@ type capture struct {
 	// overlays are the disks the overlay method put on overlays; End
 	// merges them back.
 	overlays []overlay
+	lock     *os.File // held while an overlay capture runs (overlayLock)
 	// iothreads: QEMU serves some of the VM's disks in an I/O thread, and
 	// so the backup's NBD exports too. QEMU 7.2 (Debian 12) then aborts,
 	// killing the VM, when an NBD client of the export disconnects
@@ -226,6 +227,11 @@ func (v *VM) captureLive(ctx context.Context, def *domainDef, disks []diskDef, m
 	}
 	if c.dir, err = v.privateDir(def); err != nil {
 		return nil, err
+	}
+	if overlaid {
+		if err := c.lockDir(); err != nil {
+			return nil, err
+		}
 	}
 	c.owner.uid, c.owner.gid, c.owner.ok = def.qemuOwner()
 	ahead := v.readNewestCheckpoint(ctx)
@@ -1181,6 +1187,9 @@ func (c *capture) End(ctx context.Context, ok bool) error {
 		if err := os.RemoveAll(c.dir); err != nil {
 			errs = append(errs, fmt.Errorf("VM %s: removing the scratch directory: %w", v.dom.Name, err))
 		}
+	}
+	if c.lock != nil {
+		c.lock.Close()
 	}
 	if c.conn0 != nil {
 		v.c.Close()

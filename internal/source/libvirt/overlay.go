@@ -40,6 +40,12 @@ import (
 // overlaySuffix ends the file name of every overlay Kura makes.
 const overlaySuffix = ".overlay"
 
+// overlayLock is a file in the directory of an overlay capture that the
+// capture holds an flock on while it runs: a directory whose lock can be
+// taken belongs to no running capture (its Kura died, or its End could
+// not merge), and its overlays are merged back by the next capture.
+const overlayLock = "capture.lock"
+
 // mergeTimeout bounds the merge of one overlay back into its disk.
 const mergeTimeout = 10 * time.Minute
 
@@ -54,6 +60,20 @@ func (v *VM) checkOverlayable(disks []diskDef) error {
 			return fmt.Errorf("VM %s: disk %s is a %s disk: the overlay capture method needs local file or block disks; use --capture fleece", v.dom.Name, d.Target.Dev, d.Type)
 		}
 	}
+	return nil
+}
+
+// lockDir takes the capture's lock on its directory (overlayLock).
+func (c *capture) lockDir() error {
+	f, err := os.OpenFile(filepath.Join(c.dir, overlayLock), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return fmt.Errorf("VM %s: %w", c.vm.dom.Name, err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		return fmt.Errorf("VM %s: locking %s: %w", c.vm.dom.Name, f.Name(), err)
+	}
+	c.lock = f
 	return nil
 }
 
@@ -261,8 +281,12 @@ func (c *capture) mergeOverlays(ctx context.Context) (bool, error) {
 // the overlay is committed offline and the definition pointed at the
 // image again (mergeOffline). A VM that no longer exists took its overlay
 // with it.
+//
+// The merge is not cut short by ctx's end (a Ctrl-C, the caller's
+// deadline): until it is done the guest's latest writes are only in the
+// overlay. mergeTimeout bounds it.
 func (v *VM) mergeOverlay(ctx context.Context, o overlay, call func(context.Context, func() error) error) error {
-	ctx, cancel := context.WithTimeout(ctx, mergeTimeout)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), mergeTimeout)
 	defer cancel()
 	shutOff := func() bool {
 		st, err := v.state(ctx)
@@ -365,9 +389,10 @@ func (v *VM) mergeOffline(ctx context.Context, o overlay) error {
 	return nil
 }
 
-// clearStaleOverlays merges back the overlays a Kura process that died
-// left the VM running on, and removes that process's directory. An
-// overlay of a live Kura process is another backup running: an error.
+// clearStaleOverlays merges back the overlays that no running capture
+// holds (their Kura died, or their End could not merge them) and removes
+// their directories. An overlay of a running capture is another backup
+// running: an error.
 func (v *VM) clearStaleOverlays(ctx context.Context) error {
 	x, err := rpc(ctx, v.c, func() (string, error) { return v.c.l.DomainGetXMLDesc(v.dom, 0) })
 	if err != nil {
@@ -378,18 +403,23 @@ func (v *VM) clearStaleOverlays(ctx context.Context) error {
 		return fmt.Errorf("VM %s: %w", v.dom.Name, err)
 	}
 	call := func(ctx context.Context, f func() error) error { return rpc0(ctx, v.c, f) }
-	dirs := map[string]bool{}
+	dirs := map[string]bool{} // locked by this call
 	var errs []error
 	for _, d := range def.Devices.Disks {
 		p := d.path()
 		dir := filepath.Dir(p)
-		m := staleDirPattern.FindStringSubmatch(filepath.Base(dir))
-		if m == nil || !strings.HasSuffix(p, overlaySuffix) {
+		if !staleDirPattern.MatchString(filepath.Base(dir)) || !strings.HasSuffix(p, overlaySuffix) {
 			continue
 		}
-		pid, _ := strconv.Atoi(m[1])
-		if pid == os.Getpid() || syscall.Kill(pid, 0) != syscall.ESRCH {
-			return fmt.Errorf("VM %s runs on the overlay %s of a Kura process (pid %d): another backup is running; wait for it", v.dom.Name, p, pid)
+		if _, locked := dirs[dir]; !locked {
+			if f, err := os.Open(filepath.Join(dir, overlayLock)); err == nil {
+				err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+				defer f.Close() // holds the lock until the directory is gone
+				if err != nil {
+					return fmt.Errorf("VM %s runs on the overlay %s of a Kura backup that is still running: another backup is running; wait for it", v.dom.Name, p)
+				}
+			}
+			dirs[dir] = true
 		}
 		o := overlay{target: d.Target.Dev, path: p}
 		if b := d.Backing; b != nil && b.Source != nil {
@@ -397,9 +427,7 @@ func (v *VM) clearStaleOverlays(ctx context.Context) error {
 		}
 		if err := v.mergeOverlay(ctx, o, call); err != nil {
 			errs = append(errs, err)
-			continue
 		}
-		dirs[dir] = true
 	}
 	if len(errs) > 0 {
 		return errors.Join(errs...)
