@@ -84,6 +84,7 @@ type config struct {
 	ReadWindow                    bool    // latency.read_window
 	MaxReads                      int     // latency.max_reads
 	ScratchOnDatastore            bool    // kura's scratch directory (CBW images, overlays) on the datastore
+	ReadSize                      string  // latency.read_size ("": whole chunks)
 	IntervalS                     float64
 	Seed                          int64
 	Keep                          bool
@@ -138,6 +139,7 @@ func loadConfig() config {
 		ReadWindow:         os.Getenv("BENCH_SCHED_READ_WINDOW") == "1",
 		MaxReads:           envInt("BENCH_SCHED_MAX_READS", 0),
 		ScratchOnDatastore: os.Getenv("BENCH_SCHED_SCRATCH") == "datastore",
+		ReadSize:           os.Getenv("BENCH_SCHED_READ_SIZE"),
 		Strategies:         strings.Fields(envStr("BENCH_SCHED_STRATEGIES", "all-at-once sequential scheduler")),
 		DataMiB:            envInt("BENCH_SCHED_DATA_MIB", 256),
 		FioMiB:             envInt("BENCH_SCHED_FIO_MIB", 64),

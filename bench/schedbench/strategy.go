@@ -279,6 +279,14 @@ func settle(ctx context.Context, d time.Duration) error {
 
 // kura runs the kura binary (password from the bench's file), its output
 // in logs/NAME.log; a non-zero exit is an error with the end of it.
+// readSizeLine is the latency.read_size line of the server's config.
+func readSizeLine(size string) string {
+	if size == "" {
+		return ""
+	}
+	return "  read_size: " + size + "\n"
+}
+
 // scratchDir is kura's scratch directory: /var/tmp, off the datastore,
 // or with BENCH_SCHED_SCRATCH=datastore a directory on it (the fleece
 // method's copy-before-write images and the overlay method's overlays,
@@ -397,7 +405,7 @@ latency:
   increase: %s
   read_window: %t
   max_reads: %d
-jobs:
+%sjobs:
   - name: bench
     repository: bench
     vms: ["kura-sched-%d-g*"]
@@ -410,7 +418,7 @@ server:
   log_format: text
 `, strategy, repoDir, b.pwFile, b.scratchDir(), ph.PerHost, ph.PerDatastore, max(ph.PerHost, ph.PerDatastore),
 		time.Duration(ph.ThresholdMS*float64(time.Millisecond)).Round(10*time.Microsecond),
-		time.Duration(b.cfg.IntervalS*float64(time.Second)), b.cfg.MinRate, b.cfg.Increase, b.cfg.ReadWindow, b.cfg.MaxReads, os.Getpid(), ph.Capture, listen, filepath.Join(dir, "state"))
+		time.Duration(b.cfg.IntervalS*float64(time.Second)), b.cfg.MinRate, b.cfg.Increase, b.cfg.ReadWindow, b.cfg.MaxReads, readSizeLine(b.cfg.ReadSize), os.Getpid(), ph.Capture, listen, filepath.Join(dir, "state"))
 	s := &server{b: b, cfgPath: filepath.Join(dir, "kura.yaml"), listen: listen, done: make(chan struct{}),
 		logRel: filepath.Join("logs", "server-"+strategy+".log")}
 	s.logPath = filepath.Join(b.cfg.Out, s.logRel)

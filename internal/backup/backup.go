@@ -41,6 +41,11 @@ type Options struct {
 	// read ends, ok if it succeeded. The daemon's latency control paces
 	// backups and limits their reads in flight with it.
 	ReadGate func(ctx context.Context, n int) (done func(ok bool), err error)
+	// ReadSize, when positive, splits every read from a disk into reads
+	// of at most this many bytes, each through ReadGate: on a busy
+	// datastore a guest's I/O that queues behind a backup read waits for
+	// less. 0 reads whole chunks (or the changed parts of them).
+	ReadSize int
 	// Stats to merge into the snapshot (freeze window, pause time).
 	Stats repo.BackupStats
 	// Parent is the previous restore point of this VM. Disks that implement
@@ -321,7 +326,7 @@ func backupDisk(ctx context.Context, r *repo.Repo, d source.Disk, p *diskPlan, o
 				if covered(j.ranges) != size {
 					clear(b) // holes inside the chunk read as zeros
 				}
-				for _, e := range j.ranges {
+				for _, e := range splitRanges(j.ranges, int64(opts.ReadSize)) {
 					done := func(bool) {}
 					if opts.ReadGate != nil {
 						var err error
@@ -434,4 +439,19 @@ func covered(rs []source.Extent) int64 {
 		n += r.Length
 	}
 	return n
+}
+
+// splitRanges cuts ranges into pieces of at most size bytes (size <= 0:
+// as they are).
+func splitRanges(ranges []source.Extent, size int64) []source.Extent {
+	if size <= 0 {
+		return ranges
+	}
+	var out []source.Extent
+	for _, e := range ranges {
+		for off := e.Offset; off < e.Offset+e.Length; off += size {
+			out = append(out, source.Extent{Offset: off, Length: min(size, e.Offset+e.Length-off)})
+		}
+	}
+	return out
 }

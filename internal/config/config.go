@@ -93,8 +93,13 @@ type Latency struct {
 	// window never grows past it; with read_window off, a fixed window of
 	// this many reads); 0: no cap. Each read is one chunk.
 	MaxReads int `yaml:"max_reads"`
+	// ReadSize splits backup reads into requests of at most this size
+	// ("64KiB"; a multiple of 4 KiB), each counted by max_reads: a guest
+	// I/O queued behind one on the datastore then waits less. Default:
+	// whole chunks (256 KiB).
+	ReadSize string `yaml:"read_size"`
 
-	MinRateBytes, IncreaseBytes int64 `yaml:"-"`
+	MinRateBytes, IncreaseBytes, ReadSizeBytes int64 `yaml:"-"`
 }
 
 // Job is one scheduled backup.
@@ -490,6 +495,13 @@ func (c *Config) validate() error {
 			errs = append(errs, c.errorf(c.lines["latency"], r.field, "%v", err))
 		}
 		*r.n = n
+	}
+	if c.Latency.ReadSize != "" {
+		n, err := ParseRate(c.Latency.ReadSize)
+		if err != nil || n < 4<<10 || n%(4<<10) != 0 {
+			errs = append(errs, c.errorf(c.lines["latency"], "latency.read_size", "%q: use a multiple of 4 KiB, like 64KiB", c.Latency.ReadSize))
+		}
+		c.Latency.ReadSizeBytes = n
 	}
 	if c.Server.LogFormat != "text" && c.Server.LogFormat != "json" {
 		errs = append(errs, c.errorf(c.lines["server"], "server.log_format", "%q: use text or json", c.Server.LogFormat))

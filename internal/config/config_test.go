@@ -69,14 +69,15 @@ func TestParseGood(t *testing.T) {
 	}
 }
 
-// The overlay capture method and a scratch directory are read.
+// The overlay capture method, a scratch directory and a read size are read.
 func TestCaptureAndScratch(t *testing.T) {
 	cfg := strings.Replace(good, "mode: crash", "mode: crash\n    capture: overlay", 1) + "libvirt:\n  scratch_dir: /srv/scratch\n"
+	cfg = strings.Replace(cfg, "min_rate: 2MiB}", "min_rate: 2MiB, read_size: 64KiB}", 1)
 	c, err := Parse("kura.yaml", []byte(cfg))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.Jobs[1].Capture != "overlay" || c.Libvirt.ScratchDir != "/srv/scratch" {
+	if c.Jobs[1].Capture != "overlay" || c.Libvirt.ScratchDir != "/srv/scratch" || c.Latency.ReadSizeBytes != 64<<10 {
 		t.Errorf("capture %q, scratch_dir %q", c.Jobs[1].Capture, c.Libvirt.ScratchDir)
 	}
 }
@@ -109,6 +110,7 @@ func TestParseErrors(t *testing.T) {
 		{"bad duration", `rpo: 1d|rpo: one day`, `line 17: "one day" is not a duration`},
 		{"bad window", `start: "22:00"|start: "10pm"`, `kura.yaml:16: jobs[0] (nightly).window.start: "10pm": use HH:MM`},
 		{"bad bandwidth", `bandwidth: 200MiB|bandwidth: fast`, `kura.yaml:8: limits.bandwidth: "fast" is not a rate`},
+		{"bad read_size", `min_rate: 2MiB}|min_rate: 2MiB, read_size: 5000}`, `kura.yaml:9: latency.read_size: "5000": use a multiple of 4 KiB`},
 		{"negative max_reads", `min_rate: 2MiB}|min_rate: 2MiB, max_reads: -1}`, `kura.yaml:9: latency.max_reads: -1: use a positive number`},
 		{"nice too low", `bandwidth: 200MiB|nice: -21`, `kura.yaml:8: limits.nice: -21: use a CPU priority from -20 to 19`},
 		{"nice too high", `bandwidth: 200MiB|nice: 20`, `kura.yaml:8: limits.nice: 20: use a CPU priority`},

@@ -571,7 +571,7 @@ func (d *Daemon) backupVM(ctx context.Context, t schedule.Task) (*repo.Snapshot,
 		}
 	}
 	snap, err := backup.RunVM(ctx, r, vm, backup.VMOptions{Mode: mode, Method: method, Source: "libvirt",
-		Options: backup.Options{Logger: d.log, ReadGate: throttle.ReadGate(lim, win), Tags: map[string]string{"job": t.Job}}})
+		Options: backup.Options{Logger: d.log, ReadGate: throttle.ReadGate(lim, win), ReadSize: int(cfg.Latency.ReadSizeBytes), Tags: map[string]string{"job": t.Job}}})
 	if err != nil {
 		return nil, false, err
 	}

@@ -119,4 +119,3 @@ func TestSweepScratchKeepsOverlays(t *testing.T) {
 		t.Errorf("%s, which holds an overlay, was removed", held)
 	}
 }
-
