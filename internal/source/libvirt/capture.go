@@ -276,6 +276,9 @@ func (v *VM) captureLive(ctx context.Context, def *domainDef, disks []diskDef, m
 		if err := c.prepareOverlays(ctx, plans); err != nil {
 			return nil, err
 		}
+		if err := c.overlayCheckpoint(ctx, def, plans); err != nil {
+			return nil, err
+		}
 	}
 	switch mode {
 	case source.ModeApp:
@@ -1134,6 +1137,12 @@ func (c *capture) End(ctx context.Context, ok bool) error {
 			errs = append(errs, err)
 		}
 		dropped = !merged
+		// A VM that was shut off (its overlays merged offline) or is gone
+		// has no checkpoint libvirt lets Kura delete now; the next good
+		// backup drops the older ones.
+		if st, err := v.state(ctx); errors.Is(err, source.ErrNotFound) || (err == nil && st == golibvirt.DomainShutoff) {
+			gone = true
+		}
 	}
 	if ok && c.jobStarted && c.checkpoint != "" {
 		// Older checkpoints go while the job still runs: deleting one

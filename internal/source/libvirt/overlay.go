@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -132,9 +133,39 @@ type snapshotDisk struct {
 	} `xml:"source"`
 }
 
-// overlayInstant is the instant of an overlay capture: the new
-// checkpoint, then the snapshot that puts every selected disk on its
-// overlay.
+// overlayCheckpoint creates the new checkpoint of an overlay capture,
+// before the instant (and outside any freeze): its bitmaps then cover
+// every write after the instant, and the few before it, which the next
+// backup reads again. End deletes it if the capture fails.
+func (c *capture) overlayCheckpoint(ctx context.Context, def *domainDef, plans []*diskPlan) error {
+	v := c.vm
+	cpDisks := map[string]bool{}
+	for _, p := range plans {
+		cpDisks[p.disk.Target.Dev] = p.bitmap
+	}
+	if !slices.ContainsFunc(plans, func(p *diskPlan) bool { return p.bitmap }) {
+		return nil
+	}
+	var all []diskDef
+	for _, d := range def.Devices.Disks {
+		if d.Target.Dev != "" {
+			all = append(all, d)
+		}
+	}
+	name := newCheckpointName()
+	x := checkpointXML(name, all, cpDisks)
+	if err := rpc0(ctx, v.c, func() error {
+		_, err := v.c.l.DomainCheckpointCreateXML(v.dom, x, 0)
+		return err
+	}); err != nil {
+		return v.errorf(err, "creating checkpoint %s", name)
+	}
+	c.checkpoint = name
+	return nil
+}
+
+// overlayInstant is the instant of an overlay capture: one snapshot puts
+// every selected disk on its overlay.
 func (c *capture) overlayInstant(ctx context.Context, def *domainDef, plans []*diskPlan) error {
 	v := c.vm
 	began := time.Now()
@@ -143,31 +174,11 @@ func (c *capture) overlayInstant(ctx context.Context, def *domainDef, plans []*d
 	for _, p := range plans {
 		selected[p.disk.Target.Dev] = true
 	}
-	cpDisks := map[string]bool{}
-	name := ""
-	var all []diskDef
-	for _, d := range def.Devices.Disks {
-		if d.Target.Dev != "" {
-			all = append(all, d)
-		}
-	}
-	for _, p := range plans {
-		if p.bitmap {
-			cpDisks[p.disk.Target.Dev] = true
-			name = newCheckpointName()
-		}
-	}
-	if name != "" {
-		x := checkpointXML(name, all, cpDisks)
-		if err := rpc0(ctx, v.c, func() error {
-			_, err := v.c.l.DomainCheckpointCreateXML(v.dom, x, 0)
-			return err
-		}); err != nil {
-			return v.errorf(err, "creating checkpoint %s", name)
-		}
-	}
 	snap := snapshotDef{}
-	for _, d := range all {
+	for _, d := range def.Devices.Disks {
+		if d.Target.Dev == "" {
+			continue
+		}
 		sd := snapshotDisk{Name: d.Target.Dev, Snapshot: "no"}
 		if selected[d.Target.Dev] {
 			sd.Snapshot, sd.Type = "external", "file"
@@ -191,9 +202,7 @@ func (c *capture) overlayInstant(ctx context.Context, def *domainDef, plans []*d
 		return err
 	})
 	// Even after an error (a call that timed out may have taken effect),
-	// End looks for every disk on its overlay, and then deletes the
-	// checkpoint of a failed capture.
-	c.checkpoint = name
+	// End looks for every disk on its overlay.
 	for _, p := range plans {
 		c.overlays = append(c.overlays, overlay{target: p.disk.Target.Dev, base: p.disk.path(), format: p.disk.format(), path: c.overlayPath(p.disk.Target.Dev)})
 	}

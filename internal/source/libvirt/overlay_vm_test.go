@@ -158,5 +158,30 @@ func TestOverlayRecovery(t *testing.T) {
 		}
 		guestSh(t, ctx, g, "mountpoint -q /data || mount /dev/vdb /data")
 		check("poweroff", sum)
+		// The offline merge wrote the guest's writes into the disk image
+		// while its bitmaps were enabled: the checkpoint of that capture
+		// must cover them, or the next incremental backup would miss them.
+		c2, err := vm.Capture(ctx, source.CaptureOptions{Mode: source.ModeCrash, Method: source.MethodOverlay, Since: c.Checkpoint()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer endCapture(t, ctx, c2, true)
+		if n := noteFor(c2, "vdb"); n.Read != readChanged {
+			t.Fatalf("vdb read %s (%s), want changed blocks since %s", n.Read, n.Reason, c.Checkpoint())
+		}
+		d := diskByName(t, c2, "vdb")
+		exts, err := d.(source.ChangeTracker).Changed(ctx, 0, d.Info().Size)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var changed int64
+		for _, e := range exts {
+			if !e.Zero {
+				changed += e.Length
+			}
+		}
+		if changed < 3<<20 {
+			t.Errorf("%d bytes changed since %s; the guest wrote 3 MiB on the overlay that was merged offline", changed, c.Checkpoint())
+		}
 	})
 }
