@@ -61,6 +61,7 @@
 #   BENCH_SCHED_OFF_RATE          the off-datastore strategy's --limit-read, e.g. 10MiB [none]
 #   BENCH_SCHED_SCRATCH           datastore: kura's scratch directory (copy-before-write images, overlays) on the datastore [/var/tmp]
 #   BENCH_SCHED_READ_SIZE         latency.read_size: backup reads split into requests of this size, e.g. 32KiB [whole chunks]
+#   BENCH_SCHED_BANDWIDTH         limits.bandwidth: each backup's read rate in the scheduler phases, e.g. 8.5MiB [none]
 #   BENCH_SCHED_KURA_FLAGS        extra global kura flags, e.g. -v
 #   BENCH_WORK                    where the scratch directory (guest disks, repositories) is made;
 #                                 must be on a block device (not tmpfs) [/var/tmp]

@@ -85,6 +85,7 @@ type config struct {
 	MaxReads                      int     // latency.max_reads
 	ScratchOnDatastore            bool    // kura's scratch directory (CBW images, overlays) on the datastore
 	ReadSize                      string  // latency.read_size ("": whole chunks)
+	Bandwidth                     string  // limits.bandwidth, each backup's read rate ("": none)
 	IntervalS                     float64
 	Seed                          int64
 	Keep                          bool
@@ -140,6 +141,7 @@ func loadConfig() config {
 		MaxReads:           envInt("BENCH_SCHED_MAX_READS", 0),
 		ScratchOnDatastore: os.Getenv("BENCH_SCHED_SCRATCH") == "datastore",
 		ReadSize:           os.Getenv("BENCH_SCHED_READ_SIZE"),
+		Bandwidth:          os.Getenv("BENCH_SCHED_BANDWIDTH"),
 		Strategies:         strings.Fields(envStr("BENCH_SCHED_STRATEGIES", "all-at-once sequential scheduler")),
 		DataMiB:            envInt("BENCH_SCHED_DATA_MIB", 256),
 		FioMiB:             envInt("BENCH_SCHED_FIO_MIB", 64),

@@ -372,8 +372,8 @@ func (b *bench) markdown(pngs []string) string {
 			continue
 		}
 		p("\n## What the scheduler did (%s)\n\n", ph.Strategy)
-		p("Limits per_host %d, per_datastore %d; latency threshold %.2f ms (%s), interval %gs, min_rate %s, increase %s, read_window %t, max_reads %d, read_size %s; the server at its default limits.nice (19). Run: %s, %s.\n\n",
-			ph.PerHost, ph.PerDatastore, ph.ThresholdMS, ph.ThresholdSource, c.IntervalS, c.MinRate, c.Increase, c.ReadWindow, c.MaxReads, orDefault(c.ReadSize, "whole chunks"), ph.RunStatus, ph.RunSummary)
+		p("Limits per_host %d, per_datastore %d; latency threshold %.2f ms (%s), interval %gs, min_rate %s, increase %s, read_window %t, max_reads %d, read_size %s, each backup's bandwidth %s; the server at its default limits.nice (19). Run: %s, %s.\n\n",
+			ph.PerHost, ph.PerDatastore, ph.ThresholdMS, ph.ThresholdSource, c.IntervalS, c.MinRate, c.Increase, c.ReadWindow, c.MaxReads, orDefault(c.ReadSize, "whole chunks"), orDefault(c.Bandwidth, "unlimited"), ph.RunStatus, ph.RunSummary)
 		var paused, samples int
 		var maxLat float64
 		for _, m := range ph.Metrics {

@@ -279,6 +279,14 @@ func settle(ctx context.Context, d time.Duration) error {
 
 // kura runs the kura binary (password from the bench's file), its output
 // in logs/NAME.log; a non-zero exit is an error with the end of it.
+// bandwidthLine is the limits.bandwidth line of the server's config.
+func bandwidthLine(rate string) string {
+	if rate == "" {
+		return ""
+	}
+	return "  bandwidth: " + rate + "\n"
+}
+
 // readSizeLine is the latency.read_size line of the server's config.
 func readSizeLine(size string) string {
 	if size == "" {
@@ -398,7 +406,7 @@ limits:
   per_host: %d
   per_datastore: %d
   per_repository: %d
-latency:
+%slatency:
   threshold: %s
   interval: %s
   min_rate: %s
@@ -416,7 +424,7 @@ server:
   listen: %s
   state_dir: %s
   log_format: text
-`, strategy, repoDir, b.pwFile, b.scratchDir(), ph.PerHost, ph.PerDatastore, max(ph.PerHost, ph.PerDatastore),
+`, strategy, repoDir, b.pwFile, b.scratchDir(), ph.PerHost, ph.PerDatastore, max(ph.PerHost, ph.PerDatastore), bandwidthLine(b.cfg.Bandwidth),
 		time.Duration(ph.ThresholdMS*float64(time.Millisecond)).Round(10*time.Microsecond),
 		time.Duration(b.cfg.IntervalS*float64(time.Second)), b.cfg.MinRate, b.cfg.Increase, b.cfg.ReadWindow, b.cfg.MaxReads, readSizeLine(b.cfg.ReadSize), os.Getpid(), ph.Capture, listen, filepath.Join(dir, "state"))
 	s := &server{b: b, cfgPath: filepath.Join(dir, "kura.yaml"), listen: listen, done: make(chan struct{}),
