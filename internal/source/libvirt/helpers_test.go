@@ -61,6 +61,31 @@ func captureChild(name string) int {
 	return 0
 }
 
+// bootGuest boots a libvirt test guest, waits for its agent and returns
+// it with a connection to libvirtd and the driver's VM for it; all go
+// when the test ends.
+func bootGuest(t *testing.T, ctx context.Context, opts testvm.Options) (*testvm.Guest, *Conn, *VM) {
+	t.Helper()
+	g, err := testvm.StartLibvirt(ctx, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { g.Destroy(context.Background()) })
+	if _, err := g.WaitAgent(ctx); err != nil {
+		t.Fatal(err)
+	}
+	conn, err := Connect(ctx, DefaultURI)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	sv, err := conn.VM(ctx, g.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return g, conn, sv.(*VM)
+}
+
 // needLibvirt skips a test that boots a libvirt guest where that cannot work.
 func needLibvirt(t *testing.T) {
 	t.Helper()

@@ -23,25 +23,8 @@ func TestIOThreadDisks(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	dir := t.TempDir()
-	g, err := testvm.StartLibvirt(ctx, testvm.Options{Dir: dir, IOThread: true,
+	g, _, vm := bootGuest(t, ctx, testvm.Options{Dir: dir, IOThread: true,
 		Disks: []testvm.DiskSpec{{FS: "ext4", Mount: "/data"}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { g.Destroy(context.Background()) })
-	if _, err := g.WaitAgent(ctx); err != nil {
-		t.Fatal(err)
-	}
-	conn, err := Connect(ctx, "qemu:///system")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	sv, err := conn.VM(ctx, g.Name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	vm := sv.(*VM)
 	if x := run(t, "virsh", "-c", "qemu:///system", "dumpxml", g.Name); !strings.Contains(x, "iothread='1'") {
 		t.Fatalf("the guest's disks are not in an I/O thread:\n%s", x)
 	}

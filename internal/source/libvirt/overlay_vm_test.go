@@ -23,24 +23,7 @@ func TestOverlayRecovery(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	dir := t.TempDir()
-	g, err := testvm.StartLibvirt(ctx, testvm.Options{Dir: dir, Disks: []testvm.DiskSpec{{FS: "ext4", Mount: "/data"}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { g.Destroy(context.Background()) })
-	if _, err := g.WaitAgent(ctx); err != nil {
-		t.Fatal(err)
-	}
-	conn, err := Connect(ctx, DefaultURI)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	sv, err := conn.VM(ctx, g.Name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	vm := sv.(*VM)
+	g, _, vm := bootGuest(t, ctx, testvm.Options{Dir: dir, Disks: []testvm.DiskSpec{{FS: "ext4", Mount: "/data"}}})
 	sources := func(flags string) string {
 		return run(t, "virsh", "-c", DefaultURI, "domblklist", g.Name, flags)
 	}
@@ -113,18 +96,7 @@ func TestOverlayRecovery(t *testing.T) {
 		if n := noteFor(c, "vdb"); n.Read != readChanged {
 			t.Errorf("vdb read %s (%s), want changed blocks since %s", n.Read, n.Reason, childCheckpoint)
 		}
-		d := diskByName(t, c, "vdb")
-		exts, err := d.(source.ChangeTracker).Changed(ctx, 0, d.Info().Size)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var changed int64
-		for _, e := range exts {
-			if !e.Zero {
-				changed += e.Length
-			}
-		}
-		if changed < 3<<20 {
+		if changed := changedBytes(t, ctx, c, "vdb"); changed < 3<<20 {
 			t.Errorf("%d bytes changed since %s; the guest wrote 3 MiB after it", changed, childCheckpoint)
 		}
 		endCapture(t, ctx, c, true)
@@ -169,19 +141,25 @@ func TestOverlayRecovery(t *testing.T) {
 		if n := noteFor(c2, "vdb"); n.Read != readChanged {
 			t.Fatalf("vdb read %s (%s), want changed blocks since %s", n.Read, n.Reason, c.Checkpoint())
 		}
-		d := diskByName(t, c2, "vdb")
-		exts, err := d.(source.ChangeTracker).Changed(ctx, 0, d.Info().Size)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var changed int64
-		for _, e := range exts {
-			if !e.Zero {
-				changed += e.Length
-			}
-		}
-		if changed < 3<<20 {
+		if changed := changedBytes(t, ctx, c2, "vdb"); changed < 3<<20 {
 			t.Errorf("%d bytes changed since %s; the guest wrote 3 MiB on the overlay that was merged offline", changed, c.Checkpoint())
 		}
 	})
+}
+
+// changedBytes is how much of disk name the capture reports changed.
+func changedBytes(t *testing.T, ctx context.Context, c source.Capture, name string) int64 {
+	t.Helper()
+	d := diskByName(t, c, name)
+	exts, err := d.(source.ChangeTracker).Changed(ctx, 0, d.Info().Size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var changed int64
+	for _, e := range exts {
+		if !e.Zero {
+			changed += e.Length
+		}
+	}
+	return changed
 }
