@@ -32,10 +32,11 @@ import (
 // serves none of the backup's reads and copies nothing before the guest's
 // writes: it only merges what the guest wrote during the backup.
 //
-// The new checkpoint is created just before the snapshot, so its bitmaps,
-// which libvirt carries into the overlays and back, cover every write
-// after the instant (and the few between the two calls, read again next
-// time). A Kura process that dies leaves the VM running on its overlay;
+// The new checkpoint is created before the instant, outside any freeze,
+// so its bitmaps, which libvirt carries into the overlays and back (and
+// which qemu-img commit keeps up to date when a shut-off VM's overlay is
+// merged offline), cover every write after the instant, and the few
+// between the two calls, which the next backup reads again. A Kura process that dies leaves the VM running on its overlay;
 // the next capture, or ClearStale, merges it back (clearStaleOverlays).
 
 // overlaySuffix ends the file name of every overlay Kura makes.
