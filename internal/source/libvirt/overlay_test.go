@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	golibvirt "github.com/digitalocean/go-libvirt"
 )
 
 func TestPointDiskAt(t *testing.T) {
@@ -117,5 +119,26 @@ func TestSweepScratchKeepsOverlays(t *testing.T) {
 	}
 	if !exists(held) {
 		t.Errorf("%s, which holds an overlay, was removed", held)
+	}
+}
+
+func TestCheckOverlayable(t *testing.T) {
+	v := &VM{dom: golibvirt.Domain{Name: "web1"}}
+	file := diskDef{Type: "file"}
+	file.Source = &struct {
+		File     string `xml:"file,attr"`
+		Dev      string `xml:"dev,attr"`
+		Protocol string `xml:"protocol,attr"`
+		Name     string `xml:"name,attr"`
+	}{File: "/srv/web1.qcow2"}
+	file.Target.Dev = "vda"
+	network := diskDef{Type: "network", Source: file.Source}
+	network.Target.Dev = "vdb"
+	if err := v.checkOverlayable([]diskDef{file}); err != nil {
+		t.Errorf("a file disk: %v", err)
+	}
+	err := v.checkOverlayable([]diskDef{file, network})
+	if err == nil || !strings.Contains(err.Error(), "disk vdb is a network disk") || !strings.Contains(err.Error(), "--capture fleece") {
+		t.Errorf("a network disk: %v", err)
 	}
 }

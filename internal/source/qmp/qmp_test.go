@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/kura-backup/kura/internal/source"
@@ -93,5 +94,15 @@ func TestCaptureModes(t *testing.T) {
 	}
 	if _, err := v.Capture(context.Background(), source.CaptureOptions{Mode: source.ModeCrash, Since: "bad name"}); err == nil {
 		t.Error("Capture with a malformed Since succeeded")
+	}
+}
+
+// The qmp driver captures only with QEMU's backup job (fleecing): it
+// refuses the overlay method before touching the VM.
+func TestCaptureRefusesOverlay(t *testing.T) {
+	v := &vm{name: "vm7", socket: "/nonexistent/vm7.qmp"}
+	_, err := v.Capture(context.Background(), source.CaptureOptions{Method: source.MethodOverlay})
+	if err == nil || !strings.Contains(err.Error(), "use the libvirt driver for overlay") {
+		t.Errorf("err = %v", err)
 	}
 }
