@@ -577,6 +577,16 @@ func (c *Config) validate() error {
 	return errors.Join(errs...)
 }
 
+// Job returns the job called name, or nil (a job removed by a reload).
+func (c *Config) Job(name string) *Job {
+	for _, j := range c.Jobs {
+		if j.Name == name {
+			return j
+		}
+	}
+	return nil
+}
+
 // ParseRate reads a rate in bytes per second: "200MiB", "50MB", "1GiB",
 // optionally with "/s".
 func ParseRate(s string) (int64, error) {

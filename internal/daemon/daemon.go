@@ -565,10 +565,8 @@ func (d *Daemon) backupVM(ctx context.Context, t schedule.Task) (*repo.Snapshot,
 		mode = "" // app when the agent answers, crash with a warning otherwise
 	}
 	method := ""
-	for _, j := range cfg.Jobs {
-		if j.Name == t.Job {
-			method = j.Capture
-		}
+	if j := cfg.Job(t.Job); j != nil {
+		method = j.Capture
 	}
 	snap, err := backup.RunVM(ctx, r, vm, backup.VMOptions{Mode: mode, Method: method, Source: "libvirt",
 		Options: backup.Options{Logger: d.log, ReadGate: throttle.ReadGate(lim, win), ReadSize: int(cfg.Latency.ReadSizeBytes), Tags: map[string]string{"job": t.Job}}})
@@ -583,10 +581,8 @@ func (d *Daemon) backupVM(ctx context.Context, t schedule.Task) (*repo.Snapshot,
 // keep (prune, which frees space, is left to `kura prune`).
 func (d *Daemon) applyRetention(ctx context.Context, cfg *config.Config, r *repo.Repo, t schedule.Task) {
 	var policy retention.Policy
-	for _, j := range cfg.Jobs {
-		if j.Name == t.Job {
-			policy = j.Retention.Policy()
-		}
+	if j := cfg.Job(t.Job); j != nil {
+		policy = j.Retention.Policy()
 	}
 	if policy.Empty() {
 		return
