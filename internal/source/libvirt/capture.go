@@ -137,13 +137,17 @@ func (v *VM) Capture(ctx context.Context, opts source.CaptureOptions) (source.Ca
 	if err != nil {
 		return nil, err
 	}
-	liveXML, err := rpc(ctx, v.c, func() (string, error) { return v.c.l.DomainGetXMLDesc(v.dom, 0) })
+	def, err := v.liveDef(ctx)
 	if err != nil {
-		return nil, v.errorf(err, "reading the domain XML")
+		return nil, err
 	}
-	def, err := parseDomain(liveXML)
-	if err != nil {
-		return nil, fmt.Errorf("VM %s: %w", v.dom.Name, err)
+	// Overlays a dead Kura left go first: the disks are then the VM's own.
+	if merged, err := v.clearStaleOverlays(ctx, def); err != nil {
+		return nil, err
+	} else if merged {
+		if def, err = v.liveDef(ctx); err != nil {
+			return nil, err
+		}
 	}
 	disks := def.backupDisks()
 	if len(disks) == 0 {
@@ -189,6 +193,19 @@ func (v *VM) Capture(ctx context.Context, opts source.CaptureOptions) (source.Ca
 		}
 	}
 	return v.captureLive(ctx, def, disks, mode, state == golibvirt.DomainPaused, opts)
+}
+
+// liveDef reads and parses the domain's live XML.
+func (v *VM) liveDef(ctx context.Context) (*domainDef, error) {
+	x, err := rpc(ctx, v.c, func() (string, error) { return v.c.l.DomainGetXMLDesc(v.dom, 0) })
+	if err != nil {
+		return nil, v.errorf(err, "reading the domain XML")
+	}
+	def, err := parseDomain(x)
+	if err != nil {
+		return nil, fmt.Errorf("VM %s: %w", v.dom.Name, err)
+	}
+	return def, nil
 }
 
 func (v *VM) freezer() guest.Freezer {
@@ -523,9 +540,6 @@ var staleDirPattern = regexp.MustCompile(`^kura-(\d+)-[0-9a-f]+$`)
 // (its private directory names its pid), and refuses to run beside any
 // other backup job.
 func (v *VM) clearStaleJob(ctx context.Context) error {
-	if err := v.clearStaleOverlays(ctx); err != nil {
-		return err
-	}
 	x, err := rpc(ctx, v.c, func() (string, error) { return v.c.l.DomainBackupGetXMLDesc(v.dom, 0) })
 	if libvirtCode(err) == golibvirt.ErrNoDomainBackup {
 		return nil
@@ -680,13 +694,9 @@ func (c *capture) prepareScratch(ctx context.Context, disks []diskDef, attempt i
 // makeScratch makes the scratch image of one disk.
 func (c *capture) makeScratch(ctx context.Context, target string, attempt int) error {
 	v := c.vm
-	var capacity uint64
-	err := rpc0(ctx, v.c, func() (err error) {
-		_, capacity, _, err = v.c.l.DomainGetBlockInfo(v.dom, target, 0)
-		return err
-	})
+	capacity, err := v.capacity(ctx, target)
 	if err != nil {
-		return v.errorf(err, "reading the size of disk %s", target)
+		return err
 	}
 	path := c.scratchPath(target, attempt)
 	if err := qcow2.Create(path, capacity, 0o600); err != nil {
@@ -698,6 +708,19 @@ func (c *capture) makeScratch(ctx context.Context, target string, attempt int) e
 		}
 	}
 	return nil
+}
+
+// capacity is the virtual size of disk target, in bytes.
+func (v *VM) capacity(ctx context.Context, target string) (uint64, error) {
+	var capacity uint64
+	err := rpc0(ctx, v.c, func() (err error) {
+		_, capacity, _, err = v.c.l.DomainGetBlockInfo(v.dom, target, 0)
+		return err
+	})
+	if err != nil {
+		return 0, v.errorf(err, "reading the size of disk %s", target)
+	}
+	return capacity, nil
 }
 
 // watchdogStart is a thaw watchdog started, or why it did not start.
@@ -1136,7 +1159,6 @@ func (c *capture) End(ctx context.Context, ok bool) error {
 		if merged, err = c.mergeOverlays(ctx); err != nil {
 			errs = append(errs, err)
 		}
-		dropped = !merged
 		// A VM that was shut off (its overlays merged offline) or is gone
 		// has no checkpoint libvirt lets Kura delete now; the next good
 		// backup drops the older ones.
@@ -1181,7 +1203,7 @@ func (c *capture) End(ctx context.Context, ok bool) error {
 			closeDisks()
 		}
 	}
-	if c.checkpoint != "" && !gone && c.lost == nil && !dropped {
+	if c.checkpoint != "" && !gone && c.lost == nil && !dropped && merged {
 		var err error
 		if ok {
 			err = c.dropOlderCheckpoints(ctx)
@@ -1391,11 +1413,20 @@ func (c *capture) dropOlderCheckpoints(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// ClearStale ends backup jobs that dead Kura processes left on the VM and
-// removes their scratch directories (the daemon calls it when it starts,
-// after a crash). A backup of a live process is left alone.
+// ClearStale ends backup jobs that dead Kura processes left on the VM,
+// merges back the overlays they left it running on, and removes their
+// scratch directories (the daemon calls it when it starts, after a
+// crash). A backup of a live process is left alone.
 func (v *VM) ClearStale(ctx context.Context) error {
-	if err := v.clearStaleJob(ctx); err != nil && !strings.Contains(err.Error(), "another backup is running") {
+	running := func(err error) bool { return err != nil && strings.Contains(err.Error(), "another backup is running") }
+	// A domain XML that cannot be read leaves nothing to merge here; the
+	// next capture says what is wrong.
+	if def, err := v.liveDef(ctx); err == nil {
+		if _, err := v.clearStaleOverlays(ctx, def); err != nil && !running(err) {
+			return err
+		}
+	}
+	if err := v.clearStaleJob(ctx); err != nil && !running(err) {
 		return err
 	}
 	return nil

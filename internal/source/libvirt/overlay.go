@@ -85,13 +85,9 @@ func (c *capture) lockDir() error {
 func (c *capture) prepareOverlays(ctx context.Context, plans []*diskPlan) error {
 	v := c.vm
 	for _, p := range plans {
-		var capacity uint64
-		err := rpc0(ctx, v.c, func() (err error) {
-			_, capacity, _, err = v.c.l.DomainGetBlockInfo(v.dom, p.disk.Target.Dev, 0)
-			return err
-		})
+		capacity, err := v.capacity(ctx, p.disk.Target.Dev)
 		if err != nil {
-			return v.errorf(err, "reading the size of disk %s", p.disk.Target.Dev)
+			return err
 		}
 		path := c.overlayPath(p.disk.Target.Dev)
 		// -u: the backing image is open in the running VM; the size is given.
@@ -123,15 +119,19 @@ type snapshotDef struct {
 }
 
 type snapshotDisk struct {
-	Name     string `xml:"name,attr"`
-	Snapshot string `xml:"snapshot,attr"` // external or no
-	Type     string `xml:"type,attr,omitempty"`
-	Driver   *struct {
-		Type string `xml:"type,attr"`
-	} `xml:"driver"`
-	Source *struct {
-		File string `xml:"file,attr"`
-	} `xml:"source"`
+	Name     string          `xml:"name,attr"`
+	Snapshot string          `xml:"snapshot,attr"` // external or no
+	Type     string          `xml:"type,attr,omitempty"`
+	Driver   *snapshotDriver `xml:"driver"`
+	Source   *snapshotSource `xml:"source"`
+}
+
+type snapshotDriver struct {
+	Type string `xml:"type,attr"`
+}
+
+type snapshotSource struct {
+	File string `xml:"file,attr"`
 }
 
 // overlayCheckpoint creates the new checkpoint of an overlay capture,
@@ -183,12 +183,8 @@ func (c *capture) overlayInstant(ctx context.Context, def *domainDef, plans []*d
 		sd := snapshotDisk{Name: d.Target.Dev, Snapshot: "no"}
 		if selected[d.Target.Dev] {
 			sd.Snapshot, sd.Type = "external", "file"
-			sd.Driver = &struct {
-				Type string `xml:"type,attr"`
-			}{"qcow2"}
-			sd.Source = &struct {
-				File string `xml:"file,attr"`
-			}{c.overlayPath(d.Target.Dev)}
+			sd.Driver = &snapshotDriver{Type: "qcow2"}
+			sd.Source = &snapshotSource{File: c.overlayPath(d.Target.Dev)}
 		}
 		snap.Disks = append(snap.Disks, sd)
 	}
@@ -402,19 +398,12 @@ func (v *VM) mergeOffline(ctx context.Context, o overlay) error {
 	return nil
 }
 
-// clearStaleOverlays merges back the overlays that no running capture
-// holds (their Kura died, or their End could not merge them) and removes
-// their directories. An overlay of a running capture is another backup
-// running: an error.
-func (v *VM) clearStaleOverlays(ctx context.Context) error {
-	x, err := rpc(ctx, v.c, func() (string, error) { return v.c.l.DomainGetXMLDesc(v.dom, 0) })
-	if err != nil {
-		return nil // the capture will say what is wrong
-	}
-	def, err := parseDomain(x)
-	if err != nil {
-		return fmt.Errorf("VM %s: %w", v.dom.Name, err)
-	}
+// clearStaleOverlays merges back the overlays of def's disks that no
+// running capture holds (their Kura died, or their End could not merge
+// them) and removes their directories; merged says whether there were
+// any (def is then out of date). An overlay of a running capture is
+// another backup running: an error.
+func (v *VM) clearStaleOverlays(ctx context.Context, def *domainDef) (merged bool, err error) {
 	call := func(ctx context.Context, f func() error) error { return rpc0(ctx, v.c, f) }
 	dirs := map[string]bool{} // locked by this call
 	var errs []error
@@ -429,7 +418,7 @@ func (v *VM) clearStaleOverlays(ctx context.Context) error {
 				err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
 				defer f.Close() // holds the lock until the directory is gone
 				if err != nil {
-					return fmt.Errorf("VM %s runs on the overlay %s of a Kura backup that is still running: another backup is running; wait for it", v.dom.Name, p)
+					return false, fmt.Errorf("VM %s runs on the overlay %s of a Kura backup that is still running: another backup is running; wait for it", v.dom.Name, p)
 				}
 			}
 			dirs[dir] = true
@@ -443,12 +432,12 @@ func (v *VM) clearStaleOverlays(ctx context.Context) error {
 		}
 	}
 	if len(errs) > 0 {
-		return errors.Join(errs...)
+		return true, errors.Join(errs...)
 	}
 	for dir := range dirs {
 		os.RemoveAll(dir)
 	}
-	return nil
+	return len(dirs) > 0, nil
 }
 
 // holdsOverlay reports whether dir holds an overlay file: a VM may still

@@ -44,8 +44,11 @@ func TestOverlayRecovery(t *testing.T) {
 		}
 	}
 
-	var childCheckpoint string
-	t.Run("overlays of a killed kura are merged back", func(t *testing.T) {
+	// killedKura runs a child kura that captures the guest with the
+	// overlay method and is SIGKILLed; it returns the child's pid and the
+	// checkpoint of its capture, and checks that the VM is left on overlays.
+	killedKura := func(t *testing.T) (pid int, checkpoint string) {
+		t.Helper()
 		cmd := exec.Command(os.Args[0], "-test.run=^$")
 		cmd.Env = append(os.Environ(), childEnv+"="+g.Name, childMethodEnv+"="+source.MethodOverlay)
 		out, err := cmd.StdoutPipe()
@@ -61,14 +64,20 @@ func TestOverlayRecovery(t *testing.T) {
 		if !strings.HasPrefix(line, "captured ") {
 			t.Fatalf("child: %q", line)
 		}
-		childCheckpoint = strings.TrimSpace(strings.TrimPrefix(line, "captured "))
 		if on := sources("--details"); !strings.Contains(on, overlaySuffix) {
 			t.Fatalf("the killed kura left no overlay:\n%s", on)
 		}
+		return cmd.Process.Pid, strings.TrimSpace(strings.TrimPrefix(line, "captured "))
+	}
+
+	var childCheckpoint string
+	t.Run("overlays of a killed kura are merged back", func(t *testing.T) {
+		var pid int
+		pid, childCheckpoint = killedKura(t)
 		sum := write("during")
 		if swept := SweepScratch(""); len(swept) > 0 {
 			for _, s := range swept {
-				if strings.Contains(s, fmt.Sprintf("kura-%d-", cmd.Process.Pid)) {
+				if strings.Contains(s, fmt.Sprintf("kura-%d-", pid)) {
 					t.Fatalf("SweepScratch removed %s, whose overlays the VM runs on", s)
 				}
 			}
@@ -79,7 +88,7 @@ func TestOverlayRecovery(t *testing.T) {
 		if after := sources("--details"); after != before {
 			t.Errorf("disks after ClearStale:\n%s\nwant\n%s", after, before)
 		}
-		if m, _ := filepath.Glob(fmt.Sprintf("/var/tmp/kura-%d-*", cmd.Process.Pid)); len(m) != 0 {
+		if m, _ := filepath.Glob(fmt.Sprintf("/var/tmp/kura-%d-*", pid)); len(m) != 0 {
 			t.Errorf("the dead run's scratch directory is still there: %v", m)
 		}
 		check("during", sum)
@@ -100,6 +109,29 @@ func TestOverlayRecovery(t *testing.T) {
 			t.Errorf("%d bytes changed since %s; the guest wrote 3 MiB after it", changed, childCheckpoint)
 		}
 		endCapture(t, ctx, c, true)
+	})
+
+	t.Run("a capture merges a killed kura's overlays first", func(t *testing.T) {
+		pid, since := killedKura(t)
+		sum := write("before-capture")
+		c, err := vm.Capture(ctx, source.CaptureOptions{Mode: source.ModeCrash, Method: source.MethodOverlay, Since: since})
+		if err != nil {
+			t.Fatalf("Capture with a dead kura's overlays in place: %v", err)
+		}
+		if n := noteFor(c, "vdb"); n.Read != readChanged {
+			t.Errorf("vdb read %s (%s), want changed blocks since %s", n.Read, n.Reason, since)
+		}
+		if changed := changedBytes(t, ctx, c, "vdb"); changed < 3<<20 {
+			t.Errorf("%d bytes changed since %s; the guest wrote 3 MiB on the dead run's overlay", changed, since)
+		}
+		endCapture(t, ctx, c, true)
+		if after := sources("--details"); after != before {
+			t.Errorf("disks after the capture:\n%s\nwant\n%s", after, before)
+		}
+		if m, _ := filepath.Glob(fmt.Sprintf("/var/tmp/kura-%d-*", pid)); len(m) != 0 {
+			t.Errorf("the dead run's scratch directory is still there: %v", m)
+		}
+		check("before-capture", sum)
 	})
 
 	t.Run("a VM shut off on its overlays", func(t *testing.T) {
