@@ -112,13 +112,31 @@ func TestLibvirtCapture(t *testing.T) {
 		f.Close()
 	}
 
-	g, conn, vm := bootGuest(t, ctx, testvm.Options{Dir: dir, Disks: []testvm.DiskSpec{
+	g, err := testvm.StartLibvirt(ctx, testvm.Options{Dir: dir, Disks: []testvm.DiskSpec{
 		{FS: "ext4", Mount: "/data"},
 		{FS: "xfs", Mount: "/data2"},
 		{Source: rawPath, Format: "raw"},
 	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { g.Destroy(context.Background()) })
+	if _, err := g.WaitAgent(ctx); err != nil {
+		t.Fatal(err)
+	}
 	t.Logf("guest %s booted in %s (%s)", g.Name, g.BootTime.Round(time.Second), g.Accel)
 	installHangHook(t, ctx, g)
+
+	conn, err := Connect(ctx, "qemu:///system")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	sv, err := conn.VM(ctx, g.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vm := sv.(*VM)
 
 	t.Run("block stats", func(t *testing.T) {
 		before, err := conn.BlockStats(ctx, g.Name)
