@@ -2,6 +2,7 @@
 # Installs what Kura needs on a Debian 12 machine: QEMU tools (the NBD data
 # path for image formats), libvirt (live VM backup), debootstrap (test
 # guests), aiosmtpd (a real SMTP server for the e-mail notification test),
+# fuse3 (the scheduler benchmark's modelled datastore, bench/internal/slowfs),
 # and the Go modules. Idempotent; quiet when all is present.
 set -euo pipefail
 
@@ -9,7 +10,7 @@ export PATH="$PATH:/usr/local/go/bin"
 pkgs=(qemu-utils qemu-system-x86 qemu-block-extra libvirt-daemon-system libvirt-clients
       nbdkit libnbd-bin debootstrap e2fsprogs xfsprogs time
       dosfstools mtools ntfs-3g lvm2 fdisk gdisk
-      python3-aiosmtpd)
+      python3-aiosmtpd fuse3)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

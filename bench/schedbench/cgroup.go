@@ -294,3 +294,53 @@ func sampleIO(ctx context.Context, d store) <-chan []ioSample {
 	}()
 	return out
 }
+
+// DeviceWindow is what the modelled device served in a window: the
+// guests' own I/O (requests of at most smallIO bytes: fio's 4 KiB, the
+// guests' other small writes) apart from the backups' reads and the
+// copy-before-write (the larger ones), so that a guest's tail can be told
+// apart as time queued on the device or time elsewhere (QEMU, CPU).
+type DeviceWindow struct {
+	SmallN        int     `json:"small_n"`
+	SmallWait     Dist    `json:"small_wait_ms"`    // queued for a channel
+	SmallLatency  Dist    `json:"small_latency_ms"` // queued and served
+	SmallChannels float64 `json:"small_channels"`   // channels they held, on average
+	LargeN        int     `json:"large_n"`
+	LargeMeanKiB  float64 `json:"large_mean_kib"`
+	LargeWait     Dist    `json:"large_wait_ms"`
+	LargeChannels float64 `json:"large_channels"`
+}
+
+const smallIO = 16 << 10
+
+// deviceWindow sums up the model's records from from to to; nil when the
+// datastore is not the model.
+func deviceWindow(d store, from, to time.Time) *DeviceWindow {
+	m, ok := d.(*modelStore)
+	if !ok || !to.After(from) {
+		return nil
+	}
+	var w DeviceWindow
+	var sw, sl, lw []float64
+	var smallHeld, largeHeld time.Duration
+	var largeBytes int
+	for _, r := range m.fs.Records(from, to) {
+		ms := func(d time.Duration) float64 { return d.Seconds() * 1000 }
+		if r.Size <= smallIO {
+			sw = append(sw, ms(r.Wait))
+			sl = append(sl, ms(r.Wait+r.Service))
+			smallHeld += r.Service
+		} else {
+			lw = append(lw, ms(r.Wait))
+			largeHeld += r.Service
+			largeBytes += r.Size
+		}
+	}
+	span := to.Sub(from).Seconds()
+	w.SmallN, w.SmallWait, w.SmallLatency, w.SmallChannels = len(sw), dist(sw), dist(sl), smallHeld.Seconds()/span
+	w.LargeN, w.LargeWait, w.LargeChannels = len(lw), dist(lw), largeHeld.Seconds()/span
+	if len(lw) > 0 {
+		w.LargeMeanKiB = float64(largeBytes) / float64(len(lw)) / 1024
+	}
+	return &w
+}

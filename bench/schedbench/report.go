@@ -50,17 +50,20 @@ type Phase struct {
 	// FioStart..FioEnd is the plotted span; IdleFrom..IdleTo the idle
 	// lead-in; Start..End the backups (from the first start to the moment
 	// every VM was protected).
-	FioStart time.Time      `json:"fio_start"`
-	IdleFrom time.Time      `json:"idle_from"`
-	IdleTo   time.Time      `json:"idle_to"`
-	Start    time.Time      `json:"start"`
-	End      time.Time      `json:"end"`
-	FioEnd   time.Time      `json:"fio_end"`
-	Seconds  float64        `json:"seconds"` // time to protect every VM
-	VMs      []VMBackup     `json:"vms"`
-	Guests   []GuestPhase   `json:"guests"`
-	IO       []ioSample     `json:"datastore_io"` // the limited cgroups' throughput, per second
-	Metrics  []metricSample `json:"daemon_metrics,omitempty"`
+	FioStart time.Time    `json:"fio_start"`
+	IdleFrom time.Time    `json:"idle_from"`
+	IdleTo   time.Time    `json:"idle_to"`
+	Start    time.Time    `json:"start"`
+	End      time.Time    `json:"end"`
+	FioEnd   time.Time    `json:"fio_end"`
+	Seconds  float64      `json:"seconds"` // time to protect every VM
+	VMs      []VMBackup   `json:"vms"`
+	Guests   []GuestPhase `json:"guests"`
+	IO       []ioSample   `json:"datastore_io"` // the limited cgroups' throughput, per second
+	// What the modelled device served (BENCH_SCHED_DATASTORE=model only).
+	DeviceIdle   *DeviceWindow  `json:"device_idle,omitempty"`
+	DeviceBackup *DeviceWindow  `json:"device_backup,omitempty"`
+	Metrics      []metricSample `json:"daemon_metrics,omitempty"`
 	// The scheduler's settings and run.
 	ThresholdMS     float64   `json:"threshold_ms,omitempty"`
 	ThresholdSource string    `json:"threshold_source,omitempty"`
@@ -366,6 +369,22 @@ func (b *bench) markdown(pngs []string) string {
 		}
 		n := float64(len(ph.IO))
 		p("| %s | %.1f | %.1f | %.1f |\n", ph.Strategy, sr/n, mr, sw/n)
+	}
+	if len(r.Phases) > 0 && r.Phases[0].DeviceBackup != nil {
+		p("\n## On the modelled device\n\nRequests of at most %d KiB (the guests' own I/O) apart from the larger ones (the backups' reads, copy-before-write), as the model served them: time queued for a channel, and queued plus served, in ms; channels: how many they held on average.\n\n", smallIO>>10)
+		p("| strategy | window | small: n | wait p50 | wait p99 | latency p99 | channels | larger: n | mean KiB | wait p99 | channels |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+		for _, ph := range r.Phases {
+			for _, x := range []struct {
+				name string
+				w    *DeviceWindow
+			}{{"idle", ph.DeviceIdle}, {"backups", ph.DeviceBackup}} {
+				if x.w == nil {
+					continue
+				}
+				w := x.w
+				p("| %s | %s | %d | %.2f | %.2f | %.2f | %.2f | %d | %.0f | %.2f | %.2f |\n", ph.Strategy, x.name, w.SmallN, w.SmallWait.P50, w.SmallWait.P99, w.SmallLatency.P99, w.SmallChannels, w.LargeN, w.LargeMeanKiB, w.LargeWait.P99, w.LargeChannels)
+			}
+		}
 	}
 	for _, ph := range r.Phases {
 		if ph.Kind != "scheduler" {

@@ -189,6 +189,7 @@ func (b *bench) runPhase(ctx context.Context, strategy string) error {
 	ph.Seconds = ph.End.Sub(ph.Start).Seconds()
 	stopSampling()
 	ph.IO = <-ioc
+	ph.DeviceIdle, ph.DeviceBackup = deviceWindow(b.ds, ph.IdleFrom, ph.IdleTo), deviceWindow(b.ds, ph.Start, ph.End)
 	if metc != nil {
 		ph.Metrics = <-metc
 	}

@@ -20,6 +20,7 @@ package slowfs
 import (
 	"context"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -52,6 +53,16 @@ type Stats struct {
 	Waited                time.Duration // summed time requests queued for a channel
 }
 
+// Record is one request the device served.
+type Record struct {
+	At      time.Time     // arrival
+	Wait    time.Duration // queued for a channel
+	Service time.Duration // on its channel (at least the modelled time)
+	Size    int           // bytes
+	Write   bool
+	Ahead   int // requests on a channel or queued when it arrived
+}
+
 // FS is a mounted slowfs.
 type FS struct {
 	Mountpoint string
@@ -62,6 +73,10 @@ type FS struct {
 	written    atomic.Uint64
 	requests   atomic.Uint64
 	waited     atomic.Int64
+	inside     atomic.Int64 // requests on a channel or queued
+
+	mu      sync.Mutex
+	records []Record
 }
 
 // Mount serves backing at mountpoint (which must exist) through model.
@@ -111,10 +126,25 @@ func (f *FS) Stats() Stats {
 	return Stats{ReadBytes: f.read.Load(), WriteBytes: f.written.Load(), Requests: f.requests.Load(), Waited: time.Duration(f.waited.Load())}
 }
 
+// Records returns the requests that arrived from from to to, in order of
+// completion.
+func (f *FS) Records(from, to time.Time) []Record {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []Record
+	for _, r := range f.records {
+		if !r.At.Before(from) && !r.At.After(to) {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
 // do runs io, a request of n bytes, on a channel of the device and
 // returns once its modelled service time has passed.
-func (f *FS) do(n int, io func()) {
+func (f *FS) do(n int, write bool, io func()) {
 	queued := time.Now()
+	ahead := f.inside.Add(1) - 1
 	f.slots <- struct{}{} // blocked senders are woken in arrival order
 	start := time.Now()
 	f.waited.Add(int64(start.Sub(queued)))
@@ -123,7 +153,12 @@ func (f *FS) do(n int, io func()) {
 	if d := f.model.service(n) - time.Since(start); d > 0 {
 		time.Sleep(d)
 	}
+	end := time.Now()
 	<-f.slots
+	f.inside.Add(-1)
+	f.mu.Lock()
+	f.records = append(f.records, Record{At: queued, Wait: start.Sub(queued), Service: end.Sub(start), Size: n, Write: write, Ahead: int(ahead)})
+	f.mu.Unlock()
 }
 
 // node is a loopback node whose files go through the model.
@@ -165,7 +200,7 @@ var _ = (fs.FileFsyncer)((*file)(nil))
 func (f *file) Read(ctx context.Context, buf []byte, off int64) (fuse.ReadResult, syscall.Errno) {
 	var res fuse.ReadResult
 	var errno syscall.Errno
-	f.fs.do(len(buf), func() {
+	f.fs.do(len(buf), false, func() {
 		// Read now (not at reply time, as a loopback's fd result would),
 		// so that the bytes are there when the service time ends.
 		var r fuse.ReadResult
@@ -186,7 +221,7 @@ func (f *file) Read(ctx context.Context, buf []byte, off int64) (fuse.ReadResult
 func (f *file) Write(ctx context.Context, data []byte, off int64) (uint32, syscall.Errno) {
 	var n uint32
 	var errno syscall.Errno
-	f.fs.do(len(data), func() {
+	f.fs.do(len(data), true, func() {
 		n, errno = f.LoopbackFile.Write(ctx, data, off)
 		f.fs.written.Add(uint64(n))
 	})
@@ -196,6 +231,6 @@ func (f *file) Write(ctx context.Context, data []byte, off int64) (uint32, sysca
 // Fsync costs one request; the backing files are scratch, so it does not
 // reach the host's disk (whose own flushes would add noise to the model).
 func (f *file) Fsync(ctx context.Context, flags uint32) syscall.Errno {
-	f.fs.do(0, func() {})
+	f.fs.do(0, true, func() {})
 	return 0
 }

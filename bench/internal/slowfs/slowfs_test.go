@@ -74,7 +74,7 @@ func TestReadWriteThroughModel(t *testing.T) {
 
 // Small requests queue behind large ones once every channel is busy.
 func TestQueueing(t *testing.T) {
-	_, backing, mnt := mount(t, Model{Channels: 1, MiBs: 4, Overhead: 0})
+	f, backing, mnt := mount(t, Model{Channels: 1, MiBs: 4, Overhead: 0})
 	big := make([]byte, 256<<10) // 62.5 ms on the one channel
 	if err := os.WriteFile(filepath.Join(backing, "big"), big, 0o644); err != nil {
 		t.Fatal(err)
@@ -93,5 +93,18 @@ func TestQueueing(t *testing.T) {
 	wg.Wait()
 	if waited < 30*time.Millisecond {
 		t.Errorf("a 4 KiB read behind a 256 KiB one took %s: it did not queue", waited)
+	}
+	// The device's records say so too.
+	var small *Record
+	for _, r := range f.Records(start.Add(-time.Second), time.Now()) {
+		if r.Size < 64<<10 && !r.Write && (small == nil || r.At.Before(small.At)) {
+			small = &r // the first: later ones read at the end of the file
+		}
+	}
+	if small == nil {
+		t.Fatal("no record of the 4 KiB read")
+	}
+	if small.Wait < 30*time.Millisecond || small.Ahead < 1 || small.Service < f.model.service(4096) {
+		t.Errorf("record of the 4 KiB read %+v: want a wait of 30 ms or more behind at least one request", *small)
 	}
 }
