@@ -54,6 +54,7 @@ type capture struct {
 	// overlays are the disks the overlay method put on overlays; End
 	// merges them back.
 	overlays []overlay
+	layered  int      // overlays End merged the cheap way (mergeOverlays), for tests
 	lock     *os.File // held while an overlay capture runs (overlayLock)
 	// iothreads: QEMU serves some of the VM's disks in an I/O thread, and
 	// so the backup's NBD exports too. QEMU 7.2 (Debian 12) then aborts,

@@ -2,6 +2,7 @@ package libvirt
 
 import (
 	"context"
+	"encoding/json"
 	"encoding/xml"
 	"errors"
 	"fmt"
@@ -83,29 +84,37 @@ func (c *capture) lockDir() error {
 // takes ~40 ms a disk): qcow2 images of each disk's size backed by its
 // current image, owned by QEMU's user.
 func (c *capture) prepareOverlays(ctx context.Context, plans []*diskPlan) error {
-	v := c.vm
 	for _, p := range plans {
-		capacity, err := v.capacity(ctx, p.disk.Target.Dev)
+		capacity, err := c.vm.capacity(ctx, p.disk.Target.Dev)
 		if err != nil {
 			return err
 		}
-		path := c.overlayPath(p.disk.Target.Dev)
-		// -u: the backing image is open in the running VM; the size is given.
-		// extended_l2: 2 KiB subclusters, so that a guest's small write to
-		// a cluster not yet in the overlay does not first copy the rest of
-		// the 64 KiB cluster up from the image below.
-		cmd := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-u", "-f", "qcow2",
-			"-o", "cluster_size=65536,extended_l2=on", "-F", p.disk.format(), "-b", p.disk.path(), path, strconv.FormatUint(capacity, 10))
-		if out, err := cmd.CombinedOutput(); err != nil {
-			if errors.Is(err, exec.ErrNotFound) {
-				return errors.New("qemu-img not found: install qemu-utils (apt-get install qemu-utils)")
-			}
-			return fmt.Errorf("VM %s: making the overlay of disk %s: %w: %s", v.dom.Name, p.disk.Target.Dev, err, strings.TrimSpace(string(out)))
+		if err := c.makeOverlay(ctx, p.disk.Target.Dev, c.overlayPath(p.disk.Target.Dev), p.disk.path(), p.disk.format(), capacity); err != nil {
+			return err
 		}
-		if c.owner.ok && (c.owner.uid != os.Geteuid() || c.owner.gid != os.Getegid()) {
-			if err := os.Chown(path, c.owner.uid, c.owner.gid); err != nil {
-				return fmt.Errorf("VM %s: handing the overlay %s to QEMU's user: %w", v.dom.Name, path, err)
-			}
+	}
+	return nil
+}
+
+// makeOverlay makes the overlay path of disk target, backed by the image
+// backing (format format) and of its size.
+func (c *capture) makeOverlay(ctx context.Context, target, path, backing, format string, capacity uint64) error {
+	v := c.vm
+	// -u: the backing image is open in the running VM; the size is given.
+	// extended_l2: 2 KiB subclusters, so that a guest's small write to
+	// a cluster not yet in the overlay does not first copy the rest of
+	// the 64 KiB cluster up from the image below.
+	cmd := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-u", "-f", "qcow2",
+		"-o", "cluster_size=65536,extended_l2=on", "-F", format, "-b", backing, path, strconv.FormatUint(capacity, 10))
+	if out, err := cmd.CombinedOutput(); err != nil {
+		if errors.Is(err, exec.ErrNotFound) {
+			return errors.New("qemu-img not found: install qemu-utils (apt-get install qemu-utils)")
+		}
+		return fmt.Errorf("VM %s: making the overlay of disk %s: %w: %s", v.dom.Name, target, err, strings.TrimSpace(string(out)))
+	}
+	if c.owner.ok && (c.owner.uid != os.Geteuid() || c.owner.gid != os.Getegid()) {
+		if err := os.Chown(path, c.owner.uid, c.owner.gid); err != nil {
+			return fmt.Errorf("VM %s: handing the overlay %s to QEMU's user: %w", v.dom.Name, path, err)
 		}
 	}
 	return nil
@@ -171,33 +180,11 @@ func (c *capture) overlayInstant(ctx context.Context, def *domainDef, plans []*d
 	v := c.vm
 	began := time.Now()
 	defer func() { c.beginTime += time.Since(began) }()
-	selected := map[string]bool{}
+	files := map[string]string{}
 	for _, p := range plans {
-		selected[p.disk.Target.Dev] = true
+		files[p.disk.Target.Dev] = c.overlayPath(p.disk.Target.Dev)
 	}
-	snap := snapshotDef{}
-	for _, d := range def.Devices.Disks {
-		if d.Target.Dev == "" {
-			continue
-		}
-		sd := snapshotDisk{Name: d.Target.Dev, Snapshot: "no"}
-		if selected[d.Target.Dev] {
-			sd.Snapshot, sd.Type = "external", "file"
-			sd.Driver = &snapshotDriver{Type: "qcow2"}
-			sd.Source = &snapshotSource{File: c.overlayPath(d.Target.Dev)}
-		}
-		snap.Disks = append(snap.Disks, sd)
-	}
-	b, err := xml.Marshal(snap)
-	if err != nil {
-		return fmt.Errorf("VM %s: encoding the snapshot XML: %w", v.dom.Name, err)
-	}
-	flags := uint32(golibvirt.DomainSnapshotCreateDiskOnly | golibvirt.DomainSnapshotCreateNoMetadata |
-		golibvirt.DomainSnapshotCreateAtomic | golibvirt.DomainSnapshotCreateReuseExt)
-	err = rpc0(ctx, v.c, func() error {
-		_, err := v.c.l.DomainSnapshotCreateXML(v.dom, string(b), flags)
-		return err
-	})
+	err := v.snapshotOnto(ctx, def, files, func(ctx context.Context, f func() error) error { return rpc0(ctx, v.c, f) })
 	// Even after an error (a call that timed out may have taken effect),
 	// End looks for every disk on its overlay.
 	for _, p := range plans {
@@ -207,6 +194,35 @@ func (c *capture) overlayInstant(ctx context.Context, def *domainDef, plans []*d
 		return v.errorf(err, "putting the disks on overlays (external snapshot)")
 	}
 	return nil
+}
+
+// snapshotOnto puts each disk of def named in files on the overlay file
+// it names there (made beforehand), in one atomic external disk-only
+// snapshot without metadata; the other disks are left as they are.
+func (v *VM) snapshotOnto(ctx context.Context, def *domainDef, files map[string]string, call func(context.Context, func() error) error) error {
+	snap := snapshotDef{}
+	for _, d := range def.Devices.Disks {
+		if d.Target.Dev == "" {
+			continue
+		}
+		sd := snapshotDisk{Name: d.Target.Dev, Snapshot: "no"}
+		if f, ok := files[d.Target.Dev]; ok {
+			sd.Snapshot, sd.Type = "external", "file"
+			sd.Driver = &snapshotDriver{Type: "qcow2"}
+			sd.Source = &snapshotSource{File: f}
+		}
+		snap.Disks = append(snap.Disks, sd)
+	}
+	b, err := xml.Marshal(snap)
+	if err != nil {
+		return fmt.Errorf("VM %s: encoding the snapshot XML: %w", v.dom.Name, err)
+	}
+	flags := uint32(golibvirt.DomainSnapshotCreateDiskOnly | golibvirt.DomainSnapshotCreateNoMetadata |
+		golibvirt.DomainSnapshotCreateAtomic | golibvirt.DomainSnapshotCreateReuseExt)
+	return call(ctx, func() error {
+		_, err := v.c.l.DomainSnapshotCreateXML(v.dom, string(b), flags)
+		return err
+	})
 }
 
 // overlay is a disk put on an overlay by a capture.
@@ -269,17 +285,154 @@ func (c *capture) openOverlaid(ctx context.Context, plans []*diskPlan) error {
 
 // mergeOverlays merges every overlay of the capture back into its disk.
 // It reports whether all are merged (their files may go).
+//
+// First, when the VM runs, the cheap way: one more snapshot puts each
+// disk on a second overlay, above its first, and the first is committed
+// into the image below while the guest writes to the second. A commit of
+// a layer that is not the active one copies only what the guest wrote
+// (in 2 KiB subclusters), one request at a time; an active commit copies
+// every 64 KiB cluster the guest touched, reading the rest of it from the
+// image, many requests at once. The active commit then merges only the
+// second overlay, which holds the guest's writes of those few seconds.
+// Whatever the cheap way leaves undone (a call that fails), the active
+// commits of mergeDown merge.
 func (c *capture) mergeOverlays(ctx context.Context) (bool, error) {
 	v := c.vm
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), mergeTimeout)
+	defer cancel()
+	if c.topOverlays(ctx) == nil {
+		var started []string
+		for _, o := range c.overlays {
+			err := c.endCall(ctx, func() error {
+				return v.c.l.DomainBlockCommit(v.dom, o.target, nil, []string{o.path}, 0, golibvirt.DomainBlockCommitShallow)
+			})
+			if err == nil {
+				started = append(started, o.target)
+			}
+		}
+		for _, target := range started {
+			if v.waitBlockJob(ctx, target, c.endCall) == nil {
+				c.layered++
+			}
+		}
+	}
 	var errs []error
 	merged := true
 	for _, o := range c.overlays {
-		if err := v.mergeOverlay(ctx, o, c.endCall); err != nil {
+		if err := v.mergeDown(ctx, o, c.endCall); err != nil {
 			merged = false
 			errs = append(errs, err)
 		}
 	}
 	return merged, errors.Join(errs...)
+}
+
+// topPath is the second overlay of disk target (mergeOverlays).
+func (c *capture) topPath(target string) string {
+	return filepath.Join(c.dir, target+".top"+overlaySuffix)
+}
+
+// topOverlays puts every disk of the capture that runs on its overlay on
+// a second one above it, in one snapshot (no freeze: any instant will
+// do). The VM must be running.
+func (c *capture) topOverlays(ctx context.Context) error {
+	v := c.vm
+	switch st, err := v.state(ctx); {
+	case err != nil:
+		return err
+	case st != golibvirt.DomainRunning && st != golibvirt.DomainPaused:
+		return errors.New("the VM does not run")
+	}
+	def, err := v.liveDef(ctx)
+	if err != nil {
+		return err
+	}
+	files := map[string]string{}
+	for _, o := range c.overlays {
+		if !slices.ContainsFunc(def.Devices.Disks, func(d diskDef) bool { return d.Target.Dev == o.target && d.path() == o.path }) {
+			return fmt.Errorf("disk %s is not on its overlay", o.target)
+		}
+		capacity, err := v.capacity(ctx, o.target)
+		if err != nil {
+			return err
+		}
+		top := c.topPath(o.target)
+		if err := c.makeOverlay(ctx, o.target, top, o.path, "qcow2", capacity); err != nil {
+			return err
+		}
+		files[o.target] = top
+	}
+	return v.snapshotOnto(ctx, def, files, c.endCall)
+}
+
+// waitBlockJob waits until disk target has no block job, or ctx ends.
+func (v *VM) waitBlockJob(ctx context.Context, target string, call func(context.Context, func() error) error) error {
+	for {
+		found, _, err := v.blockJob(ctx, target, call)
+		if err != nil || !found {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// maxOverlays bounds how many of Kura's overlays mergeDown expects on one
+// disk (a capture makes two).
+const maxOverlays = 4
+
+// mergeDown merges the overlays of Kura's that disk o.target runs on back
+// into the image below them, the active one first, until the disk is on
+// that image again: a capture's End, or a dead Kura's, may leave it on
+// its first overlay, on the second above the first (with a commit of the
+// first running), or on the second alone. o names the capture's first
+// overlay, for the messages.
+func (v *VM) mergeDown(ctx context.Context, o overlay, call func(context.Context, func() error) error) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), mergeTimeout)
+	defer cancel()
+	for range maxOverlays {
+		var x string
+		err := call(ctx, func() (err error) { x, err = v.c.l.DomainGetXMLDesc(v.dom, 0); return err })
+		if golibvirt.IsNotFound(err) {
+			return nil // the VM took its overlays with it
+		}
+		if err != nil {
+			return v.overlayErr(o, err, "reading the domain XML")
+		}
+		def, err := parseDomain(x)
+		if err != nil {
+			return v.overlayErr(o, err, "reading the domain XML")
+		}
+		i := slices.IndexFunc(def.Devices.Disks, func(d diskDef) bool { return d.Target.Dev == o.target })
+		if i < 0 || !isOverlay(def.Devices.Disks[i].path()) {
+			return nil
+		}
+		d := def.Devices.Disks[i]
+		top := overlay{target: o.target, path: d.path()}
+		if b := d.Backing; b != nil && b.Source != nil {
+			top.base, top.format = b.Source.File+b.Source.Dev, b.Format.Type
+		}
+		// A commit of the overlay below (End's, or a dead Kura's) ends
+		// first; the chain is then one shorter.
+		if found, typ, err := v.blockJob(ctx, o.target, call); err == nil && found && typ == int32(golibvirt.DomainBlockJobTypeCommit) {
+			if err := v.waitBlockJob(ctx, o.target, call); err != nil {
+				return v.overlayErr(top, err, "waiting for the merge of an overlay below disk %s's", o.target)
+			}
+			continue
+		}
+		if err := v.mergeOverlay(ctx, top, call); err != nil {
+			return err
+		}
+	}
+	return v.overlayErr(o, errors.New("still on an overlay"), "merging %d overlays of disk %s back", maxOverlays, o.target)
+}
+
+// isOverlay reports whether path is an overlay Kura made.
+func isOverlay(path string) bool {
+	return strings.HasSuffix(path, overlaySuffix) && staleDirPattern.MatchString(filepath.Base(filepath.Dir(path)))
 }
 
 // mergeOverlay merges one overlay back into the image below it: an active
@@ -369,7 +522,7 @@ func (v *VM) blockJob(ctx context.Context, target string, call func(context.Cont
 
 // overlayErr says what failed while merging overlay o, and what to do.
 func (v *VM) overlayErr(o overlay, err error, format string, a ...any) error {
-	return fmt.Errorf("%w; disk %s still runs on Kura's overlay %s: merge it with `virsh blockcommit %s %s --active --shallow --pivot`, then delete the file", v.errorf(err, format, a...), o.target, o.path, v.dom.Name, o.target)
+	return fmt.Errorf("%w; disk %s still runs on Kura's overlay %s: merge it with `virsh blockcommit %s %s --active --shallow --pivot` until `virsh domblklist %s` names no %s file for it, then delete the file's directory", v.errorf(err, format, a...), o.target, o.path, v.dom.Name, o.target, v.dom.Name, overlaySuffix)
 }
 
 // mergeOffline merges the overlay of a VM that was shut off while it ran
@@ -385,6 +538,12 @@ func (v *VM) mergeOffline(ctx context.Context, o overlay) error {
 	if !strings.Contains(x, o.path) {
 		return nil // the definition does not use it (a transient VM, or fixed by hand)
 	}
+	if o.base == "" {
+		// A shut-off VM's XML names no backing chain: the overlay does.
+		if o.base, o.format, err = backingOf(ctx, o.path); err != nil {
+			return v.overlayErr(o, err, "reading the image below the overlay of shut-off disk %s", o.target)
+		}
+	}
 	if out, err := exec.CommandContext(ctx, "qemu-img", "commit", "-q", "-f", "qcow2", o.path).CombinedOutput(); err != nil {
 		return v.overlayErr(o, fmt.Errorf("%w: %s", err, strings.TrimSpace(string(out))), "committing the overlay of shut-off disk %s", o.target)
 	}
@@ -396,6 +555,31 @@ func (v *VM) mergeOffline(ctx context.Context, o overlay) error {
 		return v.overlayErr(o, err, "redefining the VM with disk %s on %s", o.target, o.base)
 	}
 	return nil
+}
+
+// backingOf reads the backing image of the qcow2 image path, and its
+// format.
+func backingOf(ctx context.Context, path string) (file, format string, err error) {
+	out, err := exec.CommandContext(ctx, "qemu-img", "info", "-U", "--output=json", "-f", "qcow2", path).Output()
+	if err != nil {
+		return "", "", fmt.Errorf("qemu-img info %s: %w", path, err)
+	}
+	var info struct {
+		Backing     string `json:"backing-filename"`
+		FullBacking string `json:"full-backing-filename"`
+		Format      string `json:"backing-filename-format"`
+	}
+	if err := json.Unmarshal(out, &info); err != nil {
+		return "", "", fmt.Errorf("qemu-img info %s: %w", path, err)
+	}
+	file = info.FullBacking
+	if file == "" {
+		file = info.Backing
+	}
+	if file == "" || info.Format == "" {
+		return "", "", fmt.Errorf("%s names no backing image and format", path)
+	}
+	return file, info.Format, nil
 }
 
 // clearStaleOverlays merges back the overlays of def's disks that no
@@ -410,7 +594,7 @@ func (v *VM) clearStaleOverlays(ctx context.Context, def *domainDef) (merged boo
 	for _, d := range def.Devices.Disks {
 		p := d.path()
 		dir := filepath.Dir(p)
-		if !staleDirPattern.MatchString(filepath.Base(dir)) || !strings.HasSuffix(p, overlaySuffix) {
+		if !isOverlay(p) {
 			continue
 		}
 		if _, locked := dirs[dir]; !locked {
@@ -423,11 +607,7 @@ func (v *VM) clearStaleOverlays(ctx context.Context, def *domainDef) (merged boo
 			}
 			dirs[dir] = true
 		}
-		o := overlay{target: d.Target.Dev, path: p}
-		if b := d.Backing; b != nil && b.Source != nil {
-			o.base, o.format = b.Source.File+b.Source.Dev, b.Format.Type
-		}
-		if err := v.mergeOverlay(ctx, o, call); err != nil {
+		if err := v.mergeDown(ctx, overlay{target: d.Target.Dev, path: p}, call); err != nil {
 			errs = append(errs, err)
 		}
 	}

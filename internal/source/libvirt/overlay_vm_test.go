@@ -109,6 +109,11 @@ func TestOverlayRecovery(t *testing.T) {
 			t.Errorf("%d bytes changed since %s; the guest wrote 3 MiB after it", changed, childCheckpoint)
 		}
 		endCapture(t, ctx, c, true)
+		// The running VM's overlays were merged the cheap way: a second
+		// overlay, and the first committed below it.
+		if got, want := c.(*capture).layered, len(c.(*capture).overlays); got != want || want == 0 {
+			t.Errorf("%d of %d overlays merged below a second one", got, want)
+		}
 	})
 
 	t.Run("a capture merges a killed kura's overlays first", func(t *testing.T) {
@@ -133,6 +138,58 @@ func TestOverlayRecovery(t *testing.T) {
 		}
 		check("before-capture", sum)
 	})
+
+	// A kura killed during End's merge leaves the disk on a second overlay
+	// above the first, before or after the commit of the first: both are
+	// merged back, and the writes on them count for the dead run's
+	// checkpoint.
+	for _, tt := range []struct {
+		name        string
+		commitFirst bool
+	}{
+		{"on two overlays", false},
+		{"on the second overlay after the first merged", true},
+	} {
+		t.Run("a killed kura's merge left the VM "+tt.name, func(t *testing.T) {
+			pid, since := killedKura(t)
+			first := diskSource(t, sources("--details"), "vdb")
+			top := filepath.Join(filepath.Dir(first), "vdb.top"+overlaySuffix)
+			args := []string{"-c", DefaultURI, "snapshot-create-as", g.Name, "--disk-only", "--no-metadata", "--atomic"}
+			for _, target := range diskTargets(t, sources("--details")) {
+				spec := target + ",snapshot=no"
+				if target == "vdb" {
+					spec = "vdb,snapshot=external,file=" + top
+				}
+				args = append(args, "--diskspec", spec)
+			}
+			run(t, "virsh", args...)
+			if tt.commitFirst {
+				run(t, "virsh", "-c", DefaultURI, "blockcommit", g.Name, "vdb", "--top", first, "--shallow", "--wait")
+			}
+			if on := diskSource(t, sources("--details"), "vdb"); on != top {
+				t.Fatalf("vdb on %s, want %s", on, top)
+			}
+			sum := write("stacked")
+			if err := vm.ClearStale(ctx); err != nil {
+				t.Fatalf("ClearStale: %v", err)
+			}
+			if after := sources("--details"); after != before {
+				t.Errorf("disks after ClearStale:\n%s\nwant\n%s", after, before)
+			}
+			if m, _ := filepath.Glob(fmt.Sprintf("/var/tmp/kura-%d-*", pid)); len(m) != 0 {
+				t.Errorf("the dead run's scratch directory is still there: %v", m)
+			}
+			check("stacked", sum)
+			c, err := vm.Capture(ctx, source.CaptureOptions{Mode: source.ModeCrash, Method: source.MethodOverlay, Since: since})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer endCapture(t, ctx, c, true)
+			if changed := changedBytes(t, ctx, c, "vdb"); changed < 3<<20 {
+				t.Errorf("%d bytes changed since %s; the guest wrote 3 MiB on the second overlay", changed, since)
+			}
+		})
+	}
 
 	t.Run("a VM shut off on its overlays", func(t *testing.T) {
 		c, err := vm.Capture(ctx, source.CaptureOptions{Mode: source.ModeCrash, Method: source.MethodOverlay})
@@ -177,6 +234,34 @@ func TestOverlayRecovery(t *testing.T) {
 			t.Errorf("%d bytes changed since %s; the guest wrote 3 MiB on the overlay that was merged offline", changed, c.Checkpoint())
 		}
 	})
+}
+
+// diskTargets lists the targets in `virsh domblklist --details` output.
+func diskTargets(t *testing.T, list string) []string {
+	t.Helper()
+	var out []string
+	for _, l := range strings.Split(list, "\n") {
+		if f := strings.Fields(l); len(f) == 4 && f[0] != "Type" {
+			out = append(out, f[2])
+		}
+	}
+	if len(out) == 0 {
+		t.Fatalf("no disks in:\n%s", list)
+	}
+	return out
+}
+
+// diskSource is the source of disk target in `virsh domblklist
+// --details` output.
+func diskSource(t *testing.T, list, target string) string {
+	t.Helper()
+	for _, l := range strings.Split(list, "\n") {
+		if f := strings.Fields(l); len(f) == 4 && f[2] == target {
+			return f[3]
+		}
+	}
+	t.Fatalf("no disk %s in:\n%s", target, list)
+	return ""
 }
 
 // changedBytes is how much of disk name the capture reports changed.
