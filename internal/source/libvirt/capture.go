@@ -54,8 +54,12 @@ type capture struct {
 	// overlays are the disks the overlay method put on overlays; End
 	// merges them back.
 	overlays []overlay
-	layered  int      // overlays End merged the cheap way (mergeOverlays), for tests
-	lock     *os.File // held while an overlay capture runs (overlayLock)
+	// For tests: how many overlays End's first round merged the cheap way
+	// and how many rounds it made (mergeOverlays); quickCommit replaces
+	// the constant.
+	layered, rounds int
+	quickCommit     time.Duration
+	lock            *os.File // held while an overlay capture runs (overlayLock)
 	// iothreads: QEMU serves some of the VM's disks in an I/O thread, and
 	// so the backup's NBD exports too. QEMU 7.2 (Debian 12) then aborts,
 	// killing the VM, when an NBD client of the export disconnects

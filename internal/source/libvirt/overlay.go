@@ -287,33 +287,56 @@ func (c *capture) openOverlaid(ctx context.Context, plans []*diskPlan) error {
 // It reports whether all are merged (their files may go).
 //
 // First, when the VM runs, the cheap way: one more snapshot puts each
-// disk on a second overlay, above its first, and the first is committed
-// into the image below while the guest writes to the second. A commit of
-// a layer that is not the active one copies only what the guest wrote
-// (in 2 KiB subclusters), one request at a time; an active commit copies
-// every 64 KiB cluster the guest touched, reading the rest of it from the
-// image, many requests at once. The active commit then merges only the
-// second overlay, which holds the guest's writes of those few seconds.
-// Whatever the cheap way leaves undone (a call that fails), the active
-// commits of mergeDown merge.
+// disk on a new overlay, above the one it ran on, and that one is
+// committed into the image below while the guest writes to the new one.
+// A commit of a layer that is not the active one copies only what the
+// guest wrote (in 2 KiB subclusters), one request at a time; an active
+// commit copies every 64 KiB cluster the guest touched, reading the rest
+// of it from the image, many requests at once. While those commits take
+// long (the new overlays then hold much), another round follows, up to
+// mergeRounds; the active commits of mergeDown then merge only the last
+// overlays, which hold the guest's writes of a second or two. Whatever
+// the cheap way leaves undone (a call that fails), they merge too.
 func (c *capture) mergeOverlays(ctx context.Context) (bool, error) {
 	v := c.vm
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), mergeTimeout)
 	defer cancel()
-	if c.topOverlays(ctx) == nil {
+	below := map[string]string{} // the overlay each disk runs on
+	for _, o := range c.overlays {
+		below[o.target] = o.path
+	}
+	for round := 1; round <= mergeRounds; round++ {
+		tops, err := c.topOverlays(ctx, round, below)
+		if err != nil {
+			break
+		}
+		began := time.Now()
 		var started []string
 		for _, o := range c.overlays {
 			err := c.endCall(ctx, func() error {
-				return v.c.l.DomainBlockCommit(v.dom, o.target, nil, []string{o.path}, 0, golibvirt.DomainBlockCommitShallow)
+				return v.c.l.DomainBlockCommit(v.dom, o.target, nil, []string{below[o.target]}, 0, golibvirt.DomainBlockCommitShallow)
 			})
 			if err == nil {
 				started = append(started, o.target)
 			}
 		}
+		done := 0
 		for _, target := range started {
 			if v.waitBlockJob(ctx, target, c.endCall) == nil {
-				c.layered++
+				done++
 			}
+		}
+		if round == 1 {
+			c.layered = done
+		}
+		c.rounds = round
+		below = tops
+		quick := quickCommit
+		if c.quickCommit != 0 {
+			quick = c.quickCommit
+		}
+		if done < len(c.overlays) || time.Since(began) < quick {
+			break
 		}
 	}
 	var errs []error
@@ -327,42 +350,44 @@ func (c *capture) mergeOverlays(ctx context.Context) (bool, error) {
 	return merged, errors.Join(errs...)
 }
 
-// topPath is the second overlay of disk target (mergeOverlays).
-func (c *capture) topPath(target string) string {
-	return filepath.Join(c.dir, target+".top"+overlaySuffix)
-}
+// mergeRounds bounds the rounds of mergeOverlays' cheap way; a round whose
+// commits took less than quickCommit is the last.
+const (
+	mergeRounds = 3
+	quickCommit = 2 * time.Second
+)
 
-// topOverlays puts every disk of the capture that runs on its overlay on
-// a second one above it, in one snapshot (no freeze: any instant will
-// do). The VM must be running.
-func (c *capture) topOverlays(ctx context.Context) error {
+// topOverlays puts every disk of the capture, which runs on the overlay
+// below names, on a new one above it, in one snapshot (no freeze: any
+// instant will do), and returns the new ones. The VM must be running.
+func (c *capture) topOverlays(ctx context.Context, round int, below map[string]string) (map[string]string, error) {
 	v := c.vm
 	switch st, err := v.state(ctx); {
 	case err != nil:
-		return err
+		return nil, err
 	case st != golibvirt.DomainRunning && st != golibvirt.DomainPaused:
-		return errors.New("the VM does not run")
+		return nil, errors.New("the VM does not run")
 	}
 	def, err := v.liveDef(ctx)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	files := map[string]string{}
 	for _, o := range c.overlays {
-		if !slices.ContainsFunc(def.Devices.Disks, func(d diskDef) bool { return d.Target.Dev == o.target && d.path() == o.path }) {
-			return fmt.Errorf("disk %s is not on its overlay", o.target)
+		if !slices.ContainsFunc(def.Devices.Disks, func(d diskDef) bool { return d.Target.Dev == o.target && d.path() == below[o.target] }) {
+			return nil, fmt.Errorf("disk %s is not on %s", o.target, below[o.target])
 		}
 		capacity, err := v.capacity(ctx, o.target)
 		if err != nil {
-			return err
+			return nil, err
 		}
-		top := c.topPath(o.target)
-		if err := c.makeOverlay(ctx, o.target, top, o.path, "qcow2", capacity); err != nil {
-			return err
+		top := filepath.Join(c.dir, fmt.Sprintf("%s.top%d%s", o.target, round, overlaySuffix))
+		if err := c.makeOverlay(ctx, o.target, top, below[o.target], "qcow2", capacity); err != nil {
+			return nil, err
 		}
 		files[o.target] = top
 	}
-	return v.snapshotOnto(ctx, def, files, c.endCall)
+	return files, v.snapshotOnto(ctx, def, files, c.endCall)
 }
 
 // waitBlockJob waits until disk target has no block job, or ctx ends.

@@ -108,11 +108,51 @@ func TestOverlayRecovery(t *testing.T) {
 		if changed := changedBytes(t, ctx, c, "vdb"); changed < 3<<20 {
 			t.Errorf("%d bytes changed since %s; the guest wrote 3 MiB after it", changed, childCheckpoint)
 		}
+		// The guest writes on while End merges; every round of the cheap
+		// way is made (as if each commit took long: longer than 1 ns), and the VM ends on
+		// its own disks with every write in them.
+		c.(*capture).quickCommit = time.Nanosecond
+		stop := make(chan struct{})
+		writes := make(chan error, 1)
+		go func() {
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					writes <- nil
+					return
+				default:
+				}
+				script := fmt.Sprintf("dd if=/dev/urandom of=/data/merging bs=64k count=16 seek=%d conv=notrunc 2>/dev/null && sync", (i%8)*16)
+				if r, err := g.ExecFull(ctx, nil, "/bin/sh", "-c", script); err != nil || r.ExitCode != 0 {
+					writes <- fmt.Errorf("%s: exit %d, %v: %s", script, r.ExitCode, err, r.Stderr)
+					return
+				}
+			}
+		}()
 		endCapture(t, ctx, c, true)
-		// The running VM's overlays were merged the cheap way: a second
-		// overlay, and the first committed below it.
+		close(stop)
+		if err := <-writes; err != nil {
+			t.Fatalf("guest writes during the merge: %v", err)
+		}
 		if got, want := c.(*capture).layered, len(c.(*capture).overlays); got != want || want == 0 {
 			t.Errorf("%d of %d overlays merged below a second one", got, want)
+		}
+		if c.(*capture).rounds != mergeRounds {
+			t.Errorf("%d rounds of merging, want %d", c.(*capture).rounds, mergeRounds)
+		}
+		if after := sources("--details"); after != before {
+			t.Errorf("disks after End:\n%s\nwant\n%s", after, before)
+		}
+		sum := strings.TrimSpace(guestSh(t, ctx, g, "sync; sha256sum < /data/merging"))
+		check("merging", sum)
+		// The writes during the merge count for the capture's checkpoint.
+		c2, err := vm.Capture(ctx, source.CaptureOptions{Mode: source.ModeCrash, Method: source.MethodOverlay, Since: c.Checkpoint()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer endCapture(t, ctx, c2, true)
+		if changed := changedBytes(t, ctx, c2, "vdb"); changed < 1<<20 {
+			t.Errorf("%d bytes changed since %s; the guest wrote 1 MiB or more while it was merged", changed, c.Checkpoint())
 		}
 	})
 
