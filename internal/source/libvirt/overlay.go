@@ -295,7 +295,7 @@ func (c *capture) openOverlaid(ctx context.Context, plans []*diskPlan) error {
 // of it from the image, many requests at once. While those commits take
 // long (the new overlays then hold much), another round follows, up to
 // mergeRounds; the active commits of mergeDown then merge only the last
-// overlays, which hold the guest's writes of a second or two. Whatever
+// overlays, which hold the guest's writes of under a second. Whatever
 // the cheap way leaves undone (a call that fails), they merge too.
 func (c *capture) mergeOverlays(ctx context.Context) (bool, error) {
 	v := c.vm
@@ -354,7 +354,7 @@ func (c *capture) mergeOverlays(ctx context.Context) (bool, error) {
 // commits took less than quickCommit is the last.
 const (
 	mergeRounds = 3
-	quickCommit = 2 * time.Second
+	quickCommit = 500 * time.Millisecond
 )
 
 // topOverlays puts every disk of the capture, which runs on the overlay
