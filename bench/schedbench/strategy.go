@@ -212,10 +212,17 @@ func (b *bench) runPhase(ctx context.Context, strategy string) error {
 	if err := b.snapshots(ctx, strategy, repoDir, ph); err != nil {
 		return err
 	}
+	for _, v := range ph.VMs {
+		if v.End.After(ph.Stored) {
+			ph.Stored = v.End
+		}
+	}
+	ph.StoredSeconds = ph.Stored.Sub(ph.Start).Seconds()
 	for i, vg := range b.guests {
 		gp := GuestPhase{Guest: vg.name}
 		gp.Idle = window(samples[i], ph.IdleFrom, ph.IdleTo)
 		gp.Backup = window(samples[i], ph.Start, ph.End)
+		gp.UntilStored = window(samples[i], ph.Start, ph.Stored)
 		gp.series = samples[i]
 		ph.Guests = append(ph.Guests, gp)
 		logf("%s: %s idle p50 %.2f p99 %.2f ms; during the backups p50 %.2f p99 %.2f ms (%d I/Os)", strategy, vg.name,

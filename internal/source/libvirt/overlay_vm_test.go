@@ -70,6 +70,21 @@ func TestOverlayRecovery(t *testing.T) {
 		return cmd.Process.Pid, strings.TrimSpace(strings.TrimPrefix(line, "captured "))
 	}
 
+	// clearStale runs ClearStale and checks that the VM is back on its
+	// disks and the scratch directory of the kura with pid is gone.
+	clearStale := func(t *testing.T, pid int) {
+		t.Helper()
+		if err := vm.ClearStale(ctx); err != nil {
+			t.Fatalf("ClearStale: %v", err)
+		}
+		if after := sources("--details"); after != before {
+			t.Errorf("disks after ClearStale:\n%s\nwant\n%s", after, before)
+		}
+		if m, _ := filepath.Glob(fmt.Sprintf("/var/tmp/kura-%d-*", pid)); len(m) != 0 {
+			t.Errorf("the dead run's scratch directory is still there: %v", m)
+		}
+	}
+
 	var childCheckpoint string
 	t.Run("overlays of a killed kura are merged back", func(t *testing.T) {
 		var pid int
@@ -82,15 +97,7 @@ func TestOverlayRecovery(t *testing.T) {
 				}
 			}
 		}
-		if err := vm.ClearStale(ctx); err != nil {
-			t.Fatalf("ClearStale: %v", err)
-		}
-		if after := sources("--details"); after != before {
-			t.Errorf("disks after ClearStale:\n%s\nwant\n%s", after, before)
-		}
-		if m, _ := filepath.Glob(fmt.Sprintf("/var/tmp/kura-%d-*", pid)); len(m) != 0 {
-			t.Errorf("the dead run's scratch directory is still there: %v", m)
-		}
+		clearStale(t, pid)
 		check("during", sum)
 	})
 
@@ -210,15 +217,7 @@ func TestOverlayRecovery(t *testing.T) {
 				t.Fatalf("vdb on %s, want %s", on, top)
 			}
 			sum := write("stacked")
-			if err := vm.ClearStale(ctx); err != nil {
-				t.Fatalf("ClearStale: %v", err)
-			}
-			if after := sources("--details"); after != before {
-				t.Errorf("disks after ClearStale:\n%s\nwant\n%s", after, before)
-			}
-			if m, _ := filepath.Glob(fmt.Sprintf("/var/tmp/kura-%d-*", pid)); len(m) != 0 {
-				t.Errorf("the dead run's scratch directory is still there: %v", m)
-			}
+			clearStale(t, pid)
 			check("stacked", sum)
 			c, err := vm.Capture(ctx, source.CaptureOptions{Mode: source.ModeCrash, Method: source.MethodOverlay, Since: since})
 			if err != nil {
