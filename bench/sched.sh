@@ -59,6 +59,7 @@
 #   BENCH_SCHED_OUT               output directory [$KURA_CACHE/bench/sched-results/<timestamp>]
 #   BENCH_SCHED_MAX_READS         latency.max_reads: backup reads in flight on the datastore, fixed (or the read window's cap) [0: none]
 #   BENCH_SCHED_OFF_RATE          the off-datastore strategy's --limit-read, e.g. 10MiB [none]
+#   BENCH_SCHED_OFF_WORKERS       the off-/on-datastore strategies' --workers (reads in flight), e.g. 3 [kura's default]
 #   BENCH_SCHED_SCRATCH           datastore: kura's scratch directory (copy-before-write images, overlays) on the datastore [/var/tmp]
 #   BENCH_SCHED_READ_SIZE         latency.read_size: backup reads split into requests of this size, e.g. 32KiB [whole chunks]
 #   BENCH_SCHED_BANDWIDTH         limits.bandwidth: each backup's read rate in the scheduler phases, e.g. 8.5MiB [none]

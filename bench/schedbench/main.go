@@ -81,6 +81,7 @@ type config struct {
 	ThresholdX                    float64 // threshold = X × baseline p99 when ThresholdMS is 0
 	MinRate, Increase             string  // latency.min_rate and latency.increase of the scheduler's config
 	OffRate                       string  // --limit-read of the off-datastore strategy ("": none)
+	OffWorkers                    int     // --workers of the off-/on-datastore strategies (0: kura's default)
 	ReadWindow                    bool    // latency.read_window
 	MaxReads                      int     // latency.max_reads
 	ScratchOnDatastore            bool    // kura's scratch directory (CBW images, overlays) on the datastore
@@ -136,6 +137,7 @@ func loadConfig() config {
 		Guests:             envInt("BENCH_SCHED_GUESTS", 3),
 		MinRate:            envStr("BENCH_SCHED_MIN_RATE", "2MiB"),
 		OffRate:            os.Getenv("BENCH_SCHED_OFF_RATE"),
+		OffWorkers:         envInt("BENCH_SCHED_OFF_WORKERS", 0),
 		Increase:           envStr("BENCH_SCHED_INCREASE", "4MiB"),
 		ReadWindow:         os.Getenv("BENCH_SCHED_READ_WINDOW") == "1",
 		MaxReads:           envInt("BENCH_SCHED_MAX_READS", 0),

@@ -172,6 +172,9 @@ func (b *bench) runPhase(ctx context.Context, strategy string) error {
 		if b.cfg.OffRate != "" {
 			args = append(args, "--limit-read", b.cfg.OffRate)
 		}
+		if b.cfg.OffWorkers > 0 {
+			args = append(args, "--workers", strconv.Itoa(b.cfg.OffWorkers))
+		}
 		root, vdb := b.rootSrc, b.vdb
 		if kind == "on-datastore" {
 			root, vdb = b.img.RootQcow2, filepath.Join(filepath.Dir(b.img.RootQcow2), "vdb-copy.qcow2")
