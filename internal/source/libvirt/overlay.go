@@ -322,7 +322,14 @@ func (c *capture) mergeOverlays(ctx context.Context) (bool, error) {
 		}
 		done := 0
 		for _, target := range started {
-			if v.waitBlockJob(ctx, target, c.endCall) == nil {
+			if v.waitBlockJob(ctx, target, c.endCall) != nil {
+				continue
+			}
+			// A commit that failed (the disk's image full, say) leaves
+			// the overlay in the chain.
+			var x string
+			err := c.endCall(ctx, func() (err error) { x, err = v.c.l.DomainGetXMLDesc(v.dom, 0); return err })
+			if err == nil && !xmlNames(x, below[target]) {
 				done++
 			}
 		}
@@ -418,7 +425,7 @@ const maxOverlays = 4
 func (v *VM) mergeDown(ctx context.Context, o overlay, call func(context.Context, func() error) error) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), mergeTimeout)
 	defer cancel()
-	for range maxOverlays {
+	for range maxOverlays + 1 { // the last pass finds the disk on its image
 		var x string
 		err := call(ctx, func() (err error) { x, err = v.c.l.DomainGetXMLDesc(v.dom, 0); return err })
 		if golibvirt.IsNotFound(err) {
@@ -453,6 +460,14 @@ func (v *VM) mergeDown(ctx context.Context, o overlay, call func(context.Context
 		}
 	}
 	return v.overlayErr(o, errors.New("still on an overlay"), "merging %d overlays of disk %s back", maxOverlays, o.target)
+}
+
+// xmlNames reports whether the XML document x names path (in an
+// attribute, as libvirt writes a file's path).
+func xmlNames(x, path string) bool {
+	var esc strings.Builder
+	xml.EscapeText(&esc, []byte(path))
+	return strings.Contains(x, "'"+esc.String()+"'") || strings.Contains(x, `"`+esc.String()+`"`)
 }
 
 // isOverlay reports whether path is an overlay Kura made.
@@ -560,7 +575,7 @@ func (v *VM) mergeOffline(ctx context.Context, o overlay) error {
 	if err != nil {
 		return v.overlayErr(o, err, "reading the definition")
 	}
-	if !strings.Contains(x, o.path) {
+	if !xmlNames(x, o.path) {
 		return nil // the definition does not use it (a transient VM, or fixed by hand)
 	}
 	if o.base == "" {
@@ -669,7 +684,7 @@ func pointDiskAt(domXML string, o overlay) (string, error) {
 	xml.EscapeText(&esc, []byte(o.path))
 	found := false
 	out := diskElem.ReplaceAllStringFunc(domXML, func(d string) string {
-		if found || !strings.Contains(d, "'"+esc.String()+"'") && !strings.Contains(d, `"`+esc.String()+`"`) {
+		if found || !xmlNames(d, o.path) {
 			return d
 		}
 		found = true

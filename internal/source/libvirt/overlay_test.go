@@ -142,3 +142,24 @@ func TestCheckOverlayable(t *testing.T) {
 		t.Errorf("a network disk: %v", err)
 	}
 }
+
+func TestXMLNames(t *testing.T) {
+	tests := []struct {
+		x, path string
+		want    bool
+	}{
+		{`<source file='/var/tmp/kura-1-a/vdb.overlay'/>`, "/var/tmp/kura-1-a/vdb.overlay", true},
+		{`<source file="/var/tmp/kura-1-a/vdb.overlay"/>`, "/var/tmp/kura-1-a/vdb.overlay", true},
+		// The second overlay's name holds the first's directory, not its name.
+		{`<source file='/var/tmp/kura-1-a/vdb.top1.overlay'/>`, "/var/tmp/kura-1-a/vdb.overlay", false},
+		// A prefix of a path is not the path.
+		{`<source file='/var/tmp/kura-1-a/vdb.overlay2'/>`, "/var/tmp/kura-1-a/vdb.overlay", false},
+		{`<source file='/srv/a&amp;b/vdb.overlay'/>`, "/srv/a&b/vdb.overlay", true},
+		{`<source file='/srv/a&b/vdb.overlay'/>`, "/srv/a&b/vdb.overlay", false}, // not as libvirt writes it
+	}
+	for _, tt := range tests {
+		if got := xmlNames(tt.x, tt.path); got != tt.want {
+			t.Errorf("xmlNames(%s, %s) = %t, want %t", tt.x, tt.path, got, tt.want)
+		}
+	}
+}
