@@ -53,6 +53,7 @@ func newEnv(t *testing.T) *env {
 type result struct {
 	stdout, stderr string
 	code           int
+	pid            int // of the kura process
 }
 
 func (e *env) cmd(args ...string) *exec.Cmd {
@@ -77,7 +78,7 @@ func (e *env) run(args ...string) result {
 	} else if err != nil {
 		e.t.Fatalf("kura %v: %v", args, err)
 	}
-	return result{so.String(), se.String(), code}
+	return result{so.String(), se.String(), code, c.Process.Pid}
 }
 
 // ok runs kura and fails the test unless it succeeds.
