@@ -127,16 +127,7 @@ func TestLibvirtCapture(t *testing.T) {
 	t.Logf("guest %s booted in %s (%s)", g.Name, g.BootTime.Round(time.Second), g.Accel)
 	installHangHook(t, ctx, g)
 
-	conn, err := Connect(ctx, "qemu:///system")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	sv, err := conn.VM(ctx, g.Name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	vm := sv.(*VM)
+	conn, vm := connectVM(t, ctx, g.Name)
 
 	t.Run("block stats", func(t *testing.T) {
 		before, err := conn.BlockStats(ctx, g.Name)

@@ -74,16 +74,8 @@ func bootGuest(t *testing.T, ctx context.Context, opts testvm.Options) (*testvm.
 	if _, err := g.WaitAgent(ctx); err != nil {
 		t.Fatal(err)
 	}
-	conn, err := Connect(ctx, DefaultURI)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	sv, err := conn.VM(ctx, g.Name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return g, conn, sv.(*VM)
+	conn, vm := connectVM(t, ctx, g.Name)
+	return g, conn, vm
 }
 
 // needLibvirt skips a test that boots a libvirt guest where that cannot work.
@@ -357,3 +349,18 @@ func guestTimeouts(freeze time.Duration) guest.Timeouts {
 }
 
 func isNotFound(err error) bool { return errors.Is(err, source.ErrNotFound) }
+
+// connectVM connects to libvirtd (closed when t ends) and looks up VM name.
+func connectVM(t *testing.T, ctx context.Context, name string) (*Conn, *VM) {
+	t.Helper()
+	conn, err := Connect(ctx, DefaultURI)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	sv, err := conn.VM(ctx, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return conn, sv.(*VM)
+}
