@@ -316,27 +316,42 @@ const smallIO = 16 << 10
 // deviceWindow sums up the model's records from from to to; nil when the
 // datastore is not the model.
 func deviceWindow(d store, from, to time.Time) *DeviceWindow {
+	return deviceWindows(d, []Step{{From: from, To: to}})
+}
+
+// deviceWindows sums up the model's records in the windows ws (which do
+// not overlap); nil when the datastore is not the model.
+func deviceWindows(d store, ws []Step) *DeviceWindow {
 	m, ok := d.(*modelStore)
-	if !ok || !to.After(from) {
+	if !ok {
 		return nil
 	}
 	var w DeviceWindow
 	var sw, sl, lw []float64
 	var smallHeld, largeHeld time.Duration
 	var largeBytes int
-	for _, r := range m.fs.Records(from, to) {
-		ms := func(d time.Duration) float64 { return d.Seconds() * 1000 }
-		if r.Size <= smallIO {
-			sw = append(sw, ms(r.Wait))
-			sl = append(sl, ms(r.Wait+r.Service))
-			smallHeld += r.Service
-		} else {
-			lw = append(lw, ms(r.Wait))
-			largeHeld += r.Service
-			largeBytes += r.Size
+	var span float64
+	for _, win := range ws {
+		if !win.To.After(win.From) {
+			continue
+		}
+		span += win.To.Sub(win.From).Seconds()
+		for _, r := range m.fs.Records(win.From, win.To) {
+			ms := func(d time.Duration) float64 { return d.Seconds() * 1000 }
+			if r.Size <= smallIO {
+				sw = append(sw, ms(r.Wait))
+				sl = append(sl, ms(r.Wait+r.Service))
+				smallHeld += r.Service
+			} else {
+				lw = append(lw, ms(r.Wait))
+				largeHeld += r.Service
+				largeBytes += r.Size
+			}
 		}
 	}
-	span := to.Sub(from).Seconds()
+	if span == 0 {
+		return nil
+	}
 	w.SmallN, w.SmallWait, w.SmallLatency, w.SmallChannels = len(sw), dist(sw), dist(sl), smallHeld.Seconds()/span
 	w.LargeN, w.LargeWait, w.LargeChannels = len(lw), dist(lw), largeHeld.Seconds()/span
 	if len(lw) > 0 {

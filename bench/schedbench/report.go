@@ -80,6 +80,10 @@ type Phase struct {
 	RunSummary      string    `json:"run_summary,omitempty"`
 	RunEnded        time.Time `json:"run_ended,omitzero"`
 	Decisions       []string  `json:"latency_control,omitempty"` // the daemon's "latency control" log lines
+	// The overlay method's merge steps (from the server's debug log) and
+	// the guests' latency while they ran.
+	Steps     []Step      `json:"steps,omitempty"`
+	StepStats []StepStats `json:"step_stats,omitempty"`
 }
 
 // VMBackup is one VM's restore point in a phase.
@@ -426,6 +430,21 @@ func (b *bench) markdown(pngs []string) string {
 		p("\nStart and end of each VM's backup (seconds after the run-now):\n\n")
 		for _, v := range ph.VMs {
 			p("- %s: %.1f → %.1f s (%s, read %.0f MB)\n", shortName(v.VM), v.Start.Sub(ph.Start).Seconds(), v.End.Sub(ph.Start).Seconds(), v.Kind, float64(v.BytesRead)/1e6)
+		}
+		if len(ph.StepStats) > 0 {
+			p("\nThe overlay method's merges, step by step (from the server's debug log): the guests' fio latency (ms) while steps of each kind ran, each guest during its own VM's steps (own) and every guest during any VM's (all), and the modelled device's small requests' wait and the larger requests' channels in those windows.\n\n")
+			p("| step | count | seconds | own: n | p50 | p99 | max | all: p99 | device small wait p99 | larger channels |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+			for _, st := range ph.StepStats {
+				var wait, ch float64
+				if d := st.Device; d != nil {
+					wait, ch = d.SmallWait.P99, d.LargeChannels
+				}
+				p("| %s | %d | %.1f | %d | %.2f | %.2f | %.1f | %.2f | %.2f | %.2f |\n", st.Kind, st.Count, st.Seconds, st.Own.N, st.Own.P50, st.Own.P99, st.Own.Max, st.All.P99, wait, ch)
+			}
+			p("\nEvery step (seconds after the run-now):\n\n")
+			for _, s := range ph.Steps {
+				p("- %s: %s %.2f → %.2f s\n", shortName(s.VM), s.Kind, s.From.Sub(ph.Start).Seconds(), s.To.Sub(ph.Start).Seconds())
+			}
 		}
 	}
 	if len(pngs) > 0 {

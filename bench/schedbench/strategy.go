@@ -231,6 +231,10 @@ func (b *bench) runPhase(ctx context.Context, strategy string) error {
 		logf("%s: %s idle p50 %.2f p99 %.2f ms; during the backups p50 %.2f p99 %.2f ms (%d I/Os)", strategy, vg.name,
 			gp.Idle.All.P50, gp.Idle.All.P99, gp.Backup.All.P50, gp.Backup.All.P99, gp.Backup.All.N)
 	}
+	if srv != nil {
+		ph.Steps = parseSteps(srv.logPath)
+		ph.StepStats = stepStats(ph.Steps, ph.Guests, b.ds)
+	}
 	if !b.cfg.Keep {
 		os.RemoveAll(repoDir)
 	}
@@ -450,7 +454,8 @@ server:
 	if err != nil {
 		return nil, err
 	}
-	args := append(append([]string{}, b.cfg.KuraFlags...), "server", "--config", s.cfgPath)
+	// -v: the merge steps are logged at debug level (parseSteps).
+	args := append(append([]string{}, b.cfg.KuraFlags...), "-v", "server", "--config", s.cfgPath)
 	s.cmd = exec.Command(b.cfg.Kura, args...)
 	if b.nice {
 		s.cmd = exec.Command("nice", append([]string{"-n", "19", b.cfg.Kura}, args...)...)

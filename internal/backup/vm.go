@@ -115,7 +115,7 @@ func RunVMOpening(ctx context.Context, open func(context.Context) (*repo.Repo, e
 		}
 	}
 	wantApp := o.Mode == "" || o.Mode == source.ModeApp
-	co := source.CaptureOptions{Mode: o.Mode, Method: o.Method, Full: o.Full, ParentReady: resolved}
+	co := source.CaptureOptions{Mode: o.Mode, Method: o.Method, Full: o.Full, ParentReady: resolved, Logger: opts.Logger.With("vm", vm.Name())}
 	if wantApp {
 		// The drivers pick app when the agent answers and crash when it
 		// does not; an explicit app makes them fail instead.

@@ -9,6 +9,7 @@ package source
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"time"
 )
 
@@ -124,6 +125,9 @@ type CaptureOptions struct {
 	// Whatever Parent then says, the capture reads no less than it would
 	// have read had it waited: a guess that proves wrong reads in full.
 	ParentReady <-chan struct{}
+	// Logger, when set, is told of the capture's slower steps (at debug
+	// level: how long each took), such as the overlay method's merges.
+	Logger *slog.Logger
 }
 
 // SinceCheckpoint returns the checkpoint to read changes from: Since, or

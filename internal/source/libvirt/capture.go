@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -45,6 +46,7 @@ type capture struct {
 	vm     *VM
 	mode   string
 	method string // source.MethodFleece or MethodOverlay (live captures)
+	log    *slog.Logger
 
 	dir        string // private directory: NBD socket and scratch files
 	disks      []source.Disk
@@ -229,7 +231,10 @@ type diskPlan struct {
 }
 
 func (v *VM) captureLive(ctx context.Context, def *domainDef, disks []diskDef, mode string, paused bool, opts source.CaptureOptions) (_ source.Capture, err error) {
-	c := &capture{vm: v, mode: mode, method: opts.Method, iothreads: def.usesIOThreads()}
+	c := &capture{vm: v, mode: mode, method: opts.Method, iothreads: def.usesIOThreads(), log: opts.Logger}
+	if c.log == nil {
+		c.log = slog.New(slog.DiscardHandler)
+	}
 	if c.method == "" {
 		c.method = source.MethodFleece
 	}

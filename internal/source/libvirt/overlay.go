@@ -306,8 +306,10 @@ func (c *capture) mergeOverlays(ctx context.Context) (bool, error) {
 		below[o.target] = o.path
 	}
 	for round := 1; round <= mergeRounds; round++ {
+		snapped := time.Now()
 		tops, err := c.topOverlays(ctx, round, below)
 		if err != nil {
+			c.log.Debug("overlay merge: no new overlay, merging the last one", "round", round, "err", err)
 			break
 		}
 		began := time.Now()
@@ -333,6 +335,7 @@ func (c *capture) mergeOverlays(ctx context.Context) (bool, error) {
 				done++
 			}
 		}
+		c.log.Debug("overlay merge round", "round", round, "snapshot", began.Sub(snapped), "commits", time.Since(began), "committed", done, "disks", len(c.overlays))
 		if round == 1 {
 			c.layered = done
 		}
@@ -349,7 +352,10 @@ func (c *capture) mergeOverlays(ctx context.Context) (bool, error) {
 	var errs []error
 	merged := true
 	for _, o := range c.overlays {
-		if err := v.mergeDown(ctx, o, c.endCall); err != nil {
+		began := time.Now()
+		err := v.mergeDown(ctx, o, c.endCall)
+		c.log.Debug("overlay merge: active commit and pivot", "disk", o.target, "took", time.Since(began), "err", err)
+		if err != nil {
 			merged = false
 			errs = append(errs, err)
 		}
