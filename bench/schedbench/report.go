@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bufio"
+	"compress/gzip"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -276,6 +278,9 @@ func (b *bench) writeReport() error {
 			continue
 		}
 		pngs = append(pngs, name)
+		if err := writeSamples(p, filepath.Join(b.cfg.Out, "fio-"+p.Strategy+".csv.gz")); err != nil {
+			logf("samples of %s: %v", p.Strategy, err)
+		}
 	}
 	if err := writeJSON(filepath.Join(b.cfg.Out, "results.json"), b.res); err != nil {
 		return err
@@ -471,4 +476,34 @@ func orDefault(s, def string) string {
 		return def
 	}
 	return s
+}
+
+// writeSamples writes every fio completion of the phase's guests, as
+// guest,seconds after the phase's start,latency in ms,r or w (gzipped
+// CSV), for analyses the report does not make.
+func writeSamples(p *Phase, path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	z := gzip.NewWriter(f)
+	w := bufio.NewWriter(z)
+	fmt.Fprintln(w, "guest,t,ms,op")
+	for _, g := range p.Guests {
+		for _, x := range g.series {
+			op := "r"
+			if x.write {
+				op = "w"
+			}
+			fmt.Fprintf(w, "%s,%.4f,%.3f,%s\n", shortName(g.Guest), x.at.Sub(p.Start).Seconds(), x.lat.Seconds()*1000, op)
+		}
+	}
+	if err := w.Flush(); err != nil {
+		return err
+	}
+	if err := z.Close(); err != nil {
+		return err
+	}
+	return f.Close()
 }
