@@ -364,10 +364,14 @@ func (c *capture) mergeOverlays(ctx context.Context) (bool, error) {
 }
 
 // mergeRounds bounds the rounds of mergeOverlays' cheap way; a round whose
-// commits took less than quickCommit is the last.
+// commits took less than quickCommit is the last. A commit costs about a
+// second however little it copies (libvirt reopens the image below
+// read-write and back, and QEMU drains the disk for each step, holding the
+// guest's I/O), so a round shorter than quickCommit left so little in the
+// new overlays that their active commit costs less than another round.
 const (
 	mergeRounds = 3
-	quickCommit = 500 * time.Millisecond
+	quickCommit = 2 * time.Second
 )
 
 // topOverlays puts every disk of the capture, which runs on the overlay
@@ -390,12 +394,15 @@ func (c *capture) topOverlays(ctx context.Context, round int, below map[string]s
 		if !slices.ContainsFunc(def.Devices.Disks, func(d diskDef) bool { return d.Target.Dev == o.target && d.path() == below[o.target] }) {
 			return nil, fmt.Errorf("disk %s is not on %s", o.target, below[o.target])
 		}
-		capacity, err := v.capacity(ctx, o.target)
+		// The size from the image below (which the guest writes to, so
+		// a resize shows there), not from QEMU: that query runs in the
+		// main loop that serves the guest's I/O.
+		info, err := qcow2Info(ctx, below[o.target])
 		if err != nil {
 			return nil, err
 		}
 		top := filepath.Join(c.dir, fmt.Sprintf("%s.top%d%s", o.target, round, overlaySuffix))
-		if err := c.makeOverlay(ctx, o.target, top, below[o.target], "qcow2", capacity); err != nil {
+		if err := c.makeOverlay(ctx, o.target, top, below[o.target], "qcow2", info.size); err != nil {
 			return nil, err
 		}
 		files[o.target] = top
@@ -606,26 +613,44 @@ func (v *VM) mergeOffline(ctx context.Context, o overlay) error {
 // backingOf reads the backing image of the qcow2 image path, and its
 // format.
 func backingOf(ctx context.Context, path string) (file, format string, err error) {
+	info, err := qcow2Info(ctx, path)
+	if err != nil {
+		return "", "", err
+	}
+	if info.backing == "" || info.format == "" {
+		return "", "", fmt.Errorf("%s names no backing image and format", path)
+	}
+	return info.backing, info.format, nil
+}
+
+// imageInfo is what qemu-img info tells of a qcow2 image.
+type imageInfo struct {
+	size            uint64 // virtual size, in bytes
+	backing, format string // the backing image and its format
+}
+
+// qcow2Info reads the header of the qcow2 image path, which may be open in
+// a running VM: qemu-img reads it without a lock, and without asking that
+// VM's QEMU, whose main loop also serves the guest's I/O.
+func qcow2Info(ctx context.Context, path string) (imageInfo, error) {
 	out, err := exec.CommandContext(ctx, "qemu-img", "info", "-U", "--output=json", "-f", "qcow2", path).Output()
 	if err != nil {
-		return "", "", fmt.Errorf("qemu-img info %s: %w", path, err)
+		return imageInfo{}, fmt.Errorf("qemu-img info %s: %w", path, err)
 	}
 	var info struct {
+		Size        uint64 `json:"virtual-size"`
 		Backing     string `json:"backing-filename"`
 		FullBacking string `json:"full-backing-filename"`
 		Format      string `json:"backing-filename-format"`
 	}
 	if err := json.Unmarshal(out, &info); err != nil {
-		return "", "", fmt.Errorf("qemu-img info %s: %w", path, err)
+		return imageInfo{}, fmt.Errorf("qemu-img info %s: %w", path, err)
 	}
-	file = info.FullBacking
+	file := info.FullBacking
 	if file == "" {
 		file = info.Backing
 	}
-	if file == "" || info.Format == "" {
-		return "", "", fmt.Errorf("%s names no backing image and format", path)
-	}
-	return file, info.Format, nil
+	return imageInfo{size: info.Size, backing: file, format: info.Format}, nil
 }
 
 // clearStaleOverlays merges back the overlays of def's disks that no
