@@ -24,6 +24,10 @@ type VMOptions struct {
 	Workers    int
 	Progress   *Progress
 	Options    Options // Logger, Tags
+	// Stored, when set, is called once the restore point is in the
+	// repository, before the capture is released (which may take a
+	// while: the overlay method merges the guest's writes back then).
+	Stored func(*repo.Snapshot)
 }
 
 // RunVM captures all disks of vm at one instant, backs them up (reading
@@ -211,6 +215,9 @@ func RunVMOpening(ctx context.Context, open func(context.Context) (*repo.Repo, e
 	runStart := time.Now()
 	snap, err = Run(ctx, r, capture.Disks(), opts)
 	opts.Logger.Debug("disks read and stored", "vm", vm.Name(), "took", time.Since(runStart), "err", err)
+	if err == nil && o.Stored != nil {
+		o.Stored(snap)
+	}
 	return snap, err
 }
 

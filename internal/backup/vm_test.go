@@ -85,9 +85,15 @@ func TestRunVMChainsCheckpoints(t *testing.T) {
 	d := &trackedDisk{memDisk: memDisk{name: "vda", data: bytes.Repeat([]byte("web01 "), 1<<20)}}
 	vm := &fakeVM{disk: d}
 
-	s1, err := RunVM(ctx, r, vm, VMOptions{Source: "libvirt"})
+	var stored []string // what Stored saw, and whether End had run by then
+	s1, err := RunVM(ctx, r, vm, VMOptions{Source: "libvirt", Stored: func(s *repo.Snapshot) {
+		stored = append(stored, fmt.Sprintf("%s ended=%d", s.ID, len(vm.ended)))
+	}})
 	if err != nil {
 		t.Fatal(err)
+	}
+	if want := []string{s1.ID + " ended=0"}; fmt.Sprint(stored) != fmt.Sprint(want) {
+		t.Fatalf("Stored calls %v, want %v (before End)", stored, want)
 	}
 	if s1.Kind != "full" || s1.Checkpoint != "kura-1" || s1.Mode != "app" || s1.Stats.FreezeMillis != 42 || s1.Stats.FreezeCallMillis != 20 || s1.Stats.InstantMillis != 15 || s1.Stats.ThawCallMillis != 7 || s1.Config == nil || s1.Disks[0].Read != "full (no checkpoint)" {
 		t.Fatalf("first: %+v", s1)

@@ -568,7 +568,17 @@ func (d *Daemon) backupVM(ctx context.Context, t schedule.Task) (*repo.Snapshot,
 	if j := cfg.Job(t.Job); j != nil {
 		method = j.Capture
 	}
-	snap, err := backup.RunVM(ctx, r, vm, backup.VMOptions{Mode: mode, Method: method, Source: "libvirt",
+	// Once the restore point is stored, the next VM may start while this
+	// one releases its capture (the overlay method's merge).
+	stored := func(snap *repo.Snapshot) {
+		if err := d.sched.Stored(t); err != nil {
+			d.log.Error("scheduler refused a stored restore point", "vm", t.VM, "err", err)
+			return
+		}
+		d.log.Debug("restore point stored; releasing the capture", "vm", t.VM, "job", t.Job, "snapshot", snap.ID[:8])
+		d.poke()
+	}
+	snap, err := backup.RunVM(ctx, r, vm, backup.VMOptions{Mode: mode, Method: method, Source: "libvirt", Stored: stored,
 		Options: backup.Options{Logger: d.log, ReadGate: throttle.ReadGate(lim, win), ReadSize: int(cfg.Latency.ReadSizeBytes), Tags: map[string]string{"job": t.Job}}})
 	if err != nil {
 		return nil, false, err

@@ -71,6 +71,9 @@ type running struct {
 	task Task
 	run  *run
 	vm   *vmRun
+	// stored: the task's restore point is written (Stored); it holds no
+	// slot of the limits any more, only its VM.
+	stored bool
 }
 
 // New returns a scheduler for jobs within limits, reading time from clock.
@@ -414,9 +417,13 @@ func (s *Scheduler) plan(now time.Time) ([]candidate, map[*vmRun]string) {
 	perRepo := make(map[string]int)
 	busy := make(map[string]string) // VM name → job name
 	for _, rt := range s.running {
+		busy[rt.task.VM] = rt.task.Job
+		if rt.stored {
+			host--
+			continue
+		}
 		perDS[rt.task.Datastore]++
 		perRepo[rt.task.Repository]++
-		busy[rt.task.VM] = rt.task.Job
 	}
 	var start []candidate
 	why := make(map[*vmRun]string)
@@ -490,6 +497,23 @@ func (s *Scheduler) Ready() []Task {
 		tasks = append(tasks, t)
 	}
 	return tasks
+}
+
+// Stored records that a running task's restore point is written and only
+// the release of its capture is left (the overlay method's merge of the
+// guest's writes, which touches neither the repository nor the other
+// VMs): the task no longer counts against the limits, so that another VM
+// may start, but its VM starts in no job until Done. Stored returns an
+// error wrapping [ErrUnknownTask] if t is not running.
+func (s *Scheduler) Stored(t Task) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	rt := s.running[t.VM]
+	if rt == nil || rt.task.id != t.id {
+		return fmt.Errorf("stored: VM %s of job %s attempt %d: %w", t.VM, t.Job, t.Attempt, ErrUnknownTask)
+	}
+	rt.stored = true
+	return nil
 }
 
 // Done records the end of a task that Ready handed out. A nil err and false

@@ -567,3 +567,58 @@ func TestStagger(t *testing.T) {
 		t.Errorf("Waiting = %d, want 1 (a3)", n)
 	}
 }
+
+// A task whose restore point is stored frees its slots (host, datastore,
+// repository) for the next VM, while its VM stays busy until Done.
+func TestStoredFreesLimitsNotTheVM(t *testing.T) {
+	tests := []struct {
+		name   string
+		limits Limits
+	}{
+		{"per host", Limits{PerHost: 1}},
+		{"per datastore", Limits{PerDatastore: 1}},
+		{"per repository", Limits{PerRepository: 1}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			shared := VM{Name: "a1", Datastore: "a"}
+			clock := &fakeClock{now: t0}
+			s := newScheduler(t, []Job{
+				{Name: "j", Repository: "r", Schedule: "0 13 * * *", VMs: []VM{shared, {Name: "a2", Datastore: "a"}}},
+				{Name: "k", Repository: "r", Schedule: "0 13 * * *", VMs: []VM{shared}},
+			}, tt.limits, clock)
+			clock.set(t, at(0, 13, 0))
+			first := s.Ready()
+			equal(t, "first", ids(first), []string{"j/a1"})
+			if got := s.Ready(); len(got) != 0 {
+				t.Fatalf("Ready() at the limit = %v", ids(got))
+			}
+			if err := s.Stored(first[0]); err != nil {
+				t.Fatal(err)
+			}
+			second := s.Ready()
+			equal(t, "after a1 stored", ids(second), []string{"j/a2"})
+			// a1 merges on: job k may not back it up yet, and a2 holds the slot.
+			doneAll(t, s, second)
+			if got := s.Ready(); len(got) != 0 {
+				t.Fatalf("Ready() while a1 is still releasing its capture = %v", ids(got))
+			}
+			doneAll(t, s, first)
+			equal(t, "after a1 done", ids(s.Ready()), []string{"k/a1"})
+		})
+	}
+}
+
+func TestStoredRejectsUnknownTask(t *testing.T) {
+	clock := &fakeClock{now: t0}
+	s := newScheduler(t, []Job{{Name: "j", Repository: "r", Schedule: "0 13 * * *", VMs: vms("a1")}}, Limits{}, clock)
+	if err := s.Stored(Task{Job: "j", VM: "a1"}); !errors.Is(err, ErrUnknownTask) {
+		t.Errorf("Stored of a task never started = %v, want ErrUnknownTask", err)
+	}
+	clock.set(t, at(0, 13, 0))
+	tasks := s.Ready()
+	done(t, s, tasks[0], nil, false)
+	if err := s.Stored(tasks[0]); !errors.Is(err, ErrUnknownTask) {
+		t.Errorf("Stored after Done = %v, want ErrUnknownTask", err)
+	}
+}
