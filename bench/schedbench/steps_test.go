@@ -67,3 +67,34 @@ time=2026-11-27T00:25:06.000Z level=DEBUG msg="overlay merge: active commit and 
 		t.Errorf("unionOf = %+v, want [01–04, 05–06]", u)
 	}
 }
+
+func TestStepStats(t *testing.T) {
+	t0 := time.Date(2026, 11, 27, 0, 0, 0, 0, time.UTC)
+	sec := func(s float64) time.Time { return t0.Add(time.Duration(s * float64(time.Second))) }
+	sample := func(s, ms float64) latSample {
+		return latSample{at: sec(s), lat: time.Duration(ms * float64(time.Millisecond))}
+	}
+	guests := []GuestPhase{
+		{Guest: "g1", series: []latSample{sample(0.5, 1), sample(1.5, 50), sample(2.5, 2), sample(4.5, 3)}},
+		{Guest: "g2", series: []latSample{sample(1.2, 7), sample(3.5, 9), sample(4.2, 70)}},
+	}
+	steps := []Step{
+		{VM: "g1", Kind: stepCommit, From: sec(1), To: sec(2)},
+		{VM: "g2", Kind: stepCommit, From: sec(3), To: sec(4)},
+		{VM: "g2", Kind: stepActive, From: sec(4), To: sec(5)},
+	}
+	got := stepStats(steps, guests, nil)
+	if len(got) != 2 || got[0].Kind != stepCommit || got[1].Kind != stepActive {
+		t.Fatalf("stepStats kinds = %+v, want the commit, then the active commit", got)
+	}
+	commit, active := got[0], got[1]
+	// Commits: g1 during its own (50 ms at 1.5 s), g2 during its own (9 ms
+	// at 3.5 s); every guest in either window: those and g2's 7 ms at 1.2 s.
+	if commit.Count != 2 || commit.Seconds != 2 || commit.Own.N != 2 || commit.Own.Max != 50 || commit.All.N != 3 {
+		t.Errorf("commits: %+v, want 2 steps of 2 s, own n=2 max 50, all n=3", commit)
+	}
+	// The active commit is g2's: g2's 70 ms is its own, g1's 3 ms is not.
+	if active.Own.N != 1 || active.Own.Max != 70 || active.All.N != 2 || active.Device != nil {
+		t.Errorf("active commit: %+v, want own n=1 max 70, all n=2, no device figures", active)
+	}
+}
