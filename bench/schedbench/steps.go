@@ -1,8 +1,6 @@
 package main
 
 import (
-	"bufio"
-	"os"
 	"sort"
 	"strconv"
 	"strings"
@@ -10,7 +8,7 @@ import (
 )
 
 // A Step is one timed part of a VM's backup that the server logged at
-// debug level (BENCH_SCHED_KURA_FLAGS=-v): the overlay method's merges.
+// debug level (the benchmark runs it with -v): the overlay method's merges.
 type Step struct {
 	VM   string    `json:"vm"`
 	Kind string    `json:"kind"`
@@ -43,19 +41,12 @@ type StepStats struct {
 // parseSteps reads the merge steps from a server log in slog's text
 // format; a step's window ends at its line's time.
 func parseSteps(path string) []Step {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil
-	}
-	defer f.Close()
 	var out []Step
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		kv := logFields(sc.Text())
+	scanLog(path, func(line string) {
+		kv := logFields(line)
 		at, err := time.Parse(time.RFC3339Nano, kv["time"])
 		if err != nil || kv["vm"] == "" {
-			continue
+			return
 		}
 		dur := func(k string) time.Duration {
 			d, _ := time.ParseDuration(kv[k])
@@ -70,7 +61,7 @@ func parseSteps(path string) []Step {
 		case "overlay merge: active commit and pivot":
 			out = append(out, Step{VM: kv["vm"], Kind: stepActive, From: at.Add(-dur("took")), To: at})
 		}
-	}
+	})
 	return out
 }
 

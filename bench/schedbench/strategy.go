@@ -647,18 +647,26 @@ func metricLine(line string) (string, float64, bool) {
 
 // decisions returns the daemon's "latency control" log lines.
 func (s *server) decisions() []string {
-	f, err := os.Open(s.logPath)
-	if err != nil {
-		return nil
-	}
-	defer f.Close()
 	var out []string
-	sc := bufio.NewScanner(f)
+	scanLog(s.logPath, func(line string) {
+		if strings.Contains(line, `msg="latency control"`) {
+			out = append(out, line)
+		}
+	})
+	return out
+}
+
+// scanLog calls f with every line of the log file path (none if it cannot
+// be read).
+func scanLog(path string, f func(line string)) {
+	file, err := os.Open(path)
+	if err != nil {
+		return
+	}
+	defer file.Close()
+	sc := bufio.NewScanner(file)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	for sc.Scan() {
-		if strings.Contains(sc.Text(), `msg="latency control"`) {
-			out = append(out, sc.Text())
-		}
+		f(sc.Text())
 	}
-	return out
 }
