@@ -22,6 +22,7 @@ var (
 	lightGray = color.RGBA{235, 235, 235, 255}
 	gridGray  = color.RGBA{215, 215, 215, 255}
 	pausedRed = color.RGBA{255, 225, 225, 255}
+	mergeBlue = color.RGBA{220, 232, 250, 255}
 	guestCols = []color.RGBA{{31, 119, 180, 255}, {255, 127, 14, 255}, {44, 160, 44, 255}, {214, 39, 40, 255},
 		{148, 103, 189, 255}, {140, 86, 75, 255}, {227, 119, 194, 255}, {23, 190, 207, 255}}
 )
@@ -213,6 +214,10 @@ func (b *bench) plotPhase(ph *Phase, path string) error {
 		}
 	}
 	c.rect(xOf(ph.IdleFrom), top, xOf(ph.IdleTo), midTop, lightGray)
+	// The overlay method's merges, any VM's.
+	for _, u := range unionOf(ph.Steps) {
+		c.rect(xOf(u.From), top, xOf(u.To), midTop, mergeBlue)
+	}
 	// Grid and y labels (decades).
 	for d := dlo; d <= dhi; d++ {
 		y := yOf(math.Pow(10, d))
@@ -322,6 +327,11 @@ func (b *bench) plotPhase(ph *Phase, path string) error {
 	c.line(x, 47, x+24, 47, 2, black, 6)
 	x += 30
 	x += c.text(x, 40, "BACKUPS START/END", black) + 24
+	if len(ph.Steps) > 0 {
+		c.rect(x, 40, x+24, 54, mergeBlue)
+		x += 30
+		x += c.text(x, 40, "MERGES", black) + 24
+	}
 	if len(ph.Metrics) > 0 {
 		c.rect(x, 40, x+24, 54, pausedRed)
 		x += 30
