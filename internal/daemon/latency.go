@@ -100,51 +100,6 @@ func (d *Daemon) reconfigureControllers() {
 	}
 }
 
-// guestDiskStats reads the block counters of the disks of the running
-// VMs vms, each VM's in a call of its own (libvirt.Conn.DiskStats, which
-// asks the guest's QEMU for no more than its counters), at once, within
-// one sampling interval: a VM that libvirt keeps busy longer (a snapshot
-// being taken, say) is left out of this sample.
-func (d *Daemon) guestDiskStats(ctx context.Context, vms []string) map[string]map[string]libvirt.BlockCounters {
-	d.mu.Lock()
-	targets := map[string][]string{}
-	for _, vm := range vms {
-		for _, disk := range d.domains[vm].Disks {
-			targets[vm] = append(targets[vm], disk.Target)
-		}
-	}
-	wait := d.cfg.Latency.Interval.Duration
-	d.mu.Unlock()
-	if wait <= 0 {
-		wait = time.Second
-	}
-	ctx, cancel := context.WithTimeout(ctx, wait)
-	defer cancel()
-	type result struct {
-		vm    string
-		stats map[string]libvirt.BlockCounters
-		err   error
-	}
-	results := make(chan result, len(targets))
-	for vm, ts := range targets {
-		go func() {
-			stats, err := d.conn.DiskStats(ctx, vm, ts)
-			results <- result{vm, stats, err}
-		}()
-	}
-	all := make(map[string]map[string]libvirt.BlockCounters, len(targets))
-	for range targets {
-		r := <-results
-		if r.err != nil {
-			// A VM that stopped, or that libvirt keeps busy: none this time.
-			d.log.Debug("reading a guest's block statistics", "vm", r.vm, "err", r.err)
-			continue
-		}
-		all[r.vm] = r.stats
-	}
-	return all
-}
-
 // sampleLatency feeds every datastore's controller with the interval's
 // guest latencies (QEMU block stats of the running VMs on it) and device
 // latency, applies its decision, and logs, counts and records the
@@ -168,11 +123,13 @@ func (d *Daemon) sampleLatency(ctx context.Context) {
 		}
 	}
 	disk := readDiskstats()
-	var watched []string
-	for ds := range ctrls {
-		watched = append(watched, vms[ds]...)
+	var all map[string]map[string]libvirt.BlockCounters
+	if len(ctrls) > 0 {
+		var err error
+		if all, err = d.conn.AllBlockStats(ctx); err != nil {
+			d.log.Warn("reading the guests' block statistics", "err", err)
+		}
 	}
-	all := d.guestDiskStats(ctx, watched)
 	now := time.Now()
 	for ds, ctrl := range ctrls {
 		var s throttle.Sample

@@ -3,6 +3,7 @@ package libvirt
 import (
 	"context"
 	"fmt"
+	"strings"
 
 	golibvirt "github.com/digitalocean/go-libvirt"
 )
@@ -16,65 +17,94 @@ type BlockCounters struct {
 	FlushOps, FlushTimeNs             int64
 }
 
-// DiskStats returns the I/O counters of the disks targets of the running
-// domain name, one libvirt call per disk (virDomainBlockStatsFlags), which
-// libvirt answers with QEMU's query-blockstats alone. libvirt's bulk stats
-// (virConnectGetAllDomainStats) also make QEMU list its block nodes with their image
-// details (query-named-block-nodes: a read of each qcow2's header and
-// bitmap directory), in the loop that serves the guest's I/O; a sampler
-// that runs every second should not. A call waits while libvirt runs
-// another job on the domain (a snapshot, the start of a block commit).
-func (c *Conn) DiskStats(ctx context.Context, name string, targets []string) (map[string]BlockCounters, error) {
+// BlockStats returns the I/O counters of every disk (by target) of the
+// running domain name.
+func (c *Conn) BlockStats(ctx context.Context, name string) (map[string]BlockCounters, error) {
 	dom, err := c.lookup(ctx, name)
 	if err != nil {
 		return nil, err
 	}
-	out := make(map[string]BlockCounters, len(targets))
-	for _, target := range targets {
-		params, err := rpc(ctx, c, func() ([]golibvirt.TypedParam, error) {
-			// 16: the most the remote protocol returns; libvirt fills
-			// what it has.
-			params, _, err := c.l.DomainBlockStatsFlags(dom, target, 16, 0)
-			return params, err
-		})
-		if err != nil {
-			return nil, fmt.Errorf("block stats of disk %s of %s: %w", target, name, err)
-		}
-		out[target] = parseDiskStats(params)
+	all, err := c.blockStats(ctx, []golibvirt.Domain{dom}, 0)
+	if err != nil {
+		return nil, fmt.Errorf("block stats of %s: %w", name, err)
+	}
+	return all[name], nil
+}
+
+// AllBlockStats returns the I/O counters of every disk (by target) of every
+// running domain (by name), in one call to libvirt that does not wait for
+// domains busy with a job (a backup).
+func (c *Conn) AllBlockStats(ctx context.Context) (map[string]map[string]BlockCounters, error) {
+	all, err := c.blockStats(ctx, nil, golibvirt.ConnectGetAllDomainsStatsActive)
+	if err != nil {
+		return nil, fmt.Errorf("block stats of the running domains: %w", err)
+	}
+	return all, nil
+}
+
+// blockStats asks libvirt's bulk stats for the block counters of doms
+// (all domains matching flags when doms is empty) and sorts them by
+// domain and disk target.
+func (c *Conn) blockStats(ctx context.Context, doms []golibvirt.Domain, flags golibvirt.ConnectGetAllDomainStatsFlags) (map[string]map[string]BlockCounters, error) {
+	recs, err := rpc(ctx, c, func() ([]golibvirt.DomainStatsRecord, error) {
+		return c.l.ConnectGetAllDomainStats(doms, uint32(golibvirt.DomainStatsBlock), uint32(flags|golibvirt.ConnectGetAllDomainsStatsNowait))
+	})
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]map[string]BlockCounters{}
+	for _, rec := range recs {
+		out[rec.Dom.Name] = parseBlockStats(rec.Params)
 	}
 	return out, nil
 }
 
-// parseDiskStats reads virDomainBlockStatsFlags' fields ("rd_operations",
-// "rd_total_times", ...).
-func parseDiskStats(params []golibvirt.TypedParam) BlockCounters {
-	var b BlockCounters
-	fields := map[string]*int64{
-		"rd_operations": &b.ReadOps, "rd_bytes": &b.ReadBytes, "rd_total_times": &b.ReadTimeNs,
-		"wr_operations": &b.WriteOps, "wr_bytes": &b.WriteBytes, "wr_total_times": &b.WriteTimeNs,
-		"flush_operations": &b.FlushOps, "flush_total_times": &b.FlushTimeNs,
-	}
+// parseBlockStats reads libvirt's bulk block fields ("block.N.name",
+// "block.N.rd.reqs", ...) into counters by disk target.
+func parseBlockStats(params []golibvirt.TypedParam) map[string]BlockCounters {
+	names := map[string]string{}
+	vals := map[string]map[string]int64{}
 	for _, p := range params {
-		if dst := fields[p.Field]; dst != nil {
-			if v, ok := typedInt(p.Value.I); ok {
-				*dst = v
+		rest, ok := strings.CutPrefix(p.Field, "block.")
+		if !ok {
+			continue
+		}
+		idx, field, ok := strings.Cut(rest, ".")
+		if !ok {
+			continue
+		}
+		if field == "name" {
+			if s, ok := p.Value.I.(string); ok {
+				names[idx] = s
 			}
+			continue
+		}
+		var v int64
+		switch x := p.Value.I.(type) {
+		case int64:
+			v = x
+		case uint64:
+			v = int64(x)
+		case int32:
+			v = int64(x)
+		case uint32:
+			v = int64(x)
+		default:
+			continue
+		}
+		if vals[idx] == nil {
+			vals[idx] = map[string]int64{}
+		}
+		vals[idx][field] = v
+	}
+	out := map[string]BlockCounters{}
+	for idx, name := range names {
+		v := vals[idx]
+		out[name] = BlockCounters{
+			ReadOps: v["rd.reqs"], ReadBytes: v["rd.bytes"], ReadTimeNs: v["rd.times"],
+			WriteOps: v["wr.reqs"], WriteBytes: v["wr.bytes"], WriteTimeNs: v["wr.times"],
+			FlushOps: v["fl.reqs"], FlushTimeNs: v["fl.times"],
 		}
 	}
-	return b
-}
-
-// typedInt is a typed parameter's integer value.
-func typedInt(x any) (int64, bool) {
-	switch x := x.(type) {
-	case int64:
-		return x, true
-	case uint64:
-		return int64(x), true
-	case int32:
-		return int64(x), true
-	case uint32:
-		return int64(x), true
-	}
-	return 0, false
+	return out
 }

@@ -6,30 +6,32 @@ import (
 	golibvirt "github.com/digitalocean/go-libvirt"
 )
 
-// parseDiskStats reads the fields of virDomainBlockStatsFlags (long long
-// values from libvirtd 9.0), ignoring unknown ones.
-func TestParseDiskStats(t *testing.T) {
+// parseBlockStats reads the fields of libvirt's bulk stats as libvirtd 9.0
+// sends them for a domain with two disks (unsigned long long values, the
+// disk names as strings), ignoring other groups and unknown fields.
+func TestParseBlockStats(t *testing.T) {
 	p := func(field string, v any) golibvirt.TypedParam {
 		return golibvirt.TypedParam{Field: field, Value: golibvirt.TypedParamValue{I: v}}
 	}
-	tests := []struct {
-		name   string
-		params []golibvirt.TypedParam
-		want   BlockCounters
-	}{
-		{"every field", []golibvirt.TypedParam{
-			p("rd_bytes", int64(4096)), p("rd_operations", int64(10)), p("rd_total_times", int64(5000)),
-			p("wr_bytes", int64(8192)), p("wr_operations", int64(2)), p("wr_total_times", int64(900)),
-			p("flush_operations", int64(1)), p("flush_total_times", int64(70)), p("errs", int64(-1)),
-		}, BlockCounters{ReadOps: 10, ReadBytes: 4096, ReadTimeNs: 5000, WriteOps: 2, WriteBytes: 8192, WriteTimeNs: 900, FlushOps: 1, FlushTimeNs: 70}},
-		{"other integer types", []golibvirt.TypedParam{p("rd_operations", uint64(3)), p("wr_operations", int32(4)), p("flush_operations", uint32(5))},
-			BlockCounters{ReadOps: 3, WriteOps: 4, FlushOps: 5}},
-		{"none", nil, BlockCounters{}},
-		{"not a number", []golibvirt.TypedParam{p("rd_operations", "x")}, BlockCounters{}},
+	params := []golibvirt.TypedParam{
+		p("block.count", uint32(2)),
+		p("block.0.name", "vda"), p("block.0.rd.reqs", uint64(10)), p("block.0.rd.bytes", uint64(4096)), p("block.0.rd.times", uint64(5000)),
+		p("block.0.wr.reqs", uint64(3)), p("block.0.wr.times", uint64(900)), p("block.0.fl.reqs", uint64(1)), p("block.0.fl.times", uint64(70)),
+		p("block.0.allocation", uint64(1<<20)), p("block.0.path", "/var/lib/libvirt/images/a.qcow2"),
+		p("block.1.name", "vdb"), p("block.1.wr.reqs", int64(64)), p("block.1.wr.bytes", uint64(64<<16)), p("block.1.wr.times", uint64(123456)),
+		p("state.state", int32(1)),
 	}
-	for _, tt := range tests {
-		if got := parseDiskStats(tt.params); got != tt.want {
-			t.Errorf("%s: parseDiskStats = %+v, want %+v", tt.name, got, tt.want)
+	got := parseBlockStats(params)
+	want := map[string]BlockCounters{
+		"vda": {ReadOps: 10, ReadBytes: 4096, ReadTimeNs: 5000, WriteOps: 3, WriteTimeNs: 900, FlushOps: 1, FlushTimeNs: 70},
+		"vdb": {WriteOps: 64, WriteBytes: 64 << 16, WriteTimeNs: 123456},
+	}
+	if len(got) != len(want) {
+		t.Fatalf("parseBlockStats = %+v, want %+v", got, want)
+	}
+	for k, w := range want {
+		if got[k] != w {
+			t.Errorf("disk %s: %+v, want %+v", k, got[k], w)
 		}
 	}
 }
