@@ -322,17 +322,23 @@ func (c *capture) mergeOverlays(ctx context.Context) (bool, error) {
 				started = append(started, o.target)
 			}
 		}
-		done := 0
+		var ended []string
 		for _, target := range started {
-			if v.waitBlockJob(ctx, target, c.endCall) != nil {
-				continue
+			if v.waitBlockJob(ctx, target, c.endCall) == nil {
+				ended = append(ended, target)
 			}
-			// A commit that failed (the disk's image full, say) leaves
-			// the overlay in the chain.
+		}
+		// A commit that failed (the disk's image full, say) leaves the
+		// overlay in the chain: one read of the definition tells.
+		done := 0
+		if len(ended) > 0 {
 			var x string
-			err := c.endCall(ctx, func() (err error) { x, err = v.c.l.DomainGetXMLDesc(v.dom, 0); return err })
-			if err == nil && !xmlNames(x, below[target]) {
-				done++
+			if err := c.endCall(ctx, func() (err error) { x, err = v.c.l.DomainGetXMLDesc(v.dom, 0); return err }); err == nil {
+				for _, target := range ended {
+					if !xmlNames(x, below[target]) {
+						done++
+					}
+				}
 			}
 		}
 		c.log.Debug("overlay merge round", "round", round, "snapshot", began.Sub(snapped), "commits", time.Since(began), "committed", done, "disks", len(c.overlays))
