@@ -61,6 +61,7 @@ type capture struct {
 	// the constant.
 	layered, rounds int
 	quickCommit     time.Duration
+	jobWakes        int      // waits for a block job that libvirt's events ended
 	lock            *os.File // held while an overlay capture runs (overlayLock)
 	// iothreads: QEMU serves some of the VM's disks in an I/O thread, and
 	// so the backup's NBD exports too. QEMU 7.2 (Debian 12) then aborts,

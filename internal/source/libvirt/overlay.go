@@ -301,6 +301,8 @@ func (c *capture) mergeOverlays(ctx context.Context) (bool, error) {
 	v := c.vm
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), mergeTimeout)
 	defer cancel()
+	ev := v.watchBlockJobs(ctx)
+	defer func() { c.jobWakes = ev.stop() }()
 	below := map[string]string{} // the overlay each disk runs on
 	for _, o := range c.overlays {
 		below[o.target] = o.path
@@ -324,7 +326,7 @@ func (c *capture) mergeOverlays(ctx context.Context) (bool, error) {
 		}
 		var ended []string
 		for _, target := range started {
-			if v.waitBlockJob(ctx, target, c.endCall) == nil {
+			if v.waitBlockJob(ctx, target, c.endCall, ev) == nil {
 				ended = append(ended, target)
 			}
 		}
@@ -359,7 +361,7 @@ func (c *capture) mergeOverlays(ctx context.Context) (bool, error) {
 	merged := true
 	for _, o := range c.overlays {
 		began := time.Now()
-		err := v.mergeDown(ctx, o, c.endCall)
+		err := v.mergeDown(ctx, o, c.endCall, ev)
 		c.log.Debug("overlay merge: active commit and pivot", "disk", o.target, "took", time.Since(began), "err", err)
 		if err != nil {
 			merged = false
@@ -416,17 +418,16 @@ func (c *capture) topOverlays(ctx context.Context, round int, below map[string]s
 	return files, v.snapshotOnto(ctx, def, files, c.endCall)
 }
 
-// waitBlockJob waits until disk target has no block job, or ctx ends.
-func (v *VM) waitBlockJob(ctx context.Context, target string, call func(context.Context, func() error) error) error {
+// waitBlockJob waits until disk target has no block job, or ctx ends;
+// ev (which may be nil) wakes it when a job changes.
+func (v *VM) waitBlockJob(ctx context.Context, target string, call func(context.Context, func() error) error, ev *jobEvents) error {
 	for {
 		found, _, err := v.blockJob(ctx, target, call)
 		if err != nil || !found {
 			return err
 		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(100 * time.Millisecond):
+		if err := ev.wait(ctx); err != nil {
+			return err
 		}
 	}
 }
@@ -441,7 +442,7 @@ const maxOverlays = 4
 // its first overlay, on the second above the first (with a commit of the
 // first running), or on the second alone. o names the capture's first
 // overlay, for the messages.
-func (v *VM) mergeDown(ctx context.Context, o overlay, call func(context.Context, func() error) error) error {
+func (v *VM) mergeDown(ctx context.Context, o overlay, call func(context.Context, func() error) error, ev *jobEvents) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), mergeTimeout)
 	defer cancel()
 	for range maxOverlays + 1 { // the last pass finds the disk on its image
@@ -469,12 +470,12 @@ func (v *VM) mergeDown(ctx context.Context, o overlay, call func(context.Context
 		// A commit of the overlay below (End's, or a dead Kura's) ends
 		// first; the chain is then one shorter.
 		if found, typ, err := v.blockJob(ctx, o.target, call); err == nil && found && typ == int32(golibvirt.DomainBlockJobTypeCommit) {
-			if err := v.waitBlockJob(ctx, o.target, call); err != nil {
+			if err := v.waitBlockJob(ctx, o.target, call, ev); err != nil {
 				return v.overlayErr(top, err, "waiting for the merge of an overlay below disk %s's", o.target)
 			}
 			continue
 		}
-		if err := v.mergeOverlay(ctx, top, call); err != nil {
+		if err := v.mergeOverlay(ctx, top, call, ev); err != nil {
 			return err
 		}
 	}
@@ -506,7 +507,7 @@ func isOverlay(path string) bool {
 // The merge is not cut short by ctx's end (a Ctrl-C, the caller's
 // deadline): until it is done the guest's latest writes are only in the
 // overlay. mergeTimeout bounds it.
-func (v *VM) mergeOverlay(ctx context.Context, o overlay, call func(context.Context, func() error) error) error {
+func (v *VM) mergeOverlay(ctx context.Context, o overlay, call func(context.Context, func() error) error, ev *jobEvents) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), mergeTimeout)
 	defer cancel()
 	shutOff := func() bool {
@@ -561,10 +562,8 @@ func (v *VM) mergeOverlay(ctx context.Context, o overlay, call func(context.Cont
 			}
 			return v.overlayErr(o, err, "switching disk %s back from its overlay", o.target)
 		}
-		select {
-		case <-ctx.Done():
-			return v.overlayErr(o, ctx.Err(), "merging the overlay of disk %s back", o.target)
-		case <-time.After(50 * time.Millisecond):
+		if err := ev.wait(ctx); err != nil {
+			return v.overlayErr(o, err, "merging the overlay of disk %s back", o.target)
 		}
 	}
 }
@@ -666,6 +665,8 @@ func qcow2Info(ctx context.Context, path string) (imageInfo, error) {
 // another backup running: an error.
 func (v *VM) clearStaleOverlays(ctx context.Context, def *domainDef) (merged bool, err error) {
 	call := func(ctx context.Context, f func() error) error { return rpc0(ctx, v.c, f) }
+	ev := v.watchBlockJobs(ctx)
+	defer ev.stop()
 	dirs := map[string]bool{} // locked by this call
 	var errs []error
 	for _, d := range def.Devices.Disks {
@@ -684,7 +685,7 @@ func (v *VM) clearStaleOverlays(ctx context.Context, def *domainDef) (merged boo
 			}
 			dirs[dir] = true
 		}
-		if err := v.mergeDown(ctx, overlay{target: d.Target.Dev, path: p}, call); err != nil {
+		if err := v.mergeDown(ctx, overlay{target: d.Target.Dev, path: p}, call, ev); err != nil {
 			errs = append(errs, err)
 		}
 	}

@@ -147,6 +147,11 @@ func TestOverlayRecovery(t *testing.T) {
 		if c.(*capture).rounds != mergeRounds {
 			t.Errorf("%d rounds of merging, want %d", c.(*capture).rounds, mergeRounds)
 		}
+		// Libvirt's block job events, not polls, told End that its
+		// commits ended and that the active ones could pivot.
+		if c.(*capture).jobWakes == 0 {
+			t.Error("no block job event woke the merge")
+		}
 		if after := sources("--details"); after != before {
 			t.Errorf("disks after End:\n%s\nwant\n%s", after, before)
 		}
