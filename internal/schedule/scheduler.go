@@ -412,16 +412,16 @@ func (s *Scheduler) plan(now time.Time) ([]candidate, map[*vmRun]string) {
 	}
 	slices.SortFunc(cands, compareCandidates)
 
-	host := len(s.running)
+	host := 0
 	perDS := make(map[string]int)
 	perRepo := make(map[string]int)
 	busy := make(map[string]string) // VM name → job name
 	for _, rt := range s.running {
 		busy[rt.task.VM] = rt.task.Job
 		if rt.stored {
-			host--
-			continue
+			continue // holds its VM, no slot
 		}
+		host++
 		perDS[rt.task.Datastore]++
 		perRepo[rt.task.Repository]++
 	}

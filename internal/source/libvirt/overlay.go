@@ -665,8 +665,8 @@ func qcow2Info(ctx context.Context, path string) (imageInfo, error) {
 // another backup running: an error.
 func (v *VM) clearStaleOverlays(ctx context.Context, def *domainDef) (merged bool, err error) {
 	call := func(ctx context.Context, f func() error) error { return rpc0(ctx, v.c, f) }
-	ev := v.watchBlockJobs(ctx)
-	defer ev.stop()
+	var ev *jobEvents // subscribed at the first overlay: most VMs have none
+	defer func() { ev.stop() }()
 	dirs := map[string]bool{} // locked by this call
 	var errs []error
 	for _, d := range def.Devices.Disks {
@@ -684,6 +684,9 @@ func (v *VM) clearStaleOverlays(ctx context.Context, def *domainDef) (merged boo
 				}
 			}
 			dirs[dir] = true
+		}
+		if ev == nil {
+			ev = v.watchBlockJobs(ctx)
 		}
 		if err := v.mergeDown(ctx, overlay{target: d.Target.Dev, path: p}, call, ev); err != nil {
 			errs = append(errs, err)
