@@ -227,17 +227,49 @@ var ErrBlobMissing = errors.New("chunk is missing from the repository")
 
 // LoadBlob reads, authenticates and decompresses blob id into dst's
 // storage, and checks that its content hashes to id.
+//
+// A copy that fails is recorded as damaged (ReportDamage) and the next
+// intact copy, if any, is read instead. A blob no index lists is looked
+// for in the headers of unindexed packs once (an index file may have been
+// lost) before it is reported missing.
 func (r *Repo) LoadBlob(ctx context.Context, id crypt.ID, dst []byte) ([]byte, error) {
-	l, ok := r.idx.Lookup(id)
-	if !ok {
-		return nil, fmt.Errorf("chunk %s: %w", id.Short(), ErrBlobMissing)
+	for tries := 0; ; tries++ {
+		l, ok := r.idx.Lookup(id)
+		if !ok {
+			if tries == 0 {
+				if res, err := r.ScanUnindexedPacks(ctx); err == nil && res.Blobs > 0 {
+					continue
+				}
+			}
+			return nil, fmt.Errorf("chunk %s: %w", id.Short(), ErrBlobMissing)
+		}
+		sealed, err := r.LoadPackRange(ctx, l.Pack, int64(l.Offset), int64(l.Length))
+		if err == nil {
+			// sealed is this call's own: decrypt it in place rather than allocate.
+			var plain []byte
+			if plain, err = r.openBlob(id, l, sealed, dst, true); err == nil {
+				return plain, nil
+			}
+		} else {
+			err = fmt.Errorf("chunk %s: %w", id.Short(), err)
+		}
+		if !r.healable(ctx, id, l, err) || tries > 8 {
+			return nil, err
+		}
 	}
-	sealed, err := r.LoadPackRange(ctx, l.Pack, int64(l.Offset), int64(l.Length))
-	if err != nil {
-		return nil, fmt.Errorf("chunk %s: %w", id.Short(), err)
+}
+
+// healable records a failed read of the copy of id at l as damage when it
+// is, and reports whether another intact copy is there to try.
+func (r *Repo) healable(ctx context.Context, id crypt.ID, l Loc, err error) bool {
+	if !errors.Is(err, ErrDamaged) {
+		return false
 	}
-	// sealed is this call's own: decrypt it in place rather than allocate.
-	return r.openBlob(id, l, sealed, dst, true)
+	if rerr := r.ReportDamage(ctx, id, l.Pack, err); rerr != nil {
+		r.log.Warn("could not record a damaged chunk", "chunk", id.Short(), "err", rerr)
+	}
+	nl, ok := r.idx.Lookup(id)
+	return ok && nl.Pack != l.Pack && r.idx.Intact(id)
 }
 
 // LoadBlobInto is LoadBlob for a reader that recycles its memory: the
@@ -254,9 +286,17 @@ func (r *Repo) LoadBlobInto(ctx context.Context, id crypt.ID, sealedBuf, dst []b
 	}
 	sealed, err := li.LoadInto(ctx, packName(l.Pack), int64(l.Offset), int64(l.Length), sealedBuf)
 	if err != nil {
-		return nil, fmt.Errorf("chunk %s: %w", id.Short(), packError(l.Pack, err))
+		err = fmt.Errorf("chunk %s: %w", id.Short(), packError(l.Pack, err))
+	} else {
+		var plain []byte
+		if plain, err = r.openBlob(id, l, sealed, dst, true); err == nil {
+			return plain, nil
+		}
 	}
-	return r.openBlob(id, l, sealed, dst, true)
+	if r.healable(ctx, id, l, err) {
+		return r.LoadBlob(ctx, id, dst)
+	}
+	return nil, err
 }
 
 // Locate says where blob id is stored (after LoadIndex).

@@ -17,7 +17,7 @@ import (
 
 // CheckOptions tune Check.
 type CheckOptions struct {
-	// ReadData reads every pack and authenticates every blob.
+	// ReadData reads every pack on storage, its header and every blob.
 	ReadData bool
 	// PacksDone counts packs read, for progress.
 	PacksDone *atomic.Int64
@@ -32,22 +32,32 @@ type Problem struct {
 
 // CheckResult is what Check found.
 type CheckResult struct {
-	Snapshots       int       `json:"snapshots"`
-	Packs           int       `json:"packs"`
-	Blobs           int       `json:"blobs"`
-	PacksRead       int       `json:"packs_read"`
-	UnindexedPacks  int       `json:"unindexed_packs"` // left by interrupted backups; prune removes them
-	Problems        []Problem `json:"problems"`
-	PendingDeletion int       `json:"pending_deletion"`
+	Snapshots      int       `json:"snapshots"`
+	Packs          int       `json:"packs"`
+	Blobs          int       `json:"blobs"`
+	PacksRead      int       `json:"packs_read"`
+	UnindexedPacks int       `json:"unindexed_packs"` // no index lists them, and no restore point needs them: prune removes them
+	Healed         int       `json:"healed"`          // damaged copies of chunks that have an intact copy
+	Problems       []Problem `json:"problems"`
+	// PendingDeletion counts packs a prune marked, waiting for the sweep.
+	PendingDeletion int `json:"pending_deletion"`
 }
 
 // OK reports whether no problem was found.
 func (c CheckResult) OK() bool { return len(c.Problems) == 0 }
 
-// Check verifies the repository's structure: every index file, snapshot
-// and map readable, every chunk a snapshot needs indexed in an existing
-// pack. With ReadData it also reads and authenticates every blob, and
-// names the snapshots each damaged blob affects.
+// Check verifies the repository. It resolves every chunk of every
+// snapshot exactly as a restore does (the same index: packs marked for
+// deletion included, damaged copies passed over, packs no index lists read
+// from their headers), so a snapshot Check passes is one a restore can
+// read as far as the structure goes. It reports damaged index files, packs
+// that are missing or truncated, packs no index lists that hold chunks a
+// snapshot needs, and packs whose header is unreadable.
+//
+// With ReadData it reads every pack on storage whole, authenticates its
+// header and every blob, and names the snapshots each damaged chunk
+// affects. Every damaged copy it finds is recorded (see damage.go), so
+// the next backup that reads the same data stores it again.
 func (r *Repo) Check(ctx context.Context, opts CheckOptions) (CheckResult, error) {
 	var res CheckResult
 	lock, err := r.Lock(ctx, LockRead)
@@ -55,89 +65,111 @@ func (r *Repo) Check(ctx context.Context, opts CheckOptions) (CheckResult, error
 		return res, err
 	}
 	defer lock.Unlock(context.WithoutCancel(ctx))
-	problem := func(obj string, err error) {
-		res.Problems = append(res.Problems, Problem{Object: obj, Error: err.Error()})
+	problem := func(obj string, err error, snaps ...string) {
+		res.Problems = append(res.Problems, Problem{Object: obj, Error: err.Error(), Snapshots: snaps})
 	}
 
-	// Index files, one by one, so one damaged file does not hide the rest.
-	var files []string
-	if err := r.be.List(ctx, "index/", func(oi backend.ObjectInfo) error {
-		files = append(files, oi.Name)
-		return nil
-	}); err != nil {
+	onDisk, scan, err := r.fullIndex(ctx)
+	if err != nil {
 		return res, err
 	}
-	full := newIndex()
-	for _, f := range files {
-		plain, err := r.loadObject(ctx, f)
-		if err != nil {
-			if !errors.Is(err, backend.ErrNotFound) {
-				problem(f, err)
-			}
-			continue
-		}
-		packs, err := decodeIndex(plain)
-		if err != nil {
-			problem(f, fmt.Errorf("damaged: %v", err))
-			continue
-		}
-		for p, es := range packs {
-			full.add(p, es)
-		}
+	for _, f := range sortedKeys(r.badIndex) {
+		problem(f, fmt.Errorf("%v; restores read the packs it listed from their headers; run `kura repair index`", r.badIndex[f]))
+	}
+	for p, why := range scan.Unreadable {
+		problem(packName(p), fmt.Errorf("no index lists this pack and its header is unreadable (%s): its chunks cannot be found", why))
 	}
 	doomed, err := r.doomedPacks(ctx)
 	if err != nil {
 		problem("gc/", err)
 	}
 	res.PendingDeletion = len(doomed)
-
-	// Packs on storage.
-	onDisk := map[crypt.ID]int64{}
 	if err := r.be.List(ctx, "data/", func(oi backend.ObjectInfo) error {
-		id, err := crypt.ParseID(oi.Name[strings.LastIndex(oi.Name, "/")+1:])
-		if err != nil {
+		if _, err := crypt.ParseID(oi.Name[strings.LastIndex(oi.Name, "/")+1:]); err != nil {
 			problem(oi.Name, errors.New("unexpected file in data/"))
-			return nil
 		}
-		onDisk[id] = oi.Size
 		return nil
 	}); err != nil {
 		return res, err
 	}
-	byPack := full.byPack()
-	res.Packs, res.Blobs = len(byPack), full.Len()
-	badPack := map[crypt.ID]bool{}
+	r.checkKeys(ctx, problem)
+
+	// Packs the index names: present and long enough?
+	byPack := r.idx.byPack()
+	res.Packs, res.Blobs = len(byPack), r.idx.Len()
+	var lost []damagedCopy
 	for p, es := range byPack {
 		size, ok := onDisk[p]
 		last := es[len(es)-1]
+		var why error
 		switch {
 		case !ok:
-			problem(packName(p), errors.New("pack is missing"))
-			badPack[p] = true
+			why = fmt.Errorf("pack %s is missing: %w", p.Short(), ErrDamaged)
 		case size < int64(last.Offset)+int64(last.Length)+4+crypt.Overhead:
-			problem(packName(p), fmt.Errorf("pack is truncated: %d bytes, index needs more than %d", size, int64(last.Offset)+int64(last.Length)))
-			badPack[p] = true
+			why = fmt.Errorf("pack %s is truncated: %d bytes, the index needs more than %d: %w", p.Short(), size, int64(last.Offset)+int64(last.Length), ErrDamaged)
+		default:
+			continue
+		}
+		problem(packName(p), why)
+		for _, e := range es {
+			lost = append(lost, damagedCopy{Blob: e.ID.String(), Pack: p.String(), Error: errText(why)})
 		}
 	}
-	for p := range onDisk {
-		if _, ok := byPack[p]; !ok {
+	if err := r.reportDamage(ctx, lost, nil); err != nil {
+		return res, err
+	}
+
+	// Snapshots: every chunk resolved as a restore would.
+	snapUses, err := r.checkSnapshots(ctx, &res, problem)
+	if err != nil {
+		return res, err
+	}
+	scanned := map[crypt.ID]bool{}
+	for _, p := range scan.PackIDs {
+		scanned[p] = true
+	}
+	needed := map[crypt.ID]int{} // scanned packs holding the best copy of a needed chunk
+	for id := range snapUses {
+		if l, ok := r.idx.Lookup(id); ok && scanned[l.Pack] {
+			needed[l.Pack]++
+		}
+	}
+	for _, p := range scan.PackIDs {
+		if n := needed[p]; n > 0 {
+			problem(packName(p), fmt.Errorf("no index lists this pack, but it holds %d chunks restore points need (read from its header for now); run `kura repair index`", n))
+		} else {
 			res.UnindexedPacks++
 		}
 	}
 
-	// Snapshots and their maps.
-	r.idx = full
+	if opts.ReadData {
+		if err := r.checkData(ctx, opts, onDisk, &res, snapUses, problem); err != nil {
+			return res, err
+		}
+	}
+	for _, c := range r.DamagedCopies() {
+		if c.Healed {
+			res.Healed++
+		}
+	}
+	sort.SliceStable(res.Problems, func(i, j int) bool { return res.Problems[i].Object < res.Problems[j].Object })
+	r.forgetIndex() // Check read every pack's header into the index
+	return res, nil
+}
+
+// checkSnapshots loads every snapshot and its maps and resolves every
+// chunk; it returns which snapshots use each chunk.
+func (r *Repo) checkSnapshots(ctx context.Context, res *CheckResult, problem func(string, error, ...string)) (map[crypt.ID][]string, error) {
 	ids, err := r.SnapshotIDs(ctx)
 	if err != nil {
-		return res, err
+		return nil, err
 	}
-	users := map[crypt.ID][]string{} // blob -> snapshots, filled lazily below
-	snapBlobs := map[string][]crypt.ID{}
+	uses := map[crypt.ID][]string{}
 	for _, id := range ids {
 		s, err := r.LoadSnapshot(ctx, id)
 		if err != nil {
 			if !errors.Is(err, ErrNoSnapshot) {
-				problem("snapshots/"+id, err)
+				problem("snapshots/"+id, fmt.Errorf("%w; `kura forget %s` removes it", err, id[:8]))
 			}
 			continue
 		}
@@ -148,7 +180,7 @@ func (r *Repo) Check(ctx context.Context, opts CheckOptions) (CheckResult, error
 			blobs = append(blobs, d.Maps...)
 			cids, err := r.LoadMap(ctx, d)
 			if err != nil {
-				res.Problems = append(res.Problems, Problem{Object: "snapshots/" + id, Error: err.Error(), Snapshots: []string{label}})
+				problem("snapshots/"+id, err, label)
 				continue
 			}
 			for _, c := range cids {
@@ -157,105 +189,150 @@ func (r *Repo) Check(ctx context.Context, opts CheckOptions) (CheckResult, error
 				}
 			}
 		}
-		snapBlobs[label] = blobs
-		missing := 0
+		missing, damaged := 0, 0
+		seen := map[crypt.ID]bool{}
 		for _, b := range blobs {
-			l, ok := full.Lookup(b)
-			if !ok || badPack[l.Pack] {
+			if seen[b] {
+				continue
+			}
+			seen[b] = true
+			uses[b] = append(uses[b], label)
+			switch _, ok := r.idx.Lookup(b); {
+			case !ok:
 				missing++
+			case !r.idx.Intact(b):
+				damaged++
 			}
 		}
 		if missing > 0 {
-			res.Problems = append(res.Problems, Problem{Object: "snapshots/" + id, Error: fmt.Sprintf("%d chunks are missing or in missing packs", missing), Snapshots: []string{label}})
+			problem("snapshots/"+id, fmt.Errorf("%d chunks are missing from the repository; `kura repair snapshots` can mark what is lost", missing), label)
+		}
+		if damaged > 0 {
+			problem("snapshots/"+id, fmt.Errorf("%d chunks are stored only damaged; a backup that reads the same data heals them, or `kura restore --ignore-damage` restores the rest", damaged), label)
 		}
 	}
-
-	if opts.ReadData {
-		damaged := map[crypt.ID]string{}
-		var mu sync.Mutex
-		g, gctx := errgroup.WithContext(ctx)
-		g.SetLimit(4)
-		for p, es := range byPack {
-			if badPack[p] {
-				continue
-			}
-			g.Go(func() error {
-				errs := r.checkPack(gctx, p, es)
-				mu.Lock()
-				defer mu.Unlock()
-				res.PacksRead++
-				if opts.PacksDone != nil {
-					opts.PacksDone.Add(1)
-				}
-				for id, e := range errs {
-					damaged[id] = e
-				}
-				return gctx.Err()
-			})
-		}
-		if err := g.Wait(); err != nil {
-			return res, err
-		}
-		if len(damaged) > 0 {
-			for label, blobs := range snapBlobs {
-				for _, b := range blobs {
-					if _, ok := damaged[b]; ok {
-						users[b] = append(users[b], label)
-					}
-				}
-			}
-			var dids []crypt.ID
-			for id := range damaged {
-				dids = append(dids, id)
-			}
-			sort.Slice(dids, func(i, j int) bool { return dids[i].String() < dids[j].String() })
-			for _, id := range dids {
-				snaps := users[id]
-				sort.Strings(snaps)
-				res.Problems = append(res.Problems, Problem{Object: "chunk " + id.Short(), Error: damaged[id], Snapshots: snaps})
-			}
-		}
-	}
-	sort.SliceStable(res.Problems, func(i, j int) bool { return res.Problems[i].Object < res.Problems[j].Object })
-	r.forgetIndex() // Check swapped in its own full index
-	return res, nil
+	return uses, nil
 }
 
-// checkPack reads a whole pack, checks its header against the index and
-// authenticates every blob. It returns the damaged blobs and why.
-func (r *Repo) checkPack(ctx context.Context, p crypt.ID, es []packEntry) map[crypt.ID]string {
+// checkKeys reports key files that cannot be parsed.
+func (r *Repo) checkKeys(ctx context.Context, problem func(string, error, ...string)) {
+	if err := r.be.List(ctx, "keys/", func(oi backend.ObjectInfo) error {
+		if _, err := r.loadKeyFile(ctx, oi.Name); err != nil && !errors.Is(err, backend.ErrNotFound) {
+			problem(oi.Name, fmt.Errorf("%w; if another key opens the repository, `kura key remove` it", err))
+		}
+		return nil
+	}); err != nil {
+		problem("keys/", err)
+	}
+}
+
+// checkData reads every pack on storage and authenticates its header and
+// blobs.
+func (r *Repo) checkData(ctx context.Context, opts CheckOptions, onDisk map[crypt.ID]int64, res *CheckResult, uses map[crypt.ID][]string, problem func(string, error, ...string)) error {
+	byPack := r.idx.byPack()
+	type packResult struct {
+		header error
+		bad    map[crypt.ID]string
+	}
+	results := map[crypt.ID]packResult{}
+	var mu sync.Mutex
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(4)
+	for p := range onDisk {
+		g.Go(func() error {
+			herr, bad := r.checkPack(gctx, p, byPack[p])
+			mu.Lock()
+			defer mu.Unlock()
+			res.PacksRead++
+			if opts.PacksDone != nil {
+				opts.PacksDone.Add(1)
+			}
+			results[p] = packResult{herr, bad}
+			return gctx.Err()
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	var found []damagedCopy
+	for p, pr := range results {
+		if pr.header != nil {
+			problem(packName(p), pr.header)
+		}
+		for id, why := range pr.bad {
+			found = append(found, damagedCopy{Blob: id.String(), Pack: p.String(), Error: why})
+		}
+	}
+	if err := r.reportDamage(ctx, found, nil); err != nil {
+		return err
+	}
+	// A damaged copy is a problem when no intact copy of its chunk is left.
+	reported := map[crypt.ID]bool{}
+	sort.Slice(found, func(i, j int) bool { return found[i].Blob < found[j].Blob })
+	for _, c := range found {
+		id, _ := crypt.ParseID(c.Blob)
+		if reported[id] || r.idx.Intact(id) {
+			continue
+		}
+		reported[id] = true
+		snaps := append([]string(nil), uses[id]...)
+		sort.Strings(snaps)
+		problem("chunk "+id.Short(), errors.New(c.Error), snaps...)
+	}
+	return nil
+}
+
+// checkPack reads a whole pack, authenticates its header, checks it
+// against the index and authenticates every blob the index or the header
+// lists. It returns the header's defect and the damaged blobs and why.
+func (r *Repo) checkPack(ctx context.Context, p crypt.ID, es []packEntry) (error, map[crypt.ID]string) {
 	bad := map[crypt.ID]string{}
 	data, err := r.be.Load(ctx, packName(p), 0, 0)
 	if err != nil {
+		err = packError(p, err)
 		for _, e := range es {
-			bad[e.ID] = fmt.Sprintf("pack %s unreadable: %v", p.Short(), err)
+			bad[e.ID] = err.Error()
 		}
-		return bad
+		return err, bad
 	}
 	hdr, herr := parsePack(r.key, data)
+	if herr != nil {
+		herr = fmt.Errorf("pack %s: %v (its blobs are read through the index; `kura repair index` could not rebuild its entries): %w", p.Short(), herr, ErrDamaged)
+	}
 	inHeader := map[crypt.ID]packEntry{}
 	for _, e := range hdr {
 		inHeader[e.ID] = e
 	}
+	inIndex := map[crypt.ID]bool{}
 	buf := make([]byte, 0, r.cfg.ChunkSize)
-	for _, e := range es {
-		if herr == nil {
-			if h, ok := inHeader[e.ID]; !ok || h.Offset != e.Offset || h.Length != e.Length {
-				bad[e.ID] = fmt.Sprintf("pack %s: header and index disagree", p.Short())
-				continue
-			}
-		}
+	check := func(e packEntry) {
 		end := int64(e.Offset) + int64(e.Length)
 		if end > int64(len(data)) {
 			bad[e.ID] = fmt.Sprintf("pack %s is truncated", p.Short())
-			continue
+			return
 		}
 		l := Loc{Pack: p, Type: e.Type, Compressed: e.Compressed, Offset: e.Offset, Length: e.Length, RawLength: e.RawLength}
 		if _, err := r.openBlob(e.ID, l, data[e.Offset:end], buf, false); err != nil {
 			bad[e.ID] = err.Error()
 		}
 	}
-	return bad
+	for _, e := range es {
+		inIndex[e.ID] = true
+		if herr == nil {
+			if h, ok := inHeader[e.ID]; !ok || h.Offset != e.Offset || h.Length != e.Length {
+				if herr == nil {
+					herr = fmt.Errorf("pack %s: header and index disagree about chunk %s: %w", p.Short(), e.ID.Short(), ErrDamaged)
+				}
+			}
+		}
+		check(e)
+	}
+	for _, e := range hdr {
+		if !inIndex[e.ID] {
+			check(e)
+		}
+	}
+	return herr, bad
 }
 
 // Stats summarizes the repository.

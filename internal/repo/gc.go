@@ -23,6 +23,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -90,38 +91,6 @@ func (r *Repo) doomedPacks(ctx context.Context) (map[crypt.ID]bool, error) {
 	return out, nil
 }
 
-// rawIndex is every index file's entries, doomed packs included.
-type rawIndex struct {
-	files []string
-	packs map[crypt.ID][]packEntry
-}
-
-func (r *Repo) loadRawIndex(ctx context.Context) (*rawIndex, error) {
-	ri := &rawIndex{packs: map[crypt.ID][]packEntry{}}
-	if err := r.be.List(ctx, "index/", func(oi backend.ObjectInfo) error {
-		ri.files = append(ri.files, oi.Name)
-		return nil
-	}); err != nil {
-		return nil, err
-	}
-	for _, name := range ri.files {
-		plain, err := r.loadObject(ctx, name)
-		if err != nil {
-			return nil, err
-		}
-		packs, err := decodeIndex(plain)
-		if err != nil {
-			return nil, fmt.Errorf("%s is damaged (%v): %w", name, err, ErrDamaged)
-		}
-		for p, es := range packs {
-			if _, seen := ri.packs[p]; !seen {
-				ri.packs[p] = es
-			}
-		}
-	}
-	return ri, nil
-}
-
 // Referenced returns every blob id that some snapshot needs, and the
 // snapshots it read. A snapshot whose map cannot be read fails the call:
 // pruning without knowing what it references could delete its data.
@@ -150,25 +119,6 @@ func (r *Repo) Referenced(ctx context.Context) (map[crypt.ID]struct{}, []*Snapsh
 	return ref, ss, nil
 }
 
-// referencedFull computes the referenced set against an index that still
-// holds doomed packs: the normal index leaves them out, but snapshots
-// written by backups that started before their mark may use their blobs.
-func (r *Repo) referencedFull(ctx context.Context) (map[crypt.ID]struct{}, []*Snapshot, *Index, *rawIndex, error) {
-	ri, err := r.loadRawIndex(ctx)
-	if err != nil {
-		return nil, nil, nil, nil, err
-	}
-	full := newIndex()
-	for p, es := range ri.packs {
-		full.add(p, es)
-	}
-	saved := r.idx
-	r.idx = full
-	ref, ss, err := r.Referenced(ctx)
-	r.idx = saved
-	return ref, ss, full, ri, err
-}
-
 // PruneOptions tune a prune.
 type PruneOptions struct {
 	// RepackBelow: packs whose live bytes are below this fraction have their
@@ -177,19 +127,24 @@ type PruneOptions struct {
 	DryRun      bool
 }
 
-// PruneResult says what a prune did.
+// PruneResult says what a prune did (or, in a dry run, would do now).
 type PruneResult struct {
 	Snapshots      int      `json:"snapshots"`
 	PacksDeleted   int      `json:"packs_deleted"`
+	BytesFreed     int64    `json:"bytes_freed"` // the deleted packs' size
 	PacksRepacked  int      `json:"packs_repacked"`
-	BytesFreed     int64    `json:"bytes_freed"`
-	PacksPending   int      `json:"packs_pending"`         // marked, waiting for running backups
+	PacksPending   int      `json:"packs_pending"` // marked, waiting for running backups
+	BytesPending   int64    `json:"bytes_pending"`
 	WaitingFor     []string `json:"waiting_for,omitempty"` // those backups' locks
+	PacksKept      int      `json:"packs_kept,omitempty"`  // unreadable packs no index lists, kept
 	IndexRewritten bool     `json:"index_rewritten"`
 }
 
 // Prune deletes data that no snapshot references. It is safe to run while
-// backups run (see the comment at the top of gc.go).
+// backups run (see the comment at the top of gc.go). It never deletes a
+// pack that holds the only intact copy of a chunk a snapshot references,
+// whether an index lists that pack or not, nor a pack whose header cannot
+// be read.
 func (r *Repo) Prune(ctx context.Context, opts PruneOptions) (PruneResult, error) {
 	var res PruneResult
 	lock, err := r.Lock(ctx, LockPrune)
@@ -208,6 +163,7 @@ func (r *Repo) Prune(ctx context.Context, opts PruneOptions) (PruneResult, error
 		return res, err
 	}
 	if !opts.DryRun {
+		res.PacksPending, res.BytesPending, res.WaitingFor = 0, 0, nil
 		if err := r.sweep(ctx, &res); err != nil {
 			return res, err
 		}
@@ -228,21 +184,17 @@ func (r *Repo) forgetIndex() {
 	r.idxMu.Unlock()
 }
 
-func (r *Repo) mark(ctx context.Context, opts PruneOptions, res *PruneResult) error {
+// fullIndex reloads the index with every pack on storage in it: the
+// packs no index file lists are read from their headers. It returns the
+// packs on storage with their sizes, and those whose header is unreadable.
+func (r *Repo) fullIndex(ctx context.Context) (map[crypt.ID]int64, ScanResult, error) {
 	if err := r.reloadIndex(ctx); err != nil {
-		return err
+		return nil, ScanResult{}, err
 	}
-	ref, ss, full, _, err := r.referencedFull(ctx)
+	scan, err := r.ScanUnindexedPacks(ctx)
 	if err != nil {
-		return fmt.Errorf("prune refuses to run: %w", err)
+		return nil, scan, err
 	}
-	res.Snapshots = len(ss)
-	for id := range ref {
-		if !full.Has(id) {
-			return fmt.Errorf("prune refuses to run: chunk %s needed by a snapshot is missing: %w; run `kura verify`", id.Short(), ErrDamaged)
-		}
-	}
-	// Packs on storage that no index names (left by a crashed backup).
 	onDisk := map[crypt.ID]int64{}
 	if err := r.be.List(ctx, "data/", func(oi backend.ObjectInfo) error {
 		if id, err := crypt.ParseID(oi.Name[strings.LastIndex(oi.Name, "/")+1:]); err == nil {
@@ -250,52 +202,92 @@ func (r *Repo) mark(ctx context.Context, opts PruneOptions, res *PruneResult) er
 		}
 		return nil
 	}); err != nil {
+		return nil, scan, err
+	}
+	return onDisk, scan, nil
+}
+
+// live reports whether the copy of id in pack p must be kept: a snapshot
+// references id and this is its best copy (the intact one, or, when none
+// is intact, the damaged one — never deleted while it is all there is).
+func (r *Repo) live(ref map[crypt.ID]struct{}, id, p crypt.ID) bool {
+	if _, ok := ref[id]; !ok {
+		return false
+	}
+	l, ok := r.idx.Lookup(id)
+	return ok && l.Pack == p
+}
+
+func (r *Repo) mark(ctx context.Context, opts PruneOptions, res *PruneResult) error {
+	onDisk, scan, err := r.fullIndex(ctx)
+	if err != nil {
 		return err
+	}
+	ref, ss, err := r.Referenced(ctx)
+	if err != nil {
+		return fmt.Errorf("prune refuses to run: %w", err)
+	}
+	res.Snapshots = len(ss)
+	for id := range ref {
+		if _, ok := r.idx.Lookup(id); !ok {
+			return fmt.Errorf("prune refuses to run: chunk %s needed by a snapshot is missing: %w; run `kura verify`, then `kura repair snapshots`", id.Short(), ErrDamaged)
+		}
 	}
 	doomedAlready, err := r.doomedPacks(ctx)
 	if err != nil {
 		return err
 	}
 	byPack := r.idx.byPack()
-	var doom []crypt.ID
-	var repack []crypt.ID
+	var doom, repack []crypt.ID
 	for p := range onDisk {
 		if doomedAlready[p] {
 			continue
 		}
-		es, indexed := byPack[p]
-		if !indexed {
-			doom = append(doom, p)
+		if _, bad := scan.Unreadable[p]; bad {
+			r.log.Warn("keeping a pack whose header is unreadable and that no index lists", "pack", p.Short(), "err", scan.Unreadable[p])
+			res.PacksKept++
 			continue
 		}
+		es := byPack[p]
 		var live, total int64
+		damagedLive := false
 		for _, e := range es {
 			total += int64(e.Length)
-			if _, ok := ref[e.ID]; ok {
+			if r.live(ref, e.ID, p) {
 				live += int64(e.Length)
+				damagedLive = damagedLive || r.idx.Damage(e.ID, p) != ""
 			}
 		}
 		switch {
 		case live == 0:
 			doom = append(doom, p)
+		case damagedLive:
+			// Holds the only copy of a referenced chunk, damaged: keep
+			// it as it is until a backup stores the chunk again.
 		case float64(live) < opts.RepackBelow*float64(total):
 			repack = append(repack, p)
 		}
 	}
-	for _, p := range doom {
-		res.BytesFreed += onDisk[p]
-	}
-	res.PacksRepacked = len(repack)
-	if opts.DryRun || len(doom)+len(repack) == 0 {
-		res.PacksPending = len(doom) + len(repack)
-		return nil
+	if opts.DryRun {
+		n, bytes := len(doom)+len(repack), int64(0)
+		for _, p := range append(doom, repack...) {
+			bytes += onDisk[p]
+		}
+		res.PacksRepacked = len(repack)
+		return r.dryRunSweep(ctx, res, n, bytes, doomedAlready, onDisk)
 	}
 	for _, p := range repack {
-		if err := r.repack(ctx, p, byPack[p], ref); err != nil {
+		ok, err := r.repack(ctx, p, byPack[p], ref)
+		if err != nil {
 			return err
 		}
-		doom = append(doom, p)
-		res.BytesFreed += onDisk[p]
+		if ok {
+			doom = append(doom, p)
+			res.PacksRepacked++
+		}
+	}
+	if len(doom) == 0 {
+		return nil
 	}
 	if err := r.Flush(ctx); err != nil {
 		return err
@@ -310,6 +302,34 @@ func (r *Repo) mark(ctx context.Context, opts PruneOptions, res *PruneResult) er
 		return err
 	}
 	return r.recordWaiters(ctx, name, pd)
+}
+
+// dryRunSweep fills a dry run's figures as the real run would: the n
+// packs (bytes) it would mark, and the packs earlier prunes marked, are
+// deleted now unless a backup or reader is running, else they wait.
+func (r *Repo) dryRunSweep(ctx context.Context, res *PruneResult, n int, bytes int64, pending map[crypt.ID]bool, onDisk map[crypt.ID]int64) error {
+	for p := range pending {
+		if size, ok := onDisk[p]; ok {
+			n++
+			bytes += size
+		}
+	}
+	live, err := r.liveLocks(ctx)
+	if err != nil {
+		return err
+	}
+	for name, li := range live {
+		if li.Kind != LockPrune {
+			res.WaitingFor = append(res.WaitingFor, name)
+		}
+	}
+	sort.Strings(res.WaitingFor)
+	if len(res.WaitingFor) > 0 {
+		res.PacksPending, res.BytesPending = n, bytes
+	} else {
+		res.PacksDeleted, res.BytesFreed = n, bytes
+	}
+	return nil
 }
 
 // recordWaiters lists the live non-prune locks after the pending object
@@ -331,34 +351,48 @@ func (r *Repo) recordWaiters(ctx context.Context, name string, pd pendingDeletio
 }
 
 // repack copies the live blobs of pack p into new packs, unchanged (they
-// stay sealed).
-func (r *Repo) repack(ctx context.Context, p crypt.ID, es []packEntry, ref map[crypt.ID]struct{}) error {
+// stay sealed), each checked first: a damaged blob is never spread. It
+// reports whether p may go; a blob found damaged with no other intact
+// copy keeps p (and is recorded as damaged).
+func (r *Repo) repack(ctx context.Context, p crypt.ID, es []packEntry, ref map[crypt.ID]struct{}) (bool, error) {
 	data, err := r.be.Load(ctx, packName(p), 0, 0)
 	if err != nil {
-		return fmt.Errorf("repacking %s: %w", p.Short(), err)
+		err = packError(p, err)
+		if errors.Is(err, ErrDamaged) {
+			r.log.Warn("not repacking an unreadable pack", "pack", p.Short(), "err", err)
+			return false, nil
+		}
+		return false, fmt.Errorf("repacking: %w", err)
 	}
+	ok := true
 	for _, e := range es {
-		if _, ok := ref[e.ID]; !ok {
+		if !r.live(ref, e.ID, p) {
 			continue
 		}
 		end := int64(e.Offset) + int64(e.Length)
-		if end > int64(len(data)) {
-			return fmt.Errorf("repacking %s: blob beyond pack end: %w", p.Short(), ErrDamaged)
-		}
-		sealed := append([]byte(nil), data[e.Offset:end]...)
 		l := Loc{Pack: p, Type: e.Type, Compressed: e.Compressed, Offset: e.Offset, Length: e.Length, RawLength: e.RawLength}
-		// Check before copying: never spread a damaged blob.
-		if _, err := r.openBlob(e.ID, l, sealed, nil, false); err != nil {
-			return fmt.Errorf("repacking: %w", err)
+		var sealed []byte
+		if end > int64(len(data)) {
+			err = fmt.Errorf("chunk %s in pack %s: beyond the pack's end: %w", e.ID.Short(), p.Short(), ErrDamaged)
+		} else {
+			sealed = append([]byte(nil), data[e.Offset:end]...)
+			_, err = r.openBlob(e.ID, l, sealed, nil, false)
+		}
+		if err != nil {
+			if r.healable(ctx, e.ID, l, err) {
+				continue // an intact copy elsewhere: this one is garbage now
+			}
+			ok = false
+			continue
 		}
 		r.wmu.Lock()
 		r.pw().inflight[e.ID] = struct{}{}
 		r.wmu.Unlock()
 		if err := r.SaveBlob(ctx, e.Type, e.ID, sealed, e.Compressed, int(e.RawLength)); err != nil {
-			return err
+			return false, err
 		}
 	}
-	return nil
+	return ok, nil
 }
 
 // sweep deletes the packs of every pending deletion whose waiters ended.
@@ -372,7 +406,7 @@ func (r *Repo) sweep(ctx context.Context, res *PruneResult) error {
 		return err
 	}
 	ready := map[string]pendingDeletion{}
-	res.WaitingFor = nil
+	waiting := map[crypt.ID]bool{}
 	for name, pd := range pendings {
 		if !pd.Complete {
 			// The prune that marked it died before recording waiters;
@@ -380,25 +414,26 @@ func (r *Repo) sweep(ctx context.Context, res *PruneResult) error {
 			if err := r.recordWaiters(ctx, name, pd); err != nil {
 				return err
 			}
-			res.PacksPending += len(pd.Packs)
-			continue
 		}
-		waiting := false
+		wait := !pd.Complete
 		for _, w := range pd.WaitFor {
 			if _, ok := live[w]; ok {
-				waiting = true
+				wait = true
 				res.WaitingFor = append(res.WaitingFor, w)
 			}
 		}
-		if waiting {
-			res.PacksPending += len(pd.Packs)
+		if wait {
+			for _, s := range pd.Packs {
+				if id, err := crypt.ParseID(s); err == nil {
+					waiting[id] = true
+				}
+			}
 			continue
 		}
 		ready[name] = pd
 	}
-	if len(ready) == 0 {
-		return nil
-	}
+	sort.Strings(res.WaitingFor)
+	res.WaitingFor = slices.Compact(res.WaitingFor)
 	doom := map[crypt.ID]bool{}
 	for _, pd := range ready {
 		for _, s := range pd.Packs {
@@ -407,26 +442,38 @@ func (r *Repo) sweep(ctx context.Context, res *PruneResult) error {
 			}
 		}
 	}
-	// Snapshots written since the mark may use blobs of doomed packs (a
-	// backup that started before the mark). Keep such packs.
-	if err := r.reloadIndex(ctx); err != nil {
+	onDisk, scan, err := r.fullIndex(ctx)
+	if err != nil {
 		return err
 	}
-	ref, _, full, ri, err := r.referencedFull(ctx)
+	for p := range waiting {
+		if size, ok := onDisk[p]; ok {
+			res.PacksPending++
+			res.BytesPending += size
+		}
+	}
+	if len(ready) == 0 {
+		return nil
+	}
+	// Snapshots written since the mark may use blobs of doomed packs (a
+	// backup that started before the mark): keep a pack that holds the
+	// best copy of a referenced chunk, the one readers use.
+	ref, _, err := r.Referenced(ctx)
 	if err != nil {
 		return fmt.Errorf("prune refuses to delete: %w", err)
 	}
 	for id := range ref {
-		if r.idx.Has(id) {
-			continue
-		}
-		if l, ok := full.Lookup(id); ok && doom[l.Pack] {
+		if l, ok := r.idx.Lookup(id); ok && doom[l.Pack] {
 			delete(doom, l.Pack)
 		}
 	}
-	// New index: every pack but the doomed ones, then drop the old files.
+	for p := range scan.Unreadable {
+		delete(doom, p)
+	}
+	// New index: every copy outside the doomed packs (packs read from
+	// their headers included), then drop the old files.
 	keep := map[crypt.ID][]packEntry{}
-	for p, es := range ri.packs {
+	for p, es := range r.idx.byPack() {
 		if !doom[p] {
 			keep[p] = es
 		}
@@ -435,17 +482,25 @@ func (r *Repo) sweep(ctx context.Context, res *PruneResult) error {
 		return err
 	}
 	res.IndexRewritten = true
-	for _, f := range ri.files {
+	for _, f := range r.idx.files {
 		if err := r.be.Remove(ctx, f); err != nil && !errors.Is(err, backend.ErrNotFound) {
 			return err
 		}
 	}
+	deleted := map[crypt.ID]bool{}
 	for p := range doom {
 		err := r.be.Remove(ctx, packName(p))
 		if err != nil && !errors.Is(err, backend.ErrNotFound) {
 			return err
 		}
-		res.PacksDeleted++
+		if err == nil {
+			res.PacksDeleted++
+			res.BytesFreed += onDisk[p]
+		}
+		deleted[p] = true
+	}
+	if err := r.forgetDamage(ctx, deleted); err != nil {
+		return err
 	}
 	for name := range ready {
 		if err := r.be.Remove(ctx, name); err != nil && !errors.Is(err, backend.ErrNotFound) {

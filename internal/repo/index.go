@@ -37,45 +37,156 @@ type loc struct {
 	compressed bool
 }
 
-// Index maps blob ids to their location. Safe for concurrent use.
+// Index maps blob ids to their locations. Safe for concurrent use.
+//
+// A blob may be stored more than once: a backup that finds a chunk damaged
+// or only in packs a prune marked for deletion stores it again, and a
+// crashed backup or a repack leaves copies behind. The index keeps every
+// copy and answers with the best one: an intact copy in a pack that is not
+// marked for deletion, then an intact copy in a marked pack (readers may
+// still use it until the sweep has settled it, see gc.go), then a copy
+// known to be damaged (so a reader's error says "damaged", not "missing").
 type Index struct {
 	mu      sync.RWMutex
 	packs   []crypt.ID
 	packNum map[crypt.ID]uint32
-	blobs   map[crypt.ID]loc
-	files   []string // index files loaded
+	blobs   map[crypt.ID]loc   // the best copy of each blob
+	alt     map[crypt.ID][]loc // the other copies (rare)
+	doomed  map[uint32]bool    // packs a prune marked for deletion
+	damaged map[copyKey]string // copies known damaged, and why
+	listed  map[uint32]bool    // packs with indexed blobs
+	files   []string           // index files loaded
+}
+
+// copyKey names one stored copy of a blob.
+type copyKey struct {
+	id   crypt.ID
+	pack uint32
 }
 
 func newIndex() *Index {
-	return &Index{packNum: map[crypt.ID]uint32{}, blobs: map[crypt.ID]loc{}}
+	return newIndexSized(0, 0)
 }
 
-func (x *Index) add(pack crypt.ID, entries []packEntry) {
-	x.mu.Lock()
-	defer x.mu.Unlock()
+func newIndexSized(npacks, nblobs int) *Index {
+	return &Index{
+		packNum: make(map[crypt.ID]uint32, npacks), blobs: make(map[crypt.ID]loc, nblobs),
+		alt: map[crypt.ID][]loc{}, doomed: map[uint32]bool{}, damaged: map[copyKey]string{}, listed: map[uint32]bool{},
+	}
+}
+
+// rank orders the copies of a blob: lower is better.
+func (x *Index) rank(id crypt.ID, l loc) int {
+	switch {
+	case x.damaged[copyKey{id, l.pack}] != "":
+		return 2
+	case x.doomed[l.pack]:
+		return 1
+	}
+	return 0
+}
+
+func (x *Index) packNo(pack crypt.ID) uint32 {
 	n, ok := x.packNum[pack]
 	if !ok {
 		n = uint32(len(x.packs))
 		x.packs = append(x.packs, pack)
 		x.packNum[pack] = n
 	}
+	return n
+}
+
+func (x *Index) add(pack crypt.ID, entries []packEntry) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	n := x.packNo(pack)
+	x.listed[n] = true
 	for _, e := range entries {
-		if _, dup := x.blobs[e.ID]; dup {
-			continue
-		}
-		x.blobs[e.ID] = loc{pack: n, offset: e.Offset, length: e.Length, rawLength: e.RawLength, typ: e.Type, compressed: e.Compressed}
+		x.addLoc(e.ID, loc{pack: n, offset: e.Offset, length: e.Length, rawLength: e.RawLength, typ: e.Type, compressed: e.Compressed})
 	}
 }
 
-// Has reports whether the blob is indexed.
-func (x *Index) Has(id crypt.ID) bool {
-	x.mu.RLock()
-	_, ok := x.blobs[id]
-	x.mu.RUnlock()
-	return ok
+// addLoc adds one copy; x.mu is held.
+func (x *Index) addLoc(id crypt.ID, l loc) {
+	cur, dup := x.blobs[id]
+	if !dup {
+		x.blobs[id] = l
+		return
+	}
+	if cur.pack == l.pack {
+		return
+	}
+	for _, a := range x.alt[id] {
+		if a.pack == l.pack {
+			return
+		}
+	}
+	if x.rank(id, l) < x.rank(id, cur) {
+		x.blobs[id] = l
+		l = cur
+	}
+	x.alt[id] = append(x.alt[id], l)
 }
 
-// Lookup returns a blob's location.
+// repick makes the best copy of id its primary one; x.mu is held.
+func (x *Index) repick(id crypt.ID) {
+	alts := x.alt[id]
+	if len(alts) == 0 {
+		return
+	}
+	best := x.blobs[id]
+	bi := -1
+	for i, a := range alts {
+		if x.rank(id, a) < x.rank(id, best) {
+			best, bi = a, i
+		}
+	}
+	if bi < 0 {
+		return
+	}
+	alts[bi] = x.blobs[id]
+	x.blobs[id] = best
+}
+
+// setDoomed marks packs as queued for deletion.
+func (x *Index) setDoomed(packs map[crypt.ID]bool) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	for p := range packs {
+		x.doomed[x.packNo(p)] = true
+	}
+	for id := range x.alt {
+		x.repick(id)
+	}
+}
+
+// markDamaged records that the copy of id in pack is damaged; it reports
+// whether that was news.
+func (x *Index) markDamaged(id, pack crypt.ID, why string) bool {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	k := copyKey{id, x.packNo(pack)}
+	if x.damaged[k] != "" {
+		return false
+	}
+	if why == "" {
+		why = "damaged"
+	}
+	x.damaged[k] = why
+	x.repick(id)
+	return true
+}
+
+// Has reports whether the blob has an intact copy that no prune has marked
+// for deletion: only then may a backup reuse it instead of storing it.
+func (x *Index) Has(id crypt.ID) bool {
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	l, ok := x.blobs[id]
+	return ok && x.rank(id, l) == 0
+}
+
+// Lookup returns the best copy of a blob: see Index.
 func (x *Index) Lookup(id crypt.ID) (Loc, bool) {
 	x.mu.RLock()
 	defer x.mu.RUnlock()
@@ -83,7 +194,32 @@ func (x *Index) Lookup(id crypt.ID) (Loc, bool) {
 	if !ok {
 		return Loc{}, false
 	}
-	return Loc{Pack: x.packs[l.pack], Type: l.typ, Compressed: l.compressed, Offset: l.offset, Length: l.length, RawLength: l.rawLength}, true
+	return x.export(l), true
+}
+
+func (x *Index) export(l loc) Loc {
+	return Loc{Pack: x.packs[l.pack], Type: l.typ, Compressed: l.compressed, Offset: l.offset, Length: l.length, RawLength: l.rawLength}
+}
+
+// Damage says why the copy of id in pack is known to be damaged ("" when
+// it is not).
+func (x *Index) Damage(id, pack crypt.ID) string {
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	n, ok := x.packNum[pack]
+	if !ok {
+		return ""
+	}
+	return x.damaged[copyKey{id, n}]
+}
+
+// Intact reports whether id has a copy not known to be damaged (in a
+// marked pack or not).
+func (x *Index) Intact(id crypt.ID) bool {
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	l, ok := x.blobs[id]
+	return ok && x.rank(id, l) < 2
 }
 
 // Len returns the number of indexed blobs.
@@ -93,19 +229,42 @@ func (x *Index) Len() int {
 	return len(x.blobs)
 }
 
-// Each calls fn for every indexed blob.
+// Each calls fn for the best copy of every indexed blob.
 func (x *Index) Each(fn func(id crypt.ID, l Loc)) {
 	x.mu.RLock()
 	defer x.mu.RUnlock()
 	for id, l := range x.blobs {
-		fn(id, Loc{Pack: x.packs[l.pack], Type: l.typ, Compressed: l.compressed, Offset: l.offset, Length: l.length, RawLength: l.rawLength})
+		fn(id, x.export(l))
 	}
 }
 
-// byPack groups entries by pack, in offset order.
+// EachCopy calls fn for every stored copy of every blob; best says whether
+// it is the copy Lookup returns.
+func (x *Index) EachCopy(fn func(id crypt.ID, l Loc, best bool)) {
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	for id, l := range x.blobs {
+		fn(id, x.export(l), true)
+	}
+	for id, ls := range x.alt {
+		for _, l := range ls {
+			fn(id, x.export(l), false)
+		}
+	}
+}
+
+// HasPack reports whether any blob of pack p is indexed.
+func (x *Index) HasPack(p crypt.ID) bool {
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	n, ok := x.packNum[p]
+	return ok && x.listed[n]
+}
+
+// byPack groups every copy by pack, in offset order.
 func (x *Index) byPack() map[crypt.ID][]packEntry {
 	out := map[crypt.ID][]packEntry{}
-	x.Each(func(id crypt.ID, l Loc) {
+	x.EachCopy(func(id crypt.ID, l Loc, _ bool) {
 		out[l.Pack] = append(out[l.Pack], packEntry{ID: id, Type: l.Type, Compressed: l.Compressed, Offset: l.Offset, Length: l.Length, RawLength: l.RawLength})
 	})
 	for _, es := range out {
@@ -270,24 +429,57 @@ func (r *Repo) saveIndex(ctx context.Context, packs map[crypt.ID][]packEntry) (s
 	return name, nil
 }
 
-// LoadIndex reads every index file (once). Packs queued for deletion by a
-// prune are left out, so a backup never deduplicates against them.
+// LoadIndex reads every index file (once), the pending deletions and the
+// damage records.
+//
+// Packs a prune marked for deletion stay readable (a restore point a
+// backup wrote while the prune ran may need them until the sweep has
+// settled them), but Has leaves them out, so a backup never deduplicates
+// against them. Copies recorded as damaged are never reused either.
+//
+// A damaged index file does not stop reading: it is named in a warning,
+// and the packs no readable index file lists are indexed from their own
+// headers instead (`kura repair index` makes that permanent).
 func (r *Repo) LoadIndex(ctx context.Context) error {
 	r.idxMu.Lock()
 	defer r.idxMu.Unlock()
 	if r.loaded {
 		return nil
 	}
-	doomed, err := r.doomedPacks(ctx)
+	idx, bad, err := r.buildIndex(ctx)
 	if err != nil {
 		return err
+	}
+	r.idx, r.badIndex, r.loaded, r.scanned = idx, bad, true, false
+	if len(bad) > 0 {
+		for _, name := range sortedKeys(bad) {
+			r.log.Warn("index file is damaged; reading the packs it listed from their own headers; run `kura repair index`", "file", name, "err", bad[name])
+		}
+		if _, err := r.scanLocked(ctx); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// buildIndex reads the index files, pending deletions and damage records
+// into a fresh Index. Index files that are damaged (not ones that vanished
+// under a concurrent prune) are returned with their errors.
+func (r *Repo) buildIndex(ctx context.Context) (*Index, map[string]error, error) {
+	doomed, err := r.doomedPacks(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	damage, err := r.loadDamage(ctx)
+	if err != nil {
+		return nil, nil, err
 	}
 	var names []string
 	if err := r.be.List(ctx, "index/", func(oi backend.ObjectInfo) error {
 		names = append(names, oi.Name)
 		return nil
 	}); err != nil {
-		return err
+		return nil, nil, err
 	}
 	// Every backup adds an index file: read and decode them in parallel
 	// (76 files took 95 ms one after the other), merge them in order.
@@ -304,14 +496,14 @@ func (r *Repo) LoadIndex(ctx context.Context) error {
 					continue
 				}
 				if decoded[i], err = decodeIndex(plain); err != nil {
-					errs[i] = fmt.Errorf("%s is damaged (%v): %w; run `kura verify`", names[i], err, ErrDamaged)
+					errs[i] = fmt.Errorf("%s is damaged (%v): %w", names[i], err, ErrDamaged)
 				}
 			}
 		})
 	}
 	wg.Wait()
 	if err := ctx.Err(); err != nil {
-		return err
+		return nil, nil, err
 	}
 	// Sized up front: growing the map entry by entry took half the time.
 	var npacks, nblobs int
@@ -321,25 +513,135 @@ func (r *Repo) LoadIndex(ctx context.Context) error {
 			nblobs += len(es)
 		}
 	}
-	idx := &Index{packNum: make(map[crypt.ID]uint32, npacks), blobs: make(map[crypt.ID]loc, nblobs)}
+	idx := newIndexSized(npacks, nblobs)
+	idx.setDoomed(doomed)
+	for _, d := range damage {
+		idx.markDamaged(d.id, d.pack, d.why)
+	}
+	bad := map[string]error{}
 	for i, name := range names {
-		if errors.Is(errs[i], backend.ErrNotFound) {
-			continue // removed by a concurrent prune: at worst some chunks are stored again
-		}
-		if errs[i] != nil {
-			return errs[i]
+		switch {
+		case errors.Is(errs[i], backend.ErrNotFound):
+			continue // removed by a concurrent prune, which indexed its packs anew first
+		case errors.Is(errs[i], ErrDamaged), errors.Is(errs[i], backend.ErrTruncated):
+			bad[name] = errs[i]
+			idx.files = append(idx.files, name)
+			continue
+		case errs[i] != nil:
+			return nil, nil, errs[i]
 		}
 		for p, es := range decoded[i] {
-			if doomed[p] {
-				continue
-			}
 			idx.add(p, es)
 		}
 		idx.files = append(idx.files, name)
 	}
-	r.idx = idx
-	r.loaded = true
-	return nil
+	return idx, bad, nil
+}
+
+// ScanResult says what indexing packs from their headers found.
+type ScanResult struct {
+	PackIDs    []crypt.ID          // packs no index file lists, read from their headers
+	Packs      int                 // how many
+	Blobs      int                 // blobs those headers list
+	Unreadable map[crypt.ID]string // packs whose header could not be read, and why
+}
+
+// ScanUnindexedPacks reads the header of every pack that no index file
+// lists and adds its blobs to the loaded index (once per loaded index): a
+// restore point whose index entries were lost stays readable. It is what
+// LoadIndex does by itself when an index file is damaged, and what a
+// reader does when a chunk is not found.
+func (r *Repo) ScanUnindexedPacks(ctx context.Context) (ScanResult, error) {
+	if err := r.LoadIndex(ctx); err != nil {
+		return ScanResult{}, err
+	}
+	r.idxMu.Lock()
+	defer r.idxMu.Unlock()
+	if r.scanned {
+		return r.scanRes, nil
+	}
+	return r.scanLocked(ctx)
+}
+
+// scanLocked is ScanUnindexedPacks with r.idxMu held.
+func (r *Repo) scanLocked(ctx context.Context) (ScanResult, error) {
+	res := ScanResult{Unreadable: map[crypt.ID]string{}}
+	var todo []backend.ObjectInfo
+	if err := r.be.List(ctx, "data/", func(oi backend.ObjectInfo) error {
+		id, err := crypt.ParseID(oi.Name[strings.LastIndex(oi.Name, "/")+1:])
+		if err == nil && !r.idx.HasPack(id) {
+			todo = append(todo, oi)
+		}
+		return nil
+	}); err != nil {
+		return res, err
+	}
+	for _, oi := range todo {
+		id, _ := crypt.ParseID(oi.Name[strings.LastIndex(oi.Name, "/")+1:])
+		es, err := r.readPackHeader(ctx, id, oi.Size)
+		switch {
+		case errors.Is(err, backend.ErrNotFound):
+			continue // deleted by a prune meanwhile
+		case errors.Is(err, ErrDamaged):
+			res.Unreadable[id] = err.Error()
+			continue
+		case err != nil:
+			return res, err
+		}
+		r.idx.add(id, es)
+		res.PackIDs = append(res.PackIDs, id)
+		res.Packs++
+		res.Blobs += len(es)
+	}
+	if res.Packs > 0 {
+		r.log.Info("indexed packs from their headers", "packs", res.Packs, "blobs", res.Blobs)
+	}
+	r.scanned, r.scanRes = true, res
+	return res, nil
+}
+
+// headerTail is how much of a pack's end is read to find its header in one
+// request: the header of a 16 MiB pack of 64 KiB chunks is about 11 KiB.
+const headerTail = 64 << 10
+
+// readPackHeader reads and opens the header of pack id (size bytes long).
+// A header that cannot be read or authenticated is ErrDamaged.
+func (r *Repo) readPackHeader(ctx context.Context, id crypt.ID, size int64) ([]packEntry, error) {
+	if size < 4+crypt.Overhead {
+		return nil, fmt.Errorf("pack %s of %d bytes is truncated: %w", id.Short(), size, ErrDamaged)
+	}
+	off := max(0, size-headerTail)
+	tail, err := r.be.Load(ctx, packName(id), off, size-off)
+	if err != nil {
+		return nil, packError(id, err)
+	}
+	hlen := int64(binary.LittleEndian.Uint32(tail[len(tail)-4:]))
+	if hlen < crypt.Overhead || hlen > size-4 {
+		return nil, fmt.Errorf("pack %s: header length %d does not fit a pack of %d bytes: %w", id.Short(), hlen, size, ErrDamaged)
+	}
+	if hlen+4 > int64(len(tail)) {
+		if tail, err = r.be.Load(ctx, packName(id), size-4-hlen, hlen+4); err != nil {
+			return nil, packError(id, err)
+		}
+	}
+	hdr, err := r.key.Open(nil, tail[int64(len(tail))-4-hlen:len(tail)-4])
+	if err != nil {
+		return nil, fmt.Errorf("pack %s header: %w: %w", id.Short(), err, ErrDamaged)
+	}
+	es, err := decodeHeader(hdr, size-4-hlen)
+	if err != nil {
+		return nil, fmt.Errorf("pack %s: %w: %w", id.Short(), err, ErrDamaged)
+	}
+	return es, nil
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
 }
 
 // Index returns the loaded index.

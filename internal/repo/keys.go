@@ -177,3 +177,20 @@ func ReadPassword(file string) ([]byte, error) {
 	}
 	return nil, ErrNoPassword
 }
+
+// loadKeyFile reads and parses a key file without unlocking it: its JSON,
+// its KDF and the length of its sealed key.
+func (r *Repo) loadKeyFile(ctx context.Context, name string) (*keyFile, error) {
+	data, err := r.be.Load(ctx, name, 0, 0)
+	if err != nil {
+		return nil, err
+	}
+	var kf keyFile
+	if err := json.Unmarshal(data, &kf); err != nil {
+		return nil, fmt.Errorf("key file is damaged (%v): %w", err, ErrDamaged)
+	}
+	if kf.KDF != "argon2id" || len(kf.Params.Salt) == 0 || len(kf.Data) < crypt.Overhead {
+		return nil, fmt.Errorf("key file is damaged (kdf %q, %d bytes of sealed key): %w", kf.KDF, len(kf.Data), ErrDamaged)
+	}
+	return &kf, nil
+}

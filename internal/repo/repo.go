@@ -14,6 +14,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/bits"
 	"sync"
 	"time"
@@ -86,6 +87,12 @@ type Repo struct {
 	idx    *Index
 	idxMu  sync.Mutex // guards loading the index
 	loaded bool
+	// badIndex names the index files LoadIndex found damaged; scanned says
+	// whether the packs no index lists were read from their headers since.
+	badIndex map[string]error
+	scanned  bool
+	scanRes  ScanResult
+	log      *slog.Logger
 
 	wmu    sync.Mutex
 	writer *packWriter
@@ -138,7 +145,7 @@ func Init(ctx context.Context, be backend.Backend, password []byte, opts InitOpt
 		Created: time.Now().UTC().Truncate(time.Second),
 	}
 	cfg.MAC = cfg.mac(key)
-	r := &Repo{be: be, cfg: cfg, key: key, idx: newIndex()}
+	r := &Repo{be: be, cfg: cfg, key: key, idx: newIndex(), log: slog.New(slog.DiscardHandler)}
 	r.loaded = true
 	kdf := crypt.DefaultKDF()
 	if opts.KDF != nil {
@@ -211,5 +218,15 @@ func openWith(be backend.Backend, cfg Config, key *crypt.Key, keyID string) (*Re
 	if !hmac.Equal(cfg.MAC, cfg.mac(key)) {
 		return nil, fmt.Errorf("config: authentication failed, it was modified or damaged, or the key is not this repository's: %w", ErrDamaged)
 	}
-	return &Repo{be: be, cfg: cfg, key: key, keyID: keyID, idx: newIndex()}, nil
+	return &Repo{be: be, cfg: cfg, key: key, keyID: keyID, idx: newIndex(), log: slog.New(slog.DiscardHandler)}, nil
+}
+
+// SetLogger sets where the repository reports what it works around: a
+// damaged index file, chunks found damaged. Warnings go to it at level
+// Warn; nil discards them.
+func (r *Repo) SetLogger(l *slog.Logger) {
+	if l == nil {
+		l = slog.New(slog.DiscardHandler)
+	}
+	r.log = l
 }

@@ -290,10 +290,11 @@ func TestCheckFindsDamageAndNamesSnapshots(t *testing.T) {
 	if !named {
 		t.Fatalf("problems do not name the affected snapshot: %+v", res.Problems)
 	}
-	// Structure check without reading data still passes (the pack exists).
+	// The damage read-data found is recorded: the structure check, which
+	// resolves chunks as a restore does, now reports it too.
 	res, _ = reopen(t, dir).Check(ctx, CheckOptions{})
-	if !res.OK() {
-		t.Fatalf("structure check: %+v", res.Problems)
+	if res.OK() || !strings.Contains(res.Problems[0].Error, "stored only damaged") {
+		t.Fatalf("structure check after read-data: %+v", res.Problems)
 	}
 	// Truncating the pack is a structure problem.
 	os.WriteFile(p, data[:50], 0o600)
@@ -319,8 +320,13 @@ func TestLoadDamagedObjects(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := r2.LoadIndex(ctx); !errors.Is(err, ErrDamaged) || !strings.Contains(err.Error(), "index/") {
+	// A damaged index file is worked around: the packs are read from
+	// their headers.
+	if err := r2.LoadIndex(ctx); err != nil {
 		t.Errorf("truncated index: %v", err)
+	}
+	if _, err := r2.LoadBlob(ctx, snap.Disks[0].Maps[0], nil); err != nil {
+		t.Errorf("map blob after the index was damaged: %v", err)
 	}
 	if _, err := r2.LoadSnapshot(ctx, snap.ID); !errors.Is(err, ErrDamaged) {
 		t.Errorf("truncated snapshot: %v", err)
