@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"strconv"
@@ -110,7 +111,7 @@ func (a *app) printBackup(s *repo.Snapshot) {
 
 func (a *app) restoreCmd() *cobra.Command {
 	var to, format, disk, as, connect string
-	var overwrite, define, start bool
+	var overwrite, define, start, ignoreDamage bool
 	var workers int
 	cmd := &cobra.Command{
 		Use:   "restore SNAPSHOT --to DIR | --define [--as NAME] [--start]",
@@ -163,6 +164,7 @@ func (a *app) restoreCmd() *cobra.Command {
 				return rateLine("restore", prog.Done.Load(), prog.Total.Load(), prog.Started)
 			})
 			defer stop()
+			var damaged []diskDamage
 			for _, d := range disks {
 				path := pathOf(d)
 				var t restore.Target
@@ -175,14 +177,32 @@ func (a *app) restoreCmd() *cobra.Command {
 					return err
 				}
 				start := time.Now()
-				if err := restore.Disk(ctx, r, d, t, restore.Options{Workers: workers, Progress: prog}); err != nil {
+				dmg := &restore.DamageReport{}
+				if err := restore.Disk(ctx, r, d, t, restore.Options{Workers: workers, Progress: prog, IgnoreDamage: ignoreDamage, Damage: dmg}); err != nil {
+					if !ignoreDamage && (errors.Is(err, repo.ErrDamaged) || errors.Is(err, repo.ErrBlobMissing)) {
+						err = fmt.Errorf("%w; `kura restore --ignore-damage` restores the rest with the damaged ranges as zeros", err)
+					}
 					return err
+				}
+				if rs := dmg.Ranges(); len(rs) > 0 {
+					stop()
+					damaged = append(damaged, diskDamage{d.Name, rs})
+					fmt.Fprintf(a.stdout, "restored disk %s to %s with %s in %d damaged ranges filled with zeros (%v):\n", d.Name, path, humanBytes(rangeBytes(rs)), len(rs), dmg.Err())
+					for _, rg := range rs {
+						fmt.Fprintf(a.stdout, "  damaged: disk %s bytes %d-%d (%s)\n", d.Name, rg.Offset, rg.Offset+rg.Length-1, humanBytes(rg.Length))
+					}
+					continue
 				}
 				fmt.Fprintf(a.stdout, "restored disk %s (%s, %s of data) to %s in %s, every chunk verified\n", d.Name, humanBytes(d.Size), humanBytes(d.DataBytes), path, time.Since(start).Round(10*time.Millisecond))
 			}
 			if vm != nil {
 				stop()
-				return vm.finish(ctx, a, start)
+				if err := vm.finish(ctx, a, start); err != nil {
+					return err
+				}
+			}
+			if len(damaged) > 0 {
+				return restoredWithDamage(damaged)
 			}
 			return nil
 		},
@@ -196,7 +216,34 @@ func (a *app) restoreCmd() *cobra.Command {
 	cmd.Flags().StringVar(&disk, "disk", "", "restore only this disk (`name or index`)")
 	cmd.Flags().BoolVar(&overwrite, "overwrite", false, "replace existing files")
 	cmd.Flags().IntVar(&workers, "workers", 0, "parallel workers (default 2 per CPU)")
+	cmd.Flags().BoolVar(&ignoreDamage, "ignore-damage", false, "restore every intact range, fill chunks that are damaged or missing with zeros and list their byte ranges (exit status 3)")
 	return cmd
+}
+
+// diskDamage is what a restore with --ignore-damage filled with zeros.
+type diskDamage struct {
+	disk   string
+	ranges []repo.Range
+}
+
+// restoredWithDamage is the outcome of a restore that completed with
+// damaged ranges filled with zeros.
+type restoredWithDamage []diskDamage
+
+func (d restoredWithDamage) Error() string {
+	var n int64
+	for _, dd := range d {
+		n += rangeBytes(dd.ranges)
+	}
+	return fmt.Sprintf("restored, but %s in %d disks could not be read and are zeros (listed above); a backup of the same VM heals damaged chunks in the repository", humanBytes(n), len(d))
+}
+
+func rangeBytes(rs []repo.Range) int64 {
+	var n int64
+	for _, r := range rs {
+		n += r.Length
+	}
+	return n
 }
 
 // pausedOrDown says what a snapshot's pause time was: the VM paused

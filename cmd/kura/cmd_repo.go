@@ -193,7 +193,10 @@ func (a *app) verifyCmd() *cobra.Command {
 				}
 				fmt.Fprintln(a.stdout)
 				if res.UnindexedPacks > 0 {
-					fmt.Fprintf(a.stdout, "%d packs left by interrupted backups (harmless; `kura prune` removes them)\n", res.UnindexedPacks)
+					fmt.Fprintf(a.stdout, "%d packs no index lists hold nothing a restore point needs (left by interrupted backups; `kura prune` removes them)\n", res.UnindexedPacks)
+				}
+				if res.Healed > 0 {
+					fmt.Fprintf(a.stdout, "%d damaged chunk copies are healed (an intact copy was stored since; `kura prune` removes the damaged ones)\n", res.Healed)
 				}
 				for _, p := range res.Problems {
 					fmt.Fprintf(a.stdout, "PROBLEM %s: %s", p.Object, p.Error)
@@ -352,7 +355,10 @@ func (a *app) forgetCmd() *cobra.Command {
 func (a *app) printPrune(res repo.PruneResult) {
 	fmt.Fprintf(a.stdout, "prune: %d packs deleted (%s freed), %d repacked\n", res.PacksDeleted, humanBytes(res.BytesFreed), res.PacksRepacked)
 	if res.PacksPending > 0 {
-		fmt.Fprintf(a.stdout, "prune: %d packs marked for deletion wait for %d running backups; the next prune after they finish deletes them\n", res.PacksPending, len(res.WaitingFor))
+		fmt.Fprintf(a.stdout, "prune: %d packs (%s) marked for deletion wait for %d running backups or readers; the next prune after they finish deletes them\n", res.PacksPending, humanBytes(res.BytesPending), len(res.WaitingFor))
+	}
+	if res.PacksKept > 0 {
+		fmt.Fprintf(a.stdout, "prune: kept %d packs whose header is unreadable and that no index lists; see `kura verify`\n", res.PacksKept)
 	}
 }
 
@@ -376,7 +382,10 @@ func (a *app) pruneCmd() *cobra.Command {
 				return a.printJSON(res)
 			}
 			if dryRun {
-				fmt.Fprintf(a.stdout, "would delete %d packs (%s), repack %d\n", res.PacksPending, humanBytes(res.BytesFreed), res.PacksRepacked)
+				fmt.Fprintf(a.stdout, "would delete %d packs (%s freed), %d of them after repacking their live chunks\n", res.PacksDeleted, humanBytes(res.BytesFreed), res.PacksRepacked)
+				if res.PacksPending > 0 {
+					fmt.Fprintf(a.stdout, "would mark %d packs (%s) for deletion; %d running backups or readers must finish first\n", res.PacksPending, humanBytes(res.BytesPending), len(res.WaitingFor))
+				}
 				return nil
 			}
 			a.printPrune(res)

@@ -95,7 +95,7 @@ func (a *app) rootCmd() *cobra.Command {
 	_ = root.PersistentFlags().MarkHidden("key-fd")
 	root.AddCommand(a.initCmd(), a.backupCmd(), a.snapshotsCmd(), a.restoreCmd(), a.verifyCmd(),
 		a.forgetCmd(), a.pruneCmd(), a.statsCmd(), a.keyCmd(), a.unlockCmd(), a.exportCmd(), a.instantCmd(), a.filesCmd(), a.mountCmd(),
-		a.serverCmd(), a.runNowCmd(), a.runsCmd(), a.jobsCmd())
+		a.serverCmd(), a.runNowCmd(), a.runsCmd(), a.jobsCmd(), a.repairCmd())
 	return root
 }
 
@@ -157,6 +157,9 @@ func (a *app) openLater(ctx context.Context) (func(context.Context) (*repo.Repo,
 	}
 	if a.keyFD > 0 {
 		r, err := openWithKeyFD(ctx, be, a.keyFD)
+		if err == nil {
+			r.SetLogger(a.log)
+		}
 		return func(context.Context) (*repo.Repo, error) { return r, err }, nil
 	}
 	pw, err := a.password("repository password: ", false)
@@ -171,6 +174,9 @@ func (a *app) openLater(ctx context.Context) (func(context.Context) (*repo.Repo,
 	go func() {
 		start := time.Now()
 		r, err := repo.Open(ctx, be, pw)
+		if err == nil {
+			r.SetLogger(a.log)
+		}
 		a.log.Debug("repository opened (key derivation)", "took", time.Since(start), "err", err)
 		done <- opened{r, err}
 	}()
@@ -263,10 +269,12 @@ func explain(err error) string {
 	return err.Error()
 }
 
-// exitCode: 1 for errors, 3 when verify found damage.
+// exitCode: 1 for errors, 3 when verify found damage or a restore filled
+// damaged ranges with zeros.
 func exitCode(err error) int {
 	var d damageFound
-	if errors.As(err, &d) || errors.Is(err, errBootFailed) {
+	var rd restoredWithDamage
+	if errors.As(err, &d) || errors.Is(err, errBootFailed) || errors.As(err, &rd) {
 		return 3
 	}
 	return 1

@@ -265,9 +265,7 @@ func (r *Repo) healable(ctx context.Context, id crypt.ID, l Loc, err error) bool
 	if !errors.Is(err, ErrDamaged) {
 		return false
 	}
-	if rerr := r.ReportDamage(ctx, id, l.Pack, err); rerr != nil {
-		r.log.Warn("could not record a damaged chunk", "chunk", id.Short(), "err", rerr)
-	}
+	_ = r.ReportDamage(ctx, id, l.Pack, err) // logged by ReportDamage
 	nl, ok := r.idx.Lookup(id)
 	return ok && nl.Pack != l.Pack && r.idx.Intact(id)
 }

@@ -135,7 +135,11 @@ func (r *Repo) reportDamage(ctx context.Context, copies []damagedCopy, cause err
 	for _, c := range news {
 		r.log.Warn("chunk is damaged; the next backup that reads its data stores it again", "chunk", c.Blob[:8], "pack", c.Pack[:8], "err", c.Error)
 	}
-	return r.saveDamage(ctx, news)
+	if err := r.saveDamage(ctx, news); err != nil {
+		r.log.Warn("could not record damaged chunks in the repository", "err", err)
+		return err
+	}
+	return nil
 }
 
 func (r *Repo) saveDamage(ctx context.Context, copies []damagedCopy) error {

@@ -53,6 +53,9 @@ type Disk struct {
 	DataChunks int64      `json:"data_chunks"`    // positions holding data
 	DataBytes  int64      `json:"data_bytes"`     // their bytes (logical, non-zero)
 	Read       string     `json:"read,omitempty"` // "full", "changed", "full (reason)"
+	// Lost lists the byte ranges `kura repair snapshots` found lost for
+	// good and replaced by zeros.
+	Lost []Range `json:"lost,omitempty"`
 }
 
 // BackupStats records what a backup did.

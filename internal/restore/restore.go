@@ -47,6 +47,59 @@ type Progress struct {
 type Options struct {
 	Workers  int // 0 = 2 × CPUs
 	Progress *Progress
+	// IgnoreDamage restores every intact range and fills the chunks that
+	// are missing or damaged (with no intact copy left) with zeros,
+	// listing them in Damage, instead of failing.
+	IgnoreDamage bool
+	// Damage collects what IgnoreDamage filled with zeros.
+	Damage *DamageReport
+}
+
+// DamageReport lists the byte ranges of a disk a restore could not read
+// and filled with zeros. Safe for concurrent use.
+type DamageReport struct {
+	mu     sync.Mutex
+	ranges []repo.Range
+	first  error
+}
+
+func (d *DamageReport) add(off, n int64, err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.ranges = append(d.ranges, repo.Range{Offset: off, Length: n})
+	if d.first == nil {
+		d.first = err
+	}
+}
+
+// Ranges returns the damaged ranges, sorted and merged.
+func (d *DamageReport) Ranges() []repo.Range {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	rs := append([]repo.Range(nil), d.ranges...)
+	sort.Slice(rs, func(i, j int) bool { return rs[i].Offset < rs[j].Offset })
+	var out []repo.Range
+	for _, r := range rs {
+		if k := len(out) - 1; k >= 0 && out[k].Offset+out[k].Length >= r.Offset {
+			out[k].Length = max(out[k].Length, r.Offset+r.Length-out[k].Offset)
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+// Err returns the first error behind the damage, nil when there was none.
+func (d *DamageReport) Err() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.first
+}
+
+// unreadable reports whether err means the chunk cannot be read from the
+// repository (as opposed to a failure of the target or a cancel).
+func unreadable(err error) bool {
+	return errors.Is(err, repo.ErrDamaged) || errors.Is(err, repo.ErrBlobMissing)
 }
 
 // Disk restores one disk of a snapshot into t, then commits t. On error t
@@ -66,6 +119,9 @@ func Disk(ctx context.Context, r *repo.Repo, d repo.Disk, t Target, opts Options
 	if opts.Progress.Started.IsZero() {
 		opts.Progress.Started = time.Now()
 	}
+	if opts.IgnoreDamage && opts.Damage == nil {
+		opts.Damage = &DamageReport{}
+	}
 	if err := r.LoadIndex(ctx); err != nil {
 		return err
 	}
@@ -75,7 +131,15 @@ func Disk(ctx context.Context, r *repo.Repo, d repo.Disk, t Target, opts Options
 	}
 	opts.Progress.Total.Add(d.DataBytes)
 	cs := int64(d.ChunkSize)
-	jobs, err := planReads(r, d, ids, t.NeedsZeroes())
+	jobs, err := planReads(r, d, ids, t.NeedsZeroes(), opts.IgnoreDamage)
+	if errors.Is(err, repo.ErrBlobMissing) {
+		// An index file may have been lost: look in the packs no index
+		// lists before giving up.
+		if _, serr := r.ScanUnindexedPacks(ctx); serr != nil {
+			return serr
+		}
+		jobs, err = planReads(r, d, ids, t.NeedsZeroes(), opts.IgnoreDamage)
+	}
 	if err != nil {
 		return err
 	}
@@ -109,8 +173,52 @@ func Disk(ctx context.Context, r *repo.Repo, d repo.Disk, t Target, opts Options
 				}
 				return true
 			}
+			// lost handles a chunk whose copy in the span failed: it is
+			// recorded as damaged and read from another intact copy if
+			// there is one; else, with IgnoreDamage, its positions are
+			// filled with zeros and listed.
+			lost := func(u *blobUse, err error) bool {
+				if errors.Is(err, repo.ErrDamaged) {
+					_ = r.ReportDamage(ctx, u.id, u.loc.Pack, err) // logged by the repository
+					if r.Index().Intact(u.id) {
+						plain, lerr := r.LoadBlob(ctx, u.id, buf)
+						if lerr == nil {
+							for _, pos := range u.pos {
+								if !write(plain, pos) {
+									return false
+								}
+								opts.Progress.Done.Add(int64(len(plain)))
+							}
+							return true
+						}
+						err = lerr
+					}
+				}
+				if !opts.IgnoreDamage || !unreadable(err) {
+					fail(fmt.Errorf("disk %s at offset %d: %w", d.Name, u.pos[0]*cs, err))
+					return false
+				}
+				for _, pos := range u.pos {
+					off := pos * cs
+					n := min(cs, d.Size-off)
+					if t.NeedsZeroes() && !write(zero[:n], pos) {
+						return false
+					}
+					opts.Damage.add(off, n, fmt.Errorf("disk %s at offset %d: %w", d.Name, off, err))
+					opts.Progress.Done.Add(n)
+				}
+				return true
+			}
 			for j := range queue {
 				if ctx.Err() != nil {
+					continue
+				}
+				if len(j.missing) > 0 { // chunks no pack holds (IgnoreDamage)
+					for _, u := range j.missing {
+						if !lost(u, fmt.Errorf("chunk %s: %w", u.id.Short(), repo.ErrBlobMissing)) {
+							break
+						}
+					}
 					continue
 				}
 				if len(j.blobs) == 0 { // zero chunks of a target that needs them written
@@ -126,15 +234,21 @@ func Disk(ctx context.Context, r *repo.Repo, d repo.Disk, t Target, opts Options
 				}
 				data, err := r.LoadPackRangeInto(ctx, j.pack, j.start, j.end-j.start, span)
 				if err != nil {
-					fail(fmt.Errorf("disk %s at offset %d: %w", d.Name, j.blobs[0].pos[0]*cs, err))
+					for _, u := range j.blobs {
+						if !lost(u, fmt.Errorf("chunk %s: %w", u.id.Short(), err)) {
+							break
+						}
+					}
 					continue
 				}
 				for _, u := range j.blobs {
 					sealed := data[int64(u.loc.Offset)-j.start : int64(u.loc.Offset)-j.start+int64(u.loc.Length)]
 					plain, err := r.OpenBlob(u.id, u.loc, sealed, buf)
 					if err != nil {
-						fail(fmt.Errorf("disk %s at offset %d: %w", d.Name, u.pos[0]*cs, err))
-						break
+						if !lost(u, err) {
+							break
+						}
+						continue
 					}
 					ok := true
 					for _, pos := range u.pos {
@@ -184,6 +298,7 @@ type readJob struct {
 	blobs      []*blobUse
 	first      int64 // lowest disk position served, for ordering
 	zeroes     []int64
+	missing    []*blobUse // chunks no pack holds, to fill with zeros
 }
 
 // maxGap is the largest unneeded stretch of a pack read through rather
@@ -195,11 +310,12 @@ const maxGap = 1 << 20
 // spans are ordered by the disk position they serve so that writes go
 // roughly front to back. A chunk that fills several positions is read
 // once.
-func planReads(r *repo.Repo, d repo.Disk, ids []crypt.ID, zeroes bool) ([]*readJob, error) {
+func planReads(r *repo.Repo, d repo.Disk, ids []crypt.ID, zeroes, ignoreMissing bool) ([]*readJob, error) {
 	cs := int64(d.ChunkSize)
 	byID := map[crypt.ID]*blobUse{}
 	byPack := map[crypt.ID][]*blobUse{}
 	var zeroPos []int64
+	var missing []*blobUse
 	for i, id := range ids {
 		pos := int64(i)
 		if id.IsZero() {
@@ -213,13 +329,18 @@ func planReads(r *repo.Repo, d repo.Disk, ids []crypt.ID, zeroes bool) ([]*readJ
 			continue
 		}
 		l, ok := r.Locate(id)
-		if !ok {
-			return nil, fmt.Errorf("disk %s at offset %d: chunk %s: %w", d.Name, pos*cs, id.Short(), repo.ErrBlobMissing)
-		}
 		u := &blobUse{id: id, loc: l, pos: []int64{pos}}
 		byID[id] = u
+		if !ok {
+			if !ignoreMissing {
+				return nil, fmt.Errorf("disk %s at offset %d: chunk %s: %w", d.Name, pos*cs, id.Short(), repo.ErrBlobMissing)
+			}
+			missing = append(missing, u)
+			continue
+		}
 		byPack[l.Pack] = append(byPack[l.Pack], u)
 	}
+
 	var jobs []*readJob
 	for p, us := range byPack {
 		sort.Slice(us, func(a, b int) bool { return us[a].loc.Offset < us[b].loc.Offset })
@@ -234,6 +355,9 @@ func planReads(r *repo.Repo, d repo.Disk, ids []crypt.ID, zeroes bool) ([]*readJ
 			j.first = min(j.first, u.pos[0])
 			j.blobs = append(j.blobs, u)
 		}
+	}
+	if len(missing) > 0 {
+		jobs = append(jobs, &readJob{first: missing[0].pos[0], missing: missing})
 	}
 	for len(zeroPos) > 0 {
 		n := min(len(zeroPos), 64)
