@@ -501,6 +501,10 @@ func (a *app) keyCmd() *cobra.Command {
 				if k.Current {
 					cur = "*"
 				}
+				if k.Damaged != "" {
+					fmt.Fprintf(tw, "%s%s\tDAMAGED (%s)\t\t\n", cur, k.ID[:8], k.Damaged)
+					continue
+				}
 				fmt.Fprintf(tw, "%s%s\t%s\t%s\t%s\n", cur, k.ID[:8], k.Created.Local().Format(time.DateTime), k.Username, k.Hostname)
 			}
 			return tw.Flush()

@@ -258,6 +258,9 @@ func (r *Repo) checkData(ctx context.Context, opts CheckOptions, onDisk map[cryp
 	for p, pr := range results {
 		if pr.header != nil {
 			problem(packName(p), pr.header)
+			if errors.Is(pr.header, ErrDamaged) {
+				found = append(found, damagedCopy{Blob: headerBlob, Pack: p.String(), Error: errText(pr.header)})
+			}
 		}
 		for id, why := range pr.bad {
 			found = append(found, damagedCopy{Blob: id.String(), Pack: p.String(), Error: why})
@@ -270,8 +273,8 @@ func (r *Repo) checkData(ctx context.Context, opts CheckOptions, onDisk map[cryp
 	reported := map[crypt.ID]bool{}
 	sort.Slice(found, func(i, j int) bool { return found[i].Blob < found[j].Blob })
 	for _, c := range found {
-		id, _ := crypt.ParseID(c.Blob)
-		if reported[id] || r.idx.Intact(id) {
+		id, err := crypt.ParseID(c.Blob)
+		if err != nil || reported[id] || r.idx.Intact(id) {
 			continue
 		}
 		reported[id] = true
@@ -297,7 +300,7 @@ func (r *Repo) checkPack(ctx context.Context, p crypt.ID, es []packEntry) (error
 	}
 	hdr, herr := parsePack(r.key, data)
 	if herr != nil {
-		herr = fmt.Errorf("pack %s: %v (its blobs are read through the index; `kura repair index` could not rebuild its entries): %w", p.Short(), herr, ErrDamaged)
+		herr = fmt.Errorf("pack %s: %v (its chunks are read through the index; the next `kura prune` copies them to a new pack): %w", p.Short(), herr, ErrDamaged)
 	}
 	inHeader := map[crypt.ID]packEntry{}
 	for _, e := range hdr {

@@ -38,12 +38,16 @@ type damageRecord struct {
 	Copies   []damagedCopy `json:"copies"`
 }
 
-// damagedCopy names one damaged stored copy of a blob.
+// damagedCopy names one damaged stored copy of a blob, or (Blob is
+// headerBlob) a pack whose header is damaged.
 type damagedCopy struct {
 	Blob  string `json:"blob"`
 	Pack  string `json:"pack"`
 	Error string `json:"error"`
 }
+
+// headerBlob in a damage record names a pack's header rather than a blob.
+const headerBlob = "header"
 
 type damageEntry struct {
 	id, pack crypt.ID
@@ -81,6 +85,9 @@ func (r *Repo) loadDamage(ctx context.Context) ([]damageEntry, error) {
 		}
 		for _, c := range rec.Copies {
 			id, err1 := crypt.ParseID(c.Blob)
+			if c.Blob == headerBlob {
+				id, err1 = crypt.ID{}, nil
+			}
 			pack, err2 := crypt.ParseID(c.Pack)
 			if err1 == nil && err2 == nil {
 				out = append(out, damageEntry{id: id, pack: pack, why: c.Error, object: name})
@@ -120,9 +127,18 @@ func (r *Repo) reportDamage(ctx context.Context, copies []damagedCopy, cause err
 	}
 	var news []damagedCopy
 	for _, c := range copies {
-		id, err1 := crypt.ParseID(c.Blob)
-		pack, err2 := crypt.ParseID(c.Pack)
-		if err1 != nil || err2 != nil {
+		pack, err := crypt.ParseID(c.Pack)
+		if err != nil {
+			continue
+		}
+		if c.Blob == headerBlob {
+			if r.idx.markBadHeader(pack, c.Error) {
+				news = append(news, c)
+			}
+			continue
+		}
+		id, err := crypt.ParseID(c.Blob)
+		if err != nil {
 			continue
 		}
 		if r.idx.markDamaged(id, pack, c.Error) {
@@ -133,6 +149,10 @@ func (r *Repo) reportDamage(ctx context.Context, copies []damagedCopy, cause err
 		return nil
 	}
 	for _, c := range news {
+		if c.Blob == headerBlob {
+			r.log.Warn("pack header is damaged; the next prune copies its chunks to a new pack", "pack", c.Pack[:8], "err", c.Error)
+			continue
+		}
 		r.log.Warn("chunk is damaged; the next backup that reads its data stores it again", "chunk", c.Blob[:8], "pack", c.Pack[:8], "err", c.Error)
 	}
 	if err := r.saveDamage(ctx, news); err != nil {
@@ -200,7 +220,11 @@ func (r *Repo) forgetDamage(ctx context.Context, deleted map[crypt.ID]bool) erro
 	var keep []damagedCopy
 	for _, e := range entries {
 		if drop[e.object] && !deleted[e.pack] {
-			keep = append(keep, damagedCopy{Blob: e.id.String(), Pack: e.pack.String(), Error: e.why})
+			blob := e.id.String()
+			if e.id.IsZero() {
+				blob = headerBlob
+			}
+			keep = append(keep, damagedCopy{Blob: blob, Pack: e.pack.String(), Error: e.why})
 		}
 	}
 	if len(keep) > 0 {

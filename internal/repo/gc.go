@@ -250,12 +250,15 @@ func (r *Repo) mark(ctx context.Context, opts PruneOptions, res *PruneResult) er
 		}
 		es := byPack[p]
 		var live, total int64
-		damagedLive := false
+		damagedLive, damagedDead := false, false
 		for _, e := range es {
 			total += int64(e.Length)
+			damaged := r.idx.Damage(e.ID, p) != ""
 			if r.live(ref, e.ID, p) {
 				live += int64(e.Length)
-				damagedLive = damagedLive || r.idx.Damage(e.ID, p) != ""
+				damagedLive = damagedLive || damaged
+			} else {
+				damagedDead = damagedDead || damaged
 			}
 		}
 		switch {
@@ -264,7 +267,10 @@ func (r *Repo) mark(ctx context.Context, opts PruneOptions, res *PruneResult) er
 		case damagedLive:
 			// Holds the only copy of a referenced chunk, damaged: keep
 			// it as it is until a backup stores the chunk again.
-		case float64(live) < opts.RepackBelow*float64(total):
+		case damagedDead, r.idx.BadHeader(p) != "", float64(live) < opts.RepackBelow*float64(total):
+			// A damaged copy whose chunk was stored again goes at once,
+			// and so does a pack whose header is damaged (its chunks,
+			// checked, move to a new pack with a good header).
 			repack = append(repack, p)
 		}
 	}

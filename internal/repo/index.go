@@ -55,6 +55,7 @@ type Index struct {
 	doomed  map[uint32]bool    // packs a prune marked for deletion
 	damaged map[copyKey]string // copies known damaged, and why
 	listed  map[uint32]bool    // packs with indexed blobs
+	badHdr  map[uint32]string  // packs whose header is known damaged, and why
 	files   []string           // index files loaded
 }
 
@@ -71,7 +72,7 @@ func newIndex() *Index {
 func newIndexSized(npacks, nblobs int) *Index {
 	return &Index{
 		packNum: make(map[crypt.ID]uint32, npacks), blobs: make(map[crypt.ID]loc, nblobs),
-		alt: map[crypt.ID][]loc{}, doomed: map[uint32]bool{}, damaged: map[copyKey]string{}, listed: map[uint32]bool{},
+		alt: map[crypt.ID][]loc{}, doomed: map[uint32]bool{}, damaged: map[copyKey]string{}, listed: map[uint32]bool{}, badHdr: map[uint32]string{},
 	}
 }
 
@@ -175,6 +176,30 @@ func (x *Index) markDamaged(id, pack crypt.ID, why string) bool {
 	x.damaged[k] = why
 	x.repick(id)
 	return true
+}
+
+// markBadHeader records that pack's header is damaged (its blobs may be
+// intact, read through the index); it reports whether that was news.
+func (x *Index) markBadHeader(pack crypt.ID, why string) bool {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	n := x.packNo(pack)
+	if x.badHdr[n] != "" {
+		return false
+	}
+	x.badHdr[n] = why
+	return true
+}
+
+// BadHeader says why pack's header is known damaged ("" when it is not).
+func (x *Index) BadHeader(pack crypt.ID) string {
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	n, ok := x.packNum[pack]
+	if !ok {
+		return ""
+	}
+	return x.badHdr[n]
 }
 
 // Has reports whether the blob has an intact copy that no prune has marked
@@ -411,7 +436,7 @@ func (r *Repo) loadObject(ctx context.Context, name string) ([]byte, error) {
 	}
 	plain, err := r.openObject(data)
 	if err != nil {
-		return nil, fmt.Errorf("%s is damaged (%v): %w; run `kura verify`", name, err, ErrDamaged)
+		return nil, fmt.Errorf("%s is damaged (%v): %w", name, err, ErrDamaged)
 	}
 	return plain, nil
 }
@@ -516,7 +541,11 @@ func (r *Repo) buildIndex(ctx context.Context) (*Index, map[string]error, error)
 	idx := newIndexSized(npacks, nblobs)
 	idx.setDoomed(doomed)
 	for _, d := range damage {
-		idx.markDamaged(d.id, d.pack, d.why)
+		if d.id.IsZero() {
+			idx.markBadHeader(d.pack, d.why)
+		} else {
+			idx.markDamaged(d.id, d.pack, d.why)
+		}
 	}
 	bad := map[string]error{}
 	for i, name := range names {

@@ -33,6 +33,7 @@ type KeyInfo struct {
 	Created  time.Time `json:"created"`
 	Hostname string    `json:"hostname"`
 	Username string    `json:"username"`
+	Damaged  string    `json:"damaged,omitempty"` // why the key file cannot be read
 }
 
 func (r *Repo) addKey(ctx context.Context, password []byte, kdf crypt.KDFParams) (string, error) {
@@ -76,7 +77,9 @@ func (r *Repo) ListKeys(ctx context.Context) ([]KeyInfo, error) {
 		}
 		var kf keyFile
 		if err := json.Unmarshal(data, &kf); err != nil {
-			return fmt.Errorf("key file %s is damaged: %w", oi.Name, ErrDamaged)
+			// Listed, so that `kura key remove` can remove it.
+			out = append(out, KeyInfo{ID: id, Damaged: err.Error()})
+			return nil
 		}
 		out = append(out, KeyInfo{ID: id, Current: id == r.keyID, Created: kf.Created, Hostname: kf.Hostname, Username: kf.Username})
 		return nil
