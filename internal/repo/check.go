@@ -97,26 +97,12 @@ func (r *Repo) Check(ctx context.Context, opts CheckOptions) (CheckResult, error
 	// Packs the index names: present and long enough?
 	byPack := r.idx.byPack()
 	res.Packs, res.Blobs = len(byPack), r.idx.Len()
-	var lost []damagedCopy
-	for p, es := range byPack {
-		size, ok := onDisk[p]
-		last := es[len(es)-1]
-		var why error
-		switch {
-		case !ok:
-			why = fmt.Errorf("pack %s is missing: %w", p.Short(), ErrDamaged)
-		case size < int64(last.Offset)+int64(last.Length)+4+crypt.Overhead:
-			why = fmt.Errorf("pack %s is truncated: %d bytes, the index needs more than %d: %w", p.Short(), size, int64(last.Offset)+int64(last.Length), ErrDamaged)
-		default:
-			continue
-		}
-		problem(packName(p), why)
-		for _, e := range es {
-			lost = append(lost, damagedCopy{Blob: e.ID.String(), Pack: p.String(), Error: errText(why)})
-		}
-	}
-	if err := r.reportDamage(ctx, lost, nil); err != nil {
+	lostPacks, err := r.markLostPacks(ctx, onDisk)
+	if err != nil {
 		return res, err
+	}
+	for p, why := range lostPacks {
+		problem(packName(p), why)
 	}
 
 	// Snapshots: every chunk resolved as a restore would.
@@ -155,6 +141,32 @@ func (r *Repo) Check(ctx context.Context, opts CheckOptions) (CheckResult, error
 	sort.SliceStable(res.Problems, func(i, j int) bool { return res.Problems[i].Object < res.Problems[j].Object })
 	r.forgetIndex() // Check read every pack's header into the index
 	return res, nil
+}
+
+// markLostPacks finds the packs the index names that are missing from
+// storage or shorter than the index says, records their blobs as damaged
+// and returns them with the reason.
+func (r *Repo) markLostPacks(ctx context.Context, onDisk map[crypt.ID]int64) (map[crypt.ID]error, error) {
+	out := map[crypt.ID]error{}
+	var lost []damagedCopy
+	for p, es := range r.idx.byPack() {
+		size, ok := onDisk[p]
+		last := es[len(es)-1]
+		var why error
+		switch {
+		case !ok:
+			why = fmt.Errorf("pack %s is missing: %w", p.Short(), ErrDamaged)
+		case size < int64(last.Offset)+int64(last.Length)+4+crypt.Overhead:
+			why = fmt.Errorf("pack %s is truncated: %d bytes, the index needs more than %d: %w", p.Short(), size, int64(last.Offset)+int64(last.Length), ErrDamaged)
+		default:
+			continue
+		}
+		out[p] = why
+		for _, e := range es {
+			lost = append(lost, damagedCopy{Blob: e.ID.String(), Pack: p.String(), Error: errText(why)})
+		}
+	}
+	return out, r.reportDamage(ctx, lost, nil)
 }
 
 // checkSnapshots loads every snapshot and its maps and resolves every

@@ -178,10 +178,11 @@ func (r *Repo) RepairSnapshots(ctx context.Context, opts RepairSnapshotsOptions)
 		return nil, err
 	}
 	defer lock.Unlock(context.WithoutCancel(ctx))
-	if err := r.LoadIndex(ctx); err != nil {
+	onDisk, _, err := r.fullIndex(ctx)
+	if err != nil {
 		return nil, err
 	}
-	if _, err := r.ScanUnindexedPacks(ctx); err != nil {
+	if _, err := r.markLostPacks(ctx, onDisk); err != nil {
 		return nil, err
 	}
 	ss, err := r.Snapshots(ctx)
