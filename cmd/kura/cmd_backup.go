@@ -30,6 +30,9 @@ func (a *app) backupCmd() *cobra.Command {
 			if name == "" {
 				name = strings.TrimSuffix(filepath.Base(args[0]), filepath.Ext(args[0]))
 			}
+			if err := repo.ValidName(name); err != nil {
+				return err
+			}
 			gate, err := readGate(limitRead)
 			if err != nil {
 				return err

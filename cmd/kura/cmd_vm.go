@@ -118,6 +118,9 @@ func (a *app) qmpBackupCmd() *cobra.Command {
 			if socket == "" || name == "" {
 				return errors.New("give the VM's QMP socket with --socket and a name with --name")
 			}
+			if err := repo.ValidName(name); err != nil {
+				return err
+			}
 			if err := checkMode(mode); err != nil {
 				return err
 			}

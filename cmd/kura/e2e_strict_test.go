@@ -1,0 +1,83 @@
+package main
+
+// Strictness (issue 23): input that could select, delete or print the
+// wrong thing is refused with a one-line error that says what is valid.
+
+import (
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// A half-written selector selects nothing: `kura forget web@` used to
+// forget web's newest restore point.
+func TestSelectorForms(t *testing.T) {
+	e := newEnv(t)
+	img := filepath.Join(e.dir, "disk.raw")
+	makeImage(t, img, 4<<20, 3, 4)
+	e.ok("init")
+	e.ok("backup", "image", img, "--name", "web")
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"forget", "web@"}, "nothing after @"},
+		{[]string{"forget", "@latest"}, "no name before @"},
+		{[]string{"forget", "web@yesterday"}, "not a local date or time"},
+		{[]string{"restore", "web@", "--to", e.dir + "/r"}, "nothing after @"},
+		{[]string{"files", "ls", "web@"}, "nothing after @"},
+	} {
+		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
+			w := *e
+			w.t = t
+			r := w.fails(tc.want, tc.args...)
+			for _, form := range []string{"NAME@latest", "NAME@2026-11-20", "id prefix", "latest"} {
+				if !strings.Contains(r.stderr, form) {
+					t.Errorf("error %q does not name the form %s", r.stderr, form)
+				}
+			}
+		})
+	}
+	if ss := e.snapshots(); len(ss) != 1 {
+		t.Fatalf("%d snapshots after the refused forgets, want 1", len(ss))
+	}
+	e.ok("forget", "web@latest")
+	if ss := e.snapshots(); len(ss) != 0 {
+		t.Fatalf("%d snapshots after forget web@latest, want 0", len(ss))
+	}
+}
+
+// Restore point names are checked when a backup is made.
+func TestBackupNames(t *testing.T) {
+	e := newEnv(t)
+	img := filepath.Join(e.dir, "disk.raw")
+	makeImage(t, img, 4<<20, 4, 2)
+	odd := filepath.Join(e.dir, "disk@2.raw")
+	makeImage(t, odd, 4<<20, 4, 2)
+	e.ok("init")
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"backup", "image", img, "--name", "a@b"}, `holds '@'`},
+		{[]string{"backup", "image", img, "--name", "a/b"}, `holds '/'`},
+		{[]string{"backup", "image", img, "--name", "two\nlines"}, `holds '\n'`},
+		{[]string{"backup", "image", img, "--name", "\x1b[31mred"}, `"\x1b[31mred"`},
+		{[]string{"backup", "image", odd}, `"disk@2"`}, // the default name, from the file name
+		{[]string{"backup", "qmp", "--socket", "/nonexistent", "--name", "x@y"}, `holds '@'`},
+	} {
+		t.Run(strings.Join(tc.args[2:], " "), func(t *testing.T) {
+			w := *e
+			w.t = t
+			r := w.fails(tc.want, tc.args...)
+			if !strings.Contains(r.stderr, "--name") || !strings.Contains(r.stderr, "letters, digits") {
+				t.Errorf("error %q does not say what is allowed and how to pass --name", r.stderr)
+			}
+		})
+	}
+	if ss := e.snapshots(); len(ss) != 0 {
+		t.Fatalf("%d snapshots after refused names, want 0", len(ss))
+	}
+	e.ok("backup", "image", img, "--name", "Windows Server 2022:web-01.example_a+b")
+	e.ok("restore", "Windows Server 2022:web-01.example_a+b@latest", "--to", filepath.Join(e.dir, "r"))
+}
