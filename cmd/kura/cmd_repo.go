@@ -14,6 +14,7 @@ import (
 
 	"github.com/kura-backup/kura/internal/repo"
 	"github.com/kura-backup/kura/internal/retention"
+	"github.com/kura-backup/kura/internal/units"
 )
 
 func (a *app) printJSON(v any) error {
@@ -29,19 +30,19 @@ func (a *app) initCmd() *cobra.Command {
 		Short: "Create an encrypted repository",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			be, err := a.backend()
+			cs, err := parseChunkSize(chunkSize)
 			if err != nil {
 				return err
 			}
-			cs, err := parseSize(chunkSize)
+			be, err := a.backend()
 			if err != nil {
-				return fmt.Errorf("--chunk-size: %w", err)
+				return err
 			}
 			pw, err := a.password("new repository password: ", true)
 			if err != nil {
 				return err
 			}
-			r, err := repo.Init(cmd.Context(), be, pw, repo.InitOptions{ChunkSize: int(cs)})
+			r, err := repo.Init(cmd.Context(), be, pw, repo.InitOptions{ChunkSize: cs})
 			if err != nil {
 				return err
 			}
@@ -54,23 +55,17 @@ func (a *app) initCmd() *cobra.Command {
 	return cmd
 }
 
-func parseSize(s string) (int64, error) {
-	s = strings.TrimSpace(strings.ToUpper(s))
-	mult := int64(1)
-	for _, u := range []struct {
-		suffix string
-		mult   int64
-	}{{"KIB", 1 << 10}, {"MIB", 1 << 20}, {"GIB", 1 << 30}, {"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}} {
-		if strings.HasSuffix(s, u.suffix) {
-			s, mult = strings.TrimSuffix(s, u.suffix), u.mult
-			break
-		}
+// parseChunkSize reads --chunk-size and checks it before any password is
+// asked for.
+func parseChunkSize(s string) (int, error) {
+	n, err := units.ParseSize(s)
+	if err != nil {
+		return 0, fmt.Errorf("--chunk-size: %w", err)
 	}
-	var n int64
-	if _, err := fmt.Sscan(s, &n); err != nil || n <= 0 {
-		return 0, fmt.Errorf("%q is not a size (like 1M or 512K)", s)
+	if n < repo.MinChunkSize || n > repo.MaxChunkSize || n&(n-1) != 0 {
+		return 0, fmt.Errorf("--chunk-size %s: use a power of two from 64KiB to 16MiB, like 256K or 1MiB", s)
 	}
-	return n * mult, nil
+	return int(n), nil
 }
 
 func (a *app) snapshotsCmd() *cobra.Command {

@@ -4,6 +4,7 @@ package main
 // wrong thing is refused with a one-line error that says what is valid.
 
 import (
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -80,4 +81,38 @@ func TestBackupNames(t *testing.T) {
 	}
 	e.ok("backup", "image", img, "--name", "Windows Server 2022:web-01.example_a+b")
 	e.ok("restore", "Windows Server 2022:web-01.example_a+b@latest", "--to", filepath.Join(e.dir, "r"))
+}
+
+// Sizes are read whole, with their units: --chunk-size 1MB used to be 1.
+func TestSizeFlags(t *testing.T) {
+	for _, tc := range []struct {
+		value, want string // want: error text, or the chunk size printed
+		ok              bool
+	}{
+		{"1MB", "use a power of two from 64KiB to 16MiB", false},
+		{"1MBx", `unknown unit "MBx"`, false},
+		{"1 furlong", "unknown unit", false},
+		{"0", "use a power of two", false},
+		{"-256K", "negative", false},
+		{"32M", "use a power of two", false},
+		{"1MiB", "chunk size 1.0 MiB", true},
+		{"512k", "chunk size 512.0 KiB", true},
+	} {
+		t.Run(tc.value, func(t *testing.T) {
+			e := newEnv(t)
+			if !tc.ok {
+				r := e.fails(tc.want, "init", "--chunk-size", tc.value)
+				if !strings.Contains(r.stderr, "--chunk-size") {
+					t.Errorf("error %q does not name the flag", r.stderr)
+				}
+				if _, err := os.Stat(e.repo); err == nil {
+					t.Errorf("a refused init left %s", e.repo)
+				}
+				return
+			}
+			if out := e.ok("init", "--chunk-size", tc.value); !strings.Contains(out, tc.want) {
+				t.Errorf("init --chunk-size %s said %q, want %q", tc.value, out, tc.want)
+			}
+		})
+	}
 }

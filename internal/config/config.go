@@ -26,6 +26,7 @@ import (
 
 	"github.com/kura-backup/kura/internal/retention"
 	"github.com/kura-backup/kura/internal/schedule"
+	"github.com/kura-backup/kura/internal/units"
 )
 
 // Config is a whole configuration file.
@@ -476,7 +477,7 @@ func (c *Config) validate() error {
 		errs = append(errs, c.errorf(c.Limits.lines["nice"], "limits.nice", "%d: use a CPU priority from -20 to 19 (19, the default, is the lowest)", n))
 	}
 	if c.Limits.Bandwidth != "" {
-		n, err := ParseRate(c.Limits.Bandwidth)
+		n, err := units.ParseRate(c.Limits.Bandwidth)
 		if err != nil {
 			errs = append(errs, c.errorf(c.Limits.lines["bandwidth"], "limits.bandwidth", "%v", err))
 		}
@@ -490,14 +491,14 @@ func (c *Config) validate() error {
 		if r.s == "" {
 			continue
 		}
-		n, err := ParseRate(r.s)
+		n, err := units.ParseRate(r.s)
 		if err != nil {
 			errs = append(errs, c.errorf(c.lines["latency"], r.field, "%v", err))
 		}
 		*r.n = n
 	}
 	if c.Latency.ReadSize != "" {
-		n, err := ParseRate(c.Latency.ReadSize)
+		n, err := units.ParseSize(c.Latency.ReadSize)
 		if err != nil || n < 4<<10 || n%(4<<10) != 0 {
 			errs = append(errs, c.errorf(c.lines["latency"], "latency.read_size", "%q: use a multiple of 4 KiB, like 64KiB", c.Latency.ReadSize))
 		}
@@ -585,26 +586,6 @@ func (c *Config) Job(name string) *Job {
 		}
 	}
 	return nil
-}
-
-// ParseRate reads a rate in bytes per second: "200MiB", "50MB", "1GiB",
-// optionally with "/s".
-func ParseRate(s string) (int64, error) {
-	units := []struct {
-		suffix string
-		mult   int64
-	}{{"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}, {"GB", 1e9}, {"MB", 1e6}, {"KB", 1e3}, {"B", 1}}
-	t := strings.TrimSuffix(strings.TrimSpace(s), "/s")
-	for _, u := range units {
-		if num, ok := strings.CutSuffix(t, u.suffix); ok {
-			v, err := strconv.ParseFloat(strings.TrimSpace(num), 64)
-			if err != nil || v <= 0 {
-				break
-			}
-			return int64(v * float64(u.mult)), nil
-		}
-	}
-	return 0, fmt.Errorf("%q is not a rate: use a size per second like 200MiB or 50MB", s)
 }
 
 // UnmarshalYAML implements yaml.Unmarshaler, refusing unknown keys.
