@@ -87,7 +87,7 @@ func TestBackupNames(t *testing.T) {
 func TestSizeFlags(t *testing.T) {
 	for _, tc := range []struct {
 		value, want string // want: error text, or the chunk size printed
-		ok              bool
+		ok          bool
 	}{
 		{"1MB", "use a power of two from 64KiB to 16MiB", false},
 		{"1MBx", `unknown unit "MBx"`, false},
