@@ -74,6 +74,7 @@ func (a *app) backupCmd() *cobra.Command {
 	}
 	img.Flags().StringVar(&name, "name", "", "restore point `name` (default: the first image's base name)")
 	img.Flags().IntVar(&workers, "workers", 0, "parallel workers (default 2 per CPU)")
+	numRange(img.Flags(), "workers", 1, maxWorkers, "leave it out for 2 per CPU")
 	limitReadFlag(img.Flags(), &limitRead)
 	cmd.AddCommand(img, a.vmBackupCmd(), a.qmpBackupCmd())
 	return cmd
@@ -199,6 +200,7 @@ func (a *app) restoreCmd() *cobra.Command {
 	cmd.Flags().StringVar(&disk, "disk", "", "restore only this disk (`name or index`)")
 	cmd.Flags().BoolVar(&overwrite, "overwrite", false, "replace existing files")
 	cmd.Flags().IntVar(&workers, "workers", 0, "parallel workers (default 2 per CPU)")
+	numRange(cmd.Flags(), "workers", 1, maxWorkers, "leave it out for 2 per CPU")
 	return cmd
 }
 

@@ -50,5 +50,6 @@ func (a *app) exportCmd() *cobra.Command {
 	cmd.Flags().StringVar(&disk, "disk", "", "serve only this disk (`name or index`)")
 	cmd.Flags().StringVar(&socket, "socket", "", "unix socket `path` (default "+runDir+"/NAME-ID.sock)")
 	cmd.Flags().Int64Var(&cacheMiB, "cache", 64, "chunk cache per disk in `MiB`")
+	numRange(cmd.Flags(), "cache", 1, 1<<20, "MiB per disk")
 	return cmd
 }

@@ -123,6 +123,7 @@ func (a *app) instantCmd() *cobra.Command {
 	cmd.Flags().StringVar(&dir, "dir", defaultInstantDir, "`directory` for the overlays that take the guest's writes")
 	cmd.Flags().BoolVar(&noWait, "no-wait", false, "return once the VM starts, without waiting for its guest agent")
 	cmd.Flags().DurationVar(&waitAgent, "wait-agent", 5*time.Minute, "how long to wait for the guest agent")
+	durRange(cmd.Flags(), "wait-agent", time.Second, 24*time.Hour, "or --no-wait")
 	cmd.Flags().StringVar(&migrate, "migrate", "", "move instant VM `NAME` onto local disks (with --to) while it runs")
 	cmd.Flags().StringVar(&to, "to", "", "with --migrate: `directory` for the VM's disks")
 	cmd.Flags().StringVar(&format, "format", "qcow2", "with --migrate: image `format` of the local disks (qcow2 or raw)")

@@ -214,6 +214,7 @@ func (a *app) verifyCmd() *cobra.Command {
 	cmd.Flags().StringVar(&bo.screenshot, "screenshot", "", "with --boot: where to save the console screenshot (`PNG file`; default kura-verify-ID.png)")
 	cmd.Flags().StringVarP(&bo.connect, "connect", "c", "qemu:///system", "with --boot: libvirt `URI` or socket path")
 	cmd.Flags().DurationVar(&bo.timeout, "timeout", 5*time.Minute, "with --boot: how long the guest may take to answer")
+	durRange(cmd.Flags(), "timeout", time.Second, 24*time.Hour, "")
 	return cmd
 }
 
@@ -338,6 +339,9 @@ func (a *app) forgetCmd() *cobra.Command {
 	f.IntVar(&p.Weekly, "keep-weekly", 0, "keep the newest of each of the last `n` weeks")
 	f.IntVar(&p.Monthly, "keep-monthly", 0, "keep the newest of each of the last `n` months")
 	f.IntVar(&p.Yearly, "keep-yearly", 0, "keep the newest of each of the last `n` years")
+	for _, k := range []string{"keep-last", "keep-hourly", "keep-daily", "keep-weekly", "keep-monthly", "keep-yearly"} {
+		numRange(f, k, 1, 1e6, "leave it out to keep none by this rule")
+	}
 	f.BoolVar(&prune, "prune", false, "prune afterwards")
 	f.BoolVarP(&dryRun, "dry-run", "n", false, "only show what would be removed")
 	f.BoolVar(&asJSON, "json", false, "machine-readable output")
@@ -380,6 +384,7 @@ func (a *app) pruneCmd() *cobra.Command {
 	}
 	cmd.Flags().BoolVarP(&dryRun, "dry-run", "n", false, "only show what would be deleted")
 	cmd.Flags().Float64Var(&repack, "repack-below", 0.5, "repack packs whose live fraction is below this")
+	numRange(cmd.Flags(), "repack-below", 0, 1, "a fraction; 0 repacks nothing")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "machine-readable output")
 	return cmd
 }

@@ -267,8 +267,11 @@ func (a *app) runsCmd() *cobra.Command {
 	cmd.Flags().StringVar(&job, "job", "", "only runs of this job")
 	cmd.Flags().Int64Var(&run, "run", 0, "show the VMs of this run")
 	cmd.Flags().IntVar(&limit, "limit", 50, "at most this many runs, newest first")
+	numRange(cmd.Flags(), "run", 1, 1e12, "a run number from `kura runs`")
+	numRange(cmd.Flags(), "limit", 1, 1e6, "")
 	cmd.Flags().BoolVar(&throttled, "throttle", false, "show latency control decisions instead of runs")
 	cmd.Flags().DurationVar(&since, "since", 24*time.Hour, "with --throttle: decisions of this last `duration`")
+	durRange(cmd.Flags(), "since", time.Second, 100*365*24*time.Hour, "")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "machine-readable output")
 	return cmd
 }

@@ -91,7 +91,9 @@ func (a *app) vmBackupCmd() *cobra.Command {
 	f.BoolVar(&requireApp, "require-app", false, "fail, without touching the VM, when the guest agent does not answer (default: fall back to crash-consistent with a warning)")
 	f.BoolVar(&full, "full", false, "read every disk in full once, ignoring changed-block tracking")
 	f.IntVar(&parallel, "parallel", 1, "back up this many VMs at once")
+	numRange(f, "parallel", 1, 256, "")
 	f.IntVar(&workers, "workers", 0, "parallel workers per VM (default 2 per CPU)")
+	numRange(f, "workers", 1, maxWorkers, "leave it out for 2 per CPU")
 	limitReadFlag(f, &limitRead)
 	freezeTimeoutFlag(f, &freezeTimeout)
 	return cmd
@@ -102,6 +104,7 @@ func (a *app) vmBackupCmd() *cobra.Command {
 // and fails (or falls back to crash mode).
 func freezeTimeoutFlag(f *pflag.FlagSet, d *time.Duration) {
 	f.DurationVar(d, "freeze-timeout", guest.DefaultFreezeTimeout, "how long the guest agent may take to freeze filesystems (fsfreeze hooks included)")
+	durRange(f, "freeze-timeout", time.Second, time.Hour, "")
 }
 
 func (a *app) qmpBackupCmd() *cobra.Command {
@@ -144,6 +147,7 @@ func (a *app) qmpBackupCmd() *cobra.Command {
 	f.BoolVar(&requireApp, "require-app", false, "fail, without touching the VM, when the guest agent does not answer")
 	f.BoolVar(&full, "full", false, "read every disk in full once, ignoring changed-block tracking")
 	f.IntVar(&workers, "workers", 0, "parallel workers (default 2 per CPU)")
+	numRange(f, "workers", 1, maxWorkers, "leave it out for 2 per CPU")
 	limitReadFlag(f, &limitRead)
 	freezeTimeoutFlag(f, &freezeTimeout)
 	return cmd

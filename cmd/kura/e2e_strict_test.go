@@ -116,3 +116,46 @@ func TestSizeFlags(t *testing.T) {
 		})
 	}
 }
+
+// Numbers that mean nothing are refused, naming the flag and its range,
+// before anything is done.
+func TestNumericFlagRanges(t *testing.T) {
+	e := newEnv(t)
+	img := filepath.Join(e.dir, "disk.raw")
+	makeImage(t, img, 4<<20, 6, 3)
+	e.ok("init")
+	e.ok("backup", "image", img, "--name", "vm")
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"forget", "--keep-last", "-1"}, "--keep-last -1: use 1 to 1000000"},
+		{[]string{"forget", "--keep-last", "0"}, "--keep-last 0: use 1 to 1000000"},
+		{[]string{"forget", "--keep-daily", "-3"}, "--keep-daily -3: use 1 to"},
+		{[]string{"forget", "--keep-yearly", "-1", "--keep-last", "2"}, "--keep-yearly -1"},
+		{[]string{"backup", "image", img, "--workers", "0"}, "--workers 0: use 1 to 1024 (leave it out for 2 per CPU)"},
+		{[]string{"backup", "image", img, "--workers", "-3"}, "--workers -3: use 1 to 1024"},
+		{[]string{"backup", "vm", "--all", "--parallel", "0"}, "--parallel 0: use 1 to 256"},
+		{[]string{"backup", "vm", "--all", "--workers", "-1"}, "--workers -1"},
+		{[]string{"backup", "vm", "--all", "--freeze-timeout", "-5s"}, "--freeze-timeout -5s: use 1s to 1h"},
+		{[]string{"backup", "qmp", "--freeze-timeout", "0s", "--socket", "x", "--name", "y"}, "--freeze-timeout 0s"},
+		{[]string{"restore", "latest", "--to", e.dir + "/r", "--workers", "0"}, "--workers 0"},
+		{[]string{"verify", "--boot", "latest", "--timeout", "-1m"}, "--timeout -1m0s: use 1s to 24h"},
+		{[]string{"instant", "latest", "--wait-agent", "0s"}, "--wait-agent 0s: use 1s to 24h"},
+		{[]string{"prune", "--repack-below", "1.5"}, "--repack-below 1.5: use 0 to 1"},
+		{[]string{"prune", "--repack-below", "-0.1"}, "--repack-below -0.1"},
+		{[]string{"export", "latest", "--cache", "0"}, "--cache 0: use 1 to 1048576 (MiB per disk)"},
+		{[]string{"runs", "--limit", "0"}, "--limit 0: use 1 to"},
+		{[]string{"runs", "--run", "-4"}, "--run -4"},
+		{[]string{"runs", "--throttle", "--since", "-1h"}, "--since -1h0m0s"},
+	} {
+		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
+			w := *e
+			w.t = t
+			w.fails(tc.want, tc.args...)
+		})
+	}
+	if ss := e.snapshots(); len(ss) != 1 {
+		t.Fatalf("%d snapshots after refused commands, want 1", len(ss))
+	}
+}

@@ -356,14 +356,16 @@ func (c *Config) defaults() {
 	if c.Libvirt.Connect == "" {
 		c.Libvirt.Connect = "qemu:///system"
 	}
-	if c.Limits.PerHost == 0 {
-		c.Limits.PerHost = 2
-	}
-	if c.Limits.PerDatastore == 0 {
-		c.Limits.PerDatastore = 1
-	}
-	if c.Limits.PerRepository == 0 {
-		c.Limits.PerRepository = 2
+	// A limit written as 0 is left for validate to refuse: it would
+	// start no backup at all.
+	for _, l := range []struct {
+		key string
+		n   *int
+		def int
+	}{{"per_host", &c.Limits.PerHost, 2}, {"per_datastore", &c.Limits.PerDatastore, 1}, {"per_repository", &c.Limits.PerRepository, 2}} {
+		if _, set := c.Limits.lines[l.key]; !set && *l.n == 0 {
+			*l.n = l.def
+		}
 	}
 	if c.Limits.Nice == nil {
 		n := 19
@@ -467,8 +469,16 @@ func (c *Config) validate() error {
 			errs = append(errs, c.errorf(line, "repositories."+name+".path", "missing: the repository's directory"))
 		}
 	}
-	if c.Limits.PerHost < 0 || c.Limits.PerDatastore < 0 || c.Limits.PerRepository < 0 {
-		errs = append(errs, c.errorf(c.Limits.lines[""], "limits", "limits cannot be negative"))
+	for _, l := range []struct {
+		key string
+		n   int
+	}{{"per_host", c.Limits.PerHost}, {"per_datastore", c.Limits.PerDatastore}, {"per_repository", c.Limits.PerRepository}} {
+		if l.n < 1 || l.n > 1000 {
+			errs = append(errs, c.errorf(c.Limits.lines[l.key], "limits."+l.key, "%d: use 1 to 1000 backups at once (leave it out for the default)", l.n))
+		}
+	}
+	if d := c.Latency.Interval.Duration; d < 100*time.Millisecond || d > time.Hour {
+		errs = append(errs, c.errorf(c.lines["latency"], "latency.interval", "%s: use 100ms to 1h (leave it out for 2s)", d))
 	}
 	if c.Latency.MaxReads < 0 {
 		errs = append(errs, c.errorf(c.lines["latency"], "latency.max_reads", "%d: use a positive number of reads, or 0 for no cap", c.Latency.MaxReads))
@@ -571,8 +581,17 @@ func (c *Config) validate() error {
 				errs = append(errs, c.errorf(w.lines["duration"], field+".window.duration", "must be between 1m and 24h"))
 			}
 		}
-		if j.Retry.Attempts < 0 {
-			errs = append(errs, c.errorf(at("retry"), field+".retry.attempts", "cannot be negative"))
+		if j.Retry.Attempts < 0 || j.Retry.Attempts > 100 {
+			errs = append(errs, c.errorf(at("retry"), field+".retry.attempts", "%d: use 1 to 100 (leave it out for 3)", j.Retry.Attempts))
+		}
+		for _, k := range []struct {
+			key string
+			n   int
+		}{{"keep_last", j.Retention.Last}, {"keep_hourly", j.Retention.Hourly}, {"keep_daily", j.Retention.Daily},
+			{"keep_weekly", j.Retention.Weekly}, {"keep_monthly", j.Retention.Monthly}, {"keep_yearly", j.Retention.Yearly}} {
+			if k.n < 0 {
+				errs = append(errs, c.errorf(at("retention"), field+".retention."+k.key, "%d: use a positive number of restore points, or leave it out", k.n))
+			}
 		}
 	}
 	return errors.Join(errs...)
