@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -18,6 +17,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/kura-backup/kura/internal/childenv"
 	"github.com/kura-backup/kura/internal/export"
 	"github.com/kura-backup/kura/internal/guest"
 	"github.com/kura-backup/kura/internal/qemuargs"
@@ -309,7 +309,7 @@ func processAlive(pid int) bool {
 // newOverlay creates path, a qcow2 overlay over disk d's NBD export on
 // socket, and describes it for the domain definition.
 func newOverlay(ctx context.Context, socket string, d repo.Disk, path string) (libvirt.RestoredDisk, error) {
-	out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", export.URI(socket, d.Name),
+	out, err := childenv.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", export.URI(socket, d.Name),
 		path, strconv.FormatInt(d.Size, 10)).CombinedOutput()
 	if err != nil {
 		return libvirt.RestoredDisk{}, fmt.Errorf("creating the overlay of disk %s: %v: %s", d.Name, err, strings.TrimSpace(string(out)))
@@ -338,7 +338,7 @@ func (a *app) startServer(ctx context.Context, s *instantSession, r *repo.Repo) 
 		return err
 	}
 	defer keyPipe.Close()
-	c := exec.Command(exe, "--repo", s.Repo, "--key-fd", "3", "export", s.Snapshot, "--socket", s.Socket, "--cache", "64")
+	c := childenv.Command(exe, "--repo", s.Repo, "--key-fd", "3", "export", s.Snapshot, "--socket", s.Socket, "--cache", "64")
 	c.ExtraFiles = []*os.File{keyPipe}
 	c.Stdout, c.Stderr = logf, logf
 	c.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
