@@ -350,6 +350,9 @@ func (a *app) forgetCmd() *cobra.Command {
 
 func (a *app) printPrune(res repo.PruneResult) {
 	fmt.Fprintf(a.stdout, "prune: %d packs deleted (%s freed), %d repacked\n", res.PacksDeleted, humanBytes(res.BytesFreed), res.PacksRepacked)
+	if res.TempRemoved > 0 {
+		fmt.Fprintf(a.stdout, "prune: %d temporary files left by processes that died removed (%s)\n", res.TempRemoved, humanBytes(res.TempBytes))
+	}
 	if res.PacksPending > 0 {
 		fmt.Fprintf(a.stdout, "prune: %d packs marked for deletion wait for %d running backups; the next prune after they finish deletes them\n", res.PacksPending, len(res.WaitingFor))
 	}
