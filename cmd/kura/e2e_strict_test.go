@@ -4,10 +4,15 @@ package main
 // wrong thing is refused with a one-line error that says what is valid.
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 )
 
 // A half-written selector selects nothing: `kura forget web@` used to
@@ -158,4 +163,53 @@ func TestNumericFlagRanges(t *testing.T) {
 	if ss := e.snapshots(); len(ss) != 1 {
 		t.Fatalf("%d snapshots after refused commands, want 1", len(ss))
 	}
+}
+
+// What a killed kura leaves behind goes without `kura unlock`: its lock
+// with the next command that takes one, its temporary files with the
+// next prune.
+func TestCleanupAfterKilledProcess(t *testing.T) {
+	e := newEnv(t)
+	img := filepath.Join(e.dir, "disk.raw")
+	makeImage(t, img, 64<<20, 8, 200)
+	e.ok("init")
+	lockFiles := func() []string {
+		m, _ := filepath.Glob(filepath.Join(e.repo, "locks", "*"))
+		return m
+	}
+	// Kill a backup once it holds its lock.
+	c := e.cmd("backup", "image", img, "--name", "vm", "--limit-read", "4MiB")
+	if err := c.Start(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for len(lockFiles()) == 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	c.Process.Signal(syscall.SIGKILL)
+	c.Wait()
+	if len(lockFiles()) == 0 {
+		t.Fatal("the backup took no lock within 20s")
+	}
+	e.ok("verify")
+	if m := lockFiles(); len(m) != 0 {
+		t.Fatalf("lock files left after the next verify: %v", m)
+	}
+
+	// A temporary file whose writer (on this host) is gone.
+	host, _ := os.Hostname()
+	h := sha256.Sum256([]byte(host))
+	dir := filepath.Join(e.repo, "data", "00")
+	os.MkdirAll(dir, 0o700)
+	tmp := filepath.Join(dir, fmt.Sprintf(".tmp-%s-%d-deadbeef", hex.EncodeToString(h[:4]), c.Process.Pid))
+	if err := os.WriteFile(tmp, make([]byte, 25<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out := e.ok("prune"); !strings.Contains(out, "temporary files left by processes that died removed (25.0 MiB)") {
+		t.Errorf("prune said %q, want it to count the temporary file removed", out)
+	}
+	if _, err := os.Stat(tmp); !os.IsNotExist(err) {
+		t.Errorf("temporary file still there after prune: %v", err)
+	}
+	e.ok("verify", "--read-data")
 }
