@@ -15,6 +15,7 @@ import (
 	"github.com/kura-backup/kura/internal/restore"
 	"github.com/kura-backup/kura/internal/source"
 	"github.com/kura-backup/kura/internal/source/image"
+	"github.com/kura-backup/kura/internal/termsafe"
 )
 
 func (a *app) backupCmd() *cobra.Command {
@@ -82,9 +83,9 @@ func (a *app) backupCmd() *cobra.Command {
 
 func (a *app) printBackup(s *repo.Snapshot) {
 	el := s.Stats.End.Sub(s.Stats.Start)
-	fmt.Fprintf(a.stdout, "snapshot %s saved: %s, %d disks, %s, %s backup", s.ID[:8], s.Name, len(s.Disks), humanBytes(s.LogicalSize()), s.Kind)
+	fmt.Fprintf(a.stdout, "snapshot %s saved: %s, %d disks, %s, %s backup", s.ID[:8], show(s.Name), len(s.Disks), humanBytes(s.LogicalSize()), show(s.Kind))
 	if s.Mode != "" {
-		fmt.Fprintf(a.stdout, ", mode %s", s.Mode)
+		fmt.Fprintf(a.stdout, ", mode %s", show(s.Mode))
 		if s.Stats.FreezeMillis > 0 {
 			fmt.Fprintf(a.stdout, " (guest frozen %.0f ms", s.Stats.FreezeMillis)
 			if st := s.Stats; st.InstantMillis > 0 {
@@ -98,10 +99,10 @@ func (a *app) printBackup(s *repo.Snapshot) {
 	}
 	fmt.Fprintln(a.stdout)
 	if s.Stats.Note != "" {
-		fmt.Fprintf(a.stdout, "  warning: %s\n", s.Stats.Note)
+		fmt.Fprintf(a.stdout, "  warning: %s\n", termsafe.Line(s.Stats.Note))
 	}
 	for _, d := range s.Disks {
-		fmt.Fprintf(a.stdout, "  disk %-10s %s %s, %s of data, read: %s\n", d.Name, d.Format, humanBytes(d.Size), humanBytes(d.DataBytes), d.Read)
+		fmt.Fprintf(a.stdout, "  disk %-10s %s %s, %s of data, read: %s\n", show(d.Name), show(d.Format), humanBytes(d.Size), humanBytes(d.DataBytes), termsafe.Line(d.Read))
 	}
 	rate := 0.0
 	if el > 0 {
@@ -182,7 +183,7 @@ func (a *app) restoreCmd() *cobra.Command {
 				if err := restore.Disk(ctx, r, d, t, restore.Options{Workers: workers, Progress: prog}); err != nil {
 					return err
 				}
-				fmt.Fprintf(a.stdout, "restored disk %s (%s, %s of data) to %s in %s, every chunk verified\n", d.Name, humanBytes(d.Size), humanBytes(d.DataBytes), path, time.Since(start).Round(10*time.Millisecond))
+				fmt.Fprintf(a.stdout, "restored disk %s (%s, %s of data) to %s in %s, every chunk verified\n", show(d.Name), humanBytes(d.Size), humanBytes(d.DataBytes), show(path), time.Since(start).Round(10*time.Millisecond))
 			}
 			if vm != nil {
 				stop()
@@ -242,7 +243,7 @@ func selectDisks(snap *repo.Snapshot, disk string) ([]repo.Disk, error) {
 	if len(disks) == 0 {
 		var names []string
 		for i, d := range snap.Disks {
-			names = append(names, fmt.Sprintf("%d=%s", i, d.Name))
+			names = append(names, fmt.Sprintf("%d=%s", i, show(d.Name)))
 		}
 		return nil, fmt.Errorf("snapshot %s has no disk %q (disks: %s)", snap.ID[:8], disk, strings.Join(names, ", "))
 	}

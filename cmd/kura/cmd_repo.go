@@ -14,6 +14,7 @@ import (
 
 	"github.com/kura-backup/kura/internal/repo"
 	"github.com/kura-backup/kura/internal/retention"
+	"github.com/kura-backup/kura/internal/termsafe"
 	"github.com/kura-backup/kura/internal/units"
 )
 
@@ -85,7 +86,7 @@ func (a *app) snapshotsCmd() *cobra.Command {
 				return err
 			}
 			for _, id := range damaged {
-				fmt.Fprintf(a.stderr, "kura: warning: snapshot %s is damaged and not listed; run `kura verify`\n", id[:8])
+				fmt.Fprintf(a.stderr, "kura: warning: snapshot %s is damaged and not listed; run `kura verify`\n", show(short(id)))
 			}
 			var out []*repo.Snapshot
 			for _, s := range ss {
@@ -111,7 +112,7 @@ func (a *app) snapshotsCmd() *cobra.Command {
 			tw := tabwriter.NewWriter(a.stdout, 0, 2, 2, ' ', 0)
 			fmt.Fprintln(tw, "ID\tTIME\tNAME\tSOURCE\tKIND\tMODE\tDISKS\tSIZE\tREAD\tNEW\tDURATION\tBOOT")
 			for _, s := range out {
-				mode := s.Mode
+				mode := show(s.Mode)
 				if mode == "" {
 					mode = "-"
 				}
@@ -128,7 +129,7 @@ func (a *app) snapshotsCmd() *cobra.Command {
 					}
 					boot += " " + c.Time.Local().Format("01-02 15:04")
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", s.ID[:8], s.Time.Local().Format("2006-01-02 15:04:05"), s.Name, s.Source, s.Kind, mode,
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", show(short(s.ID)), s.Time.Local().Format("2006-01-02 15:04:05"), show(s.Name), show(s.Source), show(s.Kind), mode,
 					len(s.Disks), humanBytes(s.LogicalSize()), humanBytes(s.Stats.BytesRead), humanBytes(s.Stats.BytesNew), s.Stats.End.Sub(s.Stats.Start).Round(10*time.Millisecond), boot)
 			}
 			if err := tw.Flush(); err != nil {
@@ -191,9 +192,9 @@ func (a *app) verifyCmd() *cobra.Command {
 					fmt.Fprintf(a.stdout, "%d packs left by interrupted backups (harmless; `kura prune` removes them)\n", res.UnindexedPacks)
 				}
 				for _, p := range res.Problems {
-					fmt.Fprintf(a.stdout, "PROBLEM %s: %s", p.Object, p.Error)
+					fmt.Fprintf(a.stdout, "PROBLEM %s: %s", show(p.Object), termsafe.Line(p.Error))
 					if len(p.Snapshots) > 0 {
-						fmt.Fprintf(a.stdout, " [affects snapshots: %s]", strings.Join(p.Snapshots, ", "))
+						fmt.Fprintf(a.stdout, " [affects snapshots: %s]", strings.Join(termsafe.Quotes(p.Snapshots), ", "))
 					}
 					fmt.Fprintln(a.stdout)
 				}
@@ -317,7 +318,7 @@ func (a *app) forgetCmd() *cobra.Command {
 				if v.Keep {
 					act = "keep"
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", v.ID, v.Time, v.Name, act, strings.Join(v.Reasons, ", "))
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", show(v.ID), v.Time, show(v.Name), act, strings.Join(v.Reasons, ", "))
 			}
 			tw.Flush()
 			verb := "removed"
@@ -495,7 +496,7 @@ func (a *app) keyCmd() *cobra.Command {
 				if k.Current {
 					cur = "*"
 				}
-				fmt.Fprintf(tw, "%s%s\t%s\t%s\t%s\n", cur, k.ID[:8], k.Created.Local().Format(time.DateTime), k.Username, k.Hostname)
+				fmt.Fprintf(tw, "%s%s\t%s\t%s\t%s\n", cur, show(short(k.ID)), k.Created.Local().Format(time.DateTime), show(k.Username), show(k.Hostname))
 			}
 			return tw.Flush()
 		},
@@ -513,7 +514,7 @@ func (a *app) keyCmd() *cobra.Command {
 			if err := r.RemoveKey(cmd.Context(), args[0]); err != nil {
 				return err
 			}
-			fmt.Fprintf(a.stdout, "removed key %s\n", args[0])
+			fmt.Fprintf(a.stdout, "removed key %s\n", show(args[0]))
 			return nil
 		},
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/kura-backup/kura/internal/source"
 	"github.com/kura-backup/kura/internal/source/libvirt"
 	"github.com/kura-backup/kura/internal/source/qmp"
+	"github.com/kura-backup/kura/internal/termsafe"
 )
 
 // modes are the consistency modes a user may ask for.
@@ -188,7 +189,7 @@ func (a *app) backupVMs(ctx context.Context, r func(context.Context) (*repo.Repo
 				failed = append(failed, name)
 				lastErr = fmt.Errorf("%s: %w", name, err)
 				if len(names) > 1 {
-					fmt.Fprintf(a.stderr, "kura: %s: %s\n", name, explain(err))
+					fmt.Fprintf(a.stderr, "kura: %s: %s\n", show(name), termsafe.Line(explain(err)))
 				}
 				return
 			}
@@ -201,7 +202,7 @@ func (a *app) backupVMs(ctx context.Context, r func(context.Context) (*repo.Repo
 		return lastErr // one VM: its error is the one line to print
 	}
 	if len(failed) > 0 {
-		return fmt.Errorf("%d of %d VMs failed: %s", len(failed), len(names), strings.Join(failed, ", "))
+		return fmt.Errorf("%d of %d VMs failed: %s", len(failed), len(names), strings.Join(termsafe.Quotes(failed), ", "))
 	}
 	return nil
 }

@@ -27,6 +27,7 @@ import (
 	"github.com/kura-backup/kura/internal/repo"
 	"github.com/kura-backup/kura/internal/restore"
 	"github.com/kura-backup/kura/internal/source"
+	"github.com/kura-backup/kura/internal/termsafe"
 )
 
 // app holds the global flags and I/O of one invocation.
@@ -52,7 +53,7 @@ func main() {
 	a := &app{stdout: os.Stdout, stderr: os.Stderr}
 	root := a.rootCmd()
 	if err := root.ExecuteContext(ctx); err != nil {
-		fmt.Fprintln(os.Stderr, "kura: "+explain(err))
+		fmt.Fprintln(os.Stderr, "kura: "+termsafe.Line(explain(err)))
 		os.Exit(exitCode(err))
 	}
 }

@@ -6,7 +6,9 @@
 package termsafe
 
 import (
+	"fmt"
 	"strconv"
+	"strings"
 	"unicode"
 	"unicode/utf8"
 )
@@ -15,12 +17,8 @@ import (
 // (letters, marks, numbers, punctuation, symbols and the ASCII space), and
 // otherwise s quoted as a Go string literal, so that control characters,
 // escape sequences, format characters (bidirectional overrides among
-// them) and invalid UTF-8 show as escapes. The empty string is shown as
-// "" so that an empty column stays visible.
+// them) and invalid UTF-8 show as escapes.
 func Quote(s string) string {
-	if s == "" {
-		return `""`
-	}
 	if Safe(s) {
 		return s
 	}
@@ -31,9 +29,11 @@ func Quote(s string) string {
 // only, and not starting with a double quote (which would read as an
 // escaped string).
 func Safe(s string) bool {
-	if s != "" && s[0] == '"' {
-		return false
-	}
+	return (s == "" || s[0] != '"') && printable(s)
+}
+
+// printable reports whether s is valid UTF-8 of printable runes only.
+func printable(s string) bool {
 	for i, r := range s {
 		if r == utf8.RuneError {
 			if _, size := utf8.DecodeRuneInString(s[i:]); size == 1 {
@@ -45,6 +45,32 @@ func Safe(s string) bool {
 		}
 	}
 	return true
+}
+
+// Line returns s with every rune that does not print harmlessly written
+// as a Go escape (\n, \x1b, \u202e), without adding quotes: for a
+// message that is already text, such as an error that may carry a name
+// from a repository, to stay one line that cannot drive the terminal.
+func Line(s string) string {
+	if printable(s) {
+		return s
+	}
+	var b strings.Builder
+	for i, r := range s {
+		if r == utf8.RuneError {
+			if _, size := utf8.DecodeRuneInString(s[i:]); size == 1 {
+				fmt.Fprintf(&b, `\x%02x`, s[i])
+				continue
+			}
+		}
+		if unicode.IsPrint(r) {
+			b.WriteRune(r)
+			continue
+		}
+		q := strconv.QuoteRune(r)
+		b.WriteString(q[1 : len(q)-1])
+	}
+	return b.String()
 }
 
 // Quotes applies Quote to each string of ss.
