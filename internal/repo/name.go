@@ -33,7 +33,7 @@ const refForms = "use NAME@latest, NAME@2026-11-20 (a local date or time prefix 
 // (which would forge lines or drive a terminal when listed) are refused.
 func ValidName(name string) error {
 	bad := func(why string) error {
-		return fmt.Errorf("%w %q: %s; %s (pass another with --name)", ErrBadName, name, why, NameRule)
+		return fmt.Errorf("%w %q: %s; %s (pass another with --name; a VM's restore points take its domain name)", ErrBadName, name, why, NameRule)
 	}
 	switch {
 	case name == "":
