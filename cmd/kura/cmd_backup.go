@@ -16,6 +16,7 @@ import (
 	"github.com/kura-backup/kura/internal/restore"
 	"github.com/kura-backup/kura/internal/source"
 	"github.com/kura-backup/kura/internal/source/image"
+	"github.com/kura-backup/kura/internal/termsafe"
 )
 
 func (a *app) backupCmd() *cobra.Command {
@@ -30,6 +31,9 @@ func (a *app) backupCmd() *cobra.Command {
 			ctx := cmd.Context()
 			if name == "" {
 				name = strings.TrimSuffix(filepath.Base(args[0]), filepath.Ext(args[0]))
+			}
+			if err := repo.ValidName(name); err != nil {
+				return err
 			}
 			gate, err := readGate(limitRead)
 			if err != nil {
@@ -72,6 +76,7 @@ func (a *app) backupCmd() *cobra.Command {
 	}
 	img.Flags().StringVar(&name, "name", "", "restore point `name` (default: the first image's base name)")
 	img.Flags().IntVar(&workers, "workers", 0, "parallel workers (default 2 per CPU)")
+	numRange(img.Flags(), "workers", 1, maxWorkers, "leave it out for 2 per CPU")
 	limitReadFlag(img.Flags(), &limitRead)
 	cmd.AddCommand(img, a.vmBackupCmd(), a.qmpBackupCmd())
 	return cmd
@@ -79,9 +84,9 @@ func (a *app) backupCmd() *cobra.Command {
 
 func (a *app) printBackup(s *repo.Snapshot) {
 	el := s.Stats.End.Sub(s.Stats.Start)
-	fmt.Fprintf(a.stdout, "snapshot %s saved: %s, %d disks, %s, %s backup", s.ID[:8], s.Name, len(s.Disks), humanBytes(s.LogicalSize()), s.Kind)
+	fmt.Fprintf(a.stdout, "snapshot %s saved: %s, %d disks, %s, %s backup", s.ID[:8], show(s.Name), len(s.Disks), humanBytes(s.LogicalSize()), show(s.Kind))
 	if s.Mode != "" {
-		fmt.Fprintf(a.stdout, ", mode %s", s.Mode)
+		fmt.Fprintf(a.stdout, ", mode %s", show(s.Mode))
 		if s.Stats.FreezeMillis > 0 {
 			fmt.Fprintf(a.stdout, " (guest frozen %.0f ms", s.Stats.FreezeMillis)
 			if st := s.Stats; st.InstantMillis > 0 {
@@ -95,10 +100,10 @@ func (a *app) printBackup(s *repo.Snapshot) {
 	}
 	fmt.Fprintln(a.stdout)
 	if s.Stats.Note != "" {
-		fmt.Fprintf(a.stdout, "  warning: %s\n", s.Stats.Note)
+		fmt.Fprintf(a.stdout, "  warning: %s\n", termsafe.Line(s.Stats.Note))
 	}
 	for _, d := range s.Disks {
-		fmt.Fprintf(a.stdout, "  disk %-10s %s %s, %s of data, read: %s\n", d.Name, d.Format, humanBytes(d.Size), humanBytes(d.DataBytes), d.Read)
+		fmt.Fprintf(a.stdout, "  disk %-10s %s %s, %s of data, read: %s\n", show(d.Name), show(d.Format), humanBytes(d.Size), humanBytes(d.DataBytes), termsafe.Line(d.Read))
 	}
 	rate := 0.0
 	if el > 0 {
@@ -187,13 +192,13 @@ func (a *app) restoreCmd() *cobra.Command {
 				if rs := dmg.Ranges(); len(rs) > 0 {
 					stop()
 					damaged = append(damaged, diskDamage{d.Name, rs})
-					fmt.Fprintf(a.stdout, "restored disk %s to %s with %s in %d damaged ranges filled with zeros (%v):\n", d.Name, path, humanBytes(rangeBytes(rs)), len(rs), dmg.Err())
+					fmt.Fprintf(a.stdout, "restored disk %s to %s with %s in %d damaged ranges filled with zeros (%s):\n", show(d.Name), show(path), humanBytes(rangeBytes(rs)), len(rs), termsafe.Line(fmt.Sprint(dmg.Err())))
 					for _, rg := range rs {
-						fmt.Fprintf(a.stdout, "  damaged: disk %s bytes %d-%d (%s)\n", d.Name, rg.Offset, rg.Offset+rg.Length-1, humanBytes(rg.Length))
+						fmt.Fprintf(a.stdout, "  damaged: disk %s bytes %d-%d (%s)\n", show(d.Name), rg.Offset, rg.Offset+rg.Length-1, humanBytes(rg.Length))
 					}
 					continue
 				}
-				fmt.Fprintf(a.stdout, "restored disk %s (%s, %s of data) to %s in %s, every chunk verified\n", d.Name, humanBytes(d.Size), humanBytes(d.DataBytes), path, time.Since(start).Round(10*time.Millisecond))
+				fmt.Fprintf(a.stdout, "restored disk %s (%s, %s of data) to %s in %s, every chunk verified\n", show(d.Name), humanBytes(d.Size), humanBytes(d.DataBytes), show(path), time.Since(start).Round(10*time.Millisecond))
 			}
 			if vm != nil {
 				stop()
@@ -217,6 +222,7 @@ func (a *app) restoreCmd() *cobra.Command {
 	cmd.Flags().BoolVar(&overwrite, "overwrite", false, "replace existing files")
 	cmd.Flags().IntVar(&workers, "workers", 0, "parallel workers (default 2 per CPU)")
 	cmd.Flags().BoolVar(&ignoreDamage, "ignore-damage", false, "restore every intact range, fill chunks that are damaged or missing with zeros and list their byte ranges (exit status 3)")
+	numRange(cmd.Flags(), "workers", 1, maxWorkers, "leave it out for 2 per CPU")
 	return cmd
 }
 
@@ -284,7 +290,7 @@ func selectDisks(snap *repo.Snapshot, disk string) ([]repo.Disk, error) {
 	if len(disks) == 0 {
 		var names []string
 		for i, d := range snap.Disks {
-			names = append(names, fmt.Sprintf("%d=%s", i, d.Name))
+			names = append(names, fmt.Sprintf("%d=%s", i, show(d.Name)))
 		}
 		return nil, fmt.Errorf("snapshot %s has no disk %q (disks: %s)", snap.ID[:8], disk, strings.Join(names, ", "))
 	}

@@ -11,6 +11,7 @@ import (
 	"github.com/kura-backup/kura/internal/repo"
 	"github.com/kura-backup/kura/internal/source/libvirt"
 	"github.com/kura-backup/kura/internal/source/qmp"
+	"github.com/kura-backup/kura/internal/termsafe"
 )
 
 // defaultImageDir is where `kura restore --define` puts a VM's disks.
@@ -87,24 +88,24 @@ func (v *vmRestore) finish(ctx context.Context, a *app, start bool) error {
 			Cmdline []string `json:"cmdline"`
 		}
 		json.Unmarshal([]byte(v.snap.Config.Data), &cfg)
-		fmt.Fprintf(a.stdout, "restored the disks of plain-QEMU VM %s into %s; start QEMU with its options and these disk files:\n", v.snap.Name, v.dir)
+		fmt.Fprintf(a.stdout, "restored the disks of plain-QEMU VM %s into %s; start QEMU with its options and these disk files:\n", show(v.snap.Name), show(v.dir))
 		for _, d := range v.snap.Disks {
-			fmt.Fprintf(a.stdout, "  %s: %s (%s)\n", d.Name, v.path(d), v.format)
+			fmt.Fprintf(a.stdout, "  %s: %s (%s)\n", show(d.Name), show(v.path(d)), v.format)
 		}
 		if len(cfg.Cmdline) > 0 {
-			fmt.Fprintf(a.stdout, "its command line when backed up was:\n  %s\n", strings.Join(cfg.Cmdline, " "))
+			fmt.Fprintf(a.stdout, "its command line when backed up was:\n  %s\n", termsafe.Line(strings.Join(cfg.Cmdline, " ")))
 		}
 		return nil
 	}
 	if err := v.conn.Define(ctx, v.name, v.def, v.overwrite); err != nil {
 		return fmt.Errorf("%w (the restored disks are in %s)", err, v.dir)
 	}
-	fmt.Fprintf(a.stdout, "defined VM %s from restore point %s (%d disks in %s); the original's checkpoints are not carried over\n", v.name, v.snap.ID[:8], len(v.snap.Disks), v.dir)
+	fmt.Fprintf(a.stdout, "defined VM %s from restore point %s (%d disks in %s); the original's checkpoints are not carried over\n", show(v.name), v.snap.ID[:8], len(v.snap.Disks), show(v.dir))
 	if start {
 		if err := v.conn.Start(ctx, v.name); err != nil {
 			return err
 		}
-		fmt.Fprintf(a.stdout, "started VM %s\n", v.name)
+		fmt.Fprintf(a.stdout, "started VM %s\n", show(v.name))
 	}
 	return nil
 }

@@ -7,6 +7,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/kura-backup/kura/internal/export"
+	"github.com/kura-backup/kura/internal/repo"
 )
 
 // runDir holds kura's sockets and instant-recovery sessions.
@@ -32,15 +33,20 @@ func (a *app) exportCmd() *cobra.Command {
 				return err
 			}
 			if socket == "" {
-				socket = filepath.Join(runDir, fmt.Sprintf("%s-%s.sock", snap.Name, snap.ID[:8]))
+				// A name saved before names were checked may hold a "/".
+				name := snap.Name
+				if repo.ValidName(name) != nil {
+					name = "snapshot"
+				}
+				socket = filepath.Join(runDir, fmt.Sprintf("%s-%s.sock", name, snap.ID[:8]))
 			}
 			srv, err := export.Start(ctx, r, snap, disks, socket, export.Options{CacheBytes: cacheMiB << 20, Logger: a.log})
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(a.stdout, "serving snapshot %s (%s, %s) read-only on %s:\n", snap.ID[:8], snap.Name, snap.Time.Local().Format("2006-01-02 15:04:05"), socket)
+			fmt.Fprintf(a.stdout, "serving snapshot %s (%s, %s) read-only on %s:\n", snap.ID[:8], show(snap.Name), snap.Time.Local().Format("2006-01-02 15:04:05"), show(socket))
 			for _, d := range disks {
-				fmt.Fprintf(a.stdout, "  %s  %s\n", srv.URI(d.Name), humanBytes(d.Size))
+				fmt.Fprintf(a.stdout, "  %s  %s\n", show(srv.URI(d.Name)), humanBytes(d.Size))
 			}
 			fmt.Fprintln(a.stdout, "press Ctrl-C to stop")
 			<-ctx.Done()
@@ -50,5 +56,6 @@ func (a *app) exportCmd() *cobra.Command {
 	cmd.Flags().StringVar(&disk, "disk", "", "serve only this disk (`name or index`)")
 	cmd.Flags().StringVar(&socket, "socket", "", "unix socket `path` (default "+runDir+"/NAME-ID.sock)")
 	cmd.Flags().Int64Var(&cacheMiB, "cache", 64, "chunk cache per disk in `MiB`")
+	numRange(cmd.Flags(), "cache", 1, 1<<20, "MiB per disk")
 	return cmd
 }

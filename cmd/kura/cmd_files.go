@@ -15,6 +15,7 @@ import (
 	"github.com/kura-backup/kura/internal/guestfs"
 	"github.com/kura-backup/kura/internal/repo"
 	"github.com/kura-backup/kura/internal/snapdisk"
+	"github.com/kura-backup/kura/internal/termsafe"
 )
 
 // Files in a restore point are read by Kura's own user-space parsers
@@ -74,7 +75,7 @@ func (a *app) filesCmd() *cobra.Command {
 				return err
 			}
 			fmt.Fprintf(a.stdout, "restored %d files (%s), %d directories, %d symlinks, %d hard links from %s of %s into %s in %s",
-				st.Files, humanBytes(st.Bytes), st.Dirs, st.Symlinks, st.HardLinks, where, snap.ID[:8], to, time.Since(start).Round(10*time.Millisecond))
+				st.Files, humanBytes(st.Bytes), st.Dirs, st.Symlinks, st.HardLinks, show(where), snap.ID[:8], show(to), time.Since(start).Round(10*time.Millisecond))
 			if st.Skipped > 0 {
 				fmt.Fprintf(a.stdout, "; skipped %d device nodes, FIFOs or sockets", st.Skipped)
 			}
@@ -174,15 +175,15 @@ func (a *app) listVolumes(ctx context.Context, r *repo.Repo, snap *repo.Snapshot
 		}
 		vols, err := guestfs.Probe(ctx, k.ReaderAt(ctx), k.Size())
 		if err != nil {
-			fmt.Fprintf(tw, "%s\t-\t-\t-\t%s\t%v\n", d.Name, humanBytes(d.Size), err)
+			fmt.Fprintf(tw, "%s\t-\t-\t-\t%s\t%s\n", show(d.Name), humanBytes(d.Size), termsafe.Line(err.Error()))
 			continue
 		}
 		for _, v := range vols {
 			fsType, note := v.FSType, ""
 			if fsType == "" {
-				fsType, note = "-", fmt.Sprint(v.Err)
+				fsType, note = "-", termsafe.Line(fmt.Sprint(v.Err))
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", d.Name, volName(v), fsType, v.Label, humanBytes(v.Size), note)
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", show(d.Name), show(volName(v)), show(fsType), show(v.Label), humanBytes(v.Size), note)
 		}
 	}
 	return tw.Flush()
@@ -203,10 +204,10 @@ func (a *app) listPath(ctx context.Context, f guestfs.FS, p string) error {
 	}
 	tw := tabwriter.NewWriter(a.stdout, 0, 2, 1, ' ', tabwriter.AlignRight)
 	for _, e := range entries {
-		name := e.Name
+		name := show(e.Name)
 		if e.Mode&fs.ModeSymlink != 0 {
 			if target, err := f.Readlink(ctx, path.Join(dir, e.Name)); err == nil {
-				name += " -> " + target
+				name += " -> " + show(target)
 			}
 		}
 		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t %s\t %s\n", e.Mode, e.Nlink, e.UID, e.GID, e.Size, e.ModTime.Local().Format("2006-01-02 15:04"), name)

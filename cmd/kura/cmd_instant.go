@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -18,12 +17,14 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/kura-backup/kura/internal/childenv"
 	"github.com/kura-backup/kura/internal/export"
 	"github.com/kura-backup/kura/internal/guest"
 	"github.com/kura-backup/kura/internal/qemuargs"
 	"github.com/kura-backup/kura/internal/repo"
 	"github.com/kura-backup/kura/internal/source/libvirt"
 	"github.com/kura-backup/kura/internal/source/qmp"
+	"github.com/kura-backup/kura/internal/termsafe"
 )
 
 // defaultInstantDir holds the overlays of instant-recovered VMs: what
@@ -123,6 +124,7 @@ func (a *app) instantCmd() *cobra.Command {
 	cmd.Flags().StringVar(&dir, "dir", defaultInstantDir, "`directory` for the overlays that take the guest's writes")
 	cmd.Flags().BoolVar(&noWait, "no-wait", false, "return once the VM starts, without waiting for its guest agent")
 	cmd.Flags().DurationVar(&waitAgent, "wait-agent", 5*time.Minute, "how long to wait for the guest agent")
+	durRange(cmd.Flags(), "wait-agent", time.Second, 24*time.Hour, "or --no-wait")
 	cmd.Flags().StringVar(&migrate, "migrate", "", "move instant VM `NAME` onto local disks (with --to) while it runs")
 	cmd.Flags().StringVar(&to, "to", "", "with --migrate: `directory` for the VM's disks")
 	cmd.Flags().StringVar(&format, "format", "qcow2", "with --migrate: image `format` of the local disks (qcow2 or raw)")
@@ -221,9 +223,9 @@ func (a *app) instantStart(ctx context.Context, arg, as, connect, dir string, wa
 	}
 	started := time.Since(began)
 	fmt.Fprintf(a.stdout, "VM %s runs from restore point %s (%s, %s), started in %s; its writes go to %s\n",
-		name, snap.ID[:8], snap.Name, snap.Time.Local().Format("2006-01-02 15:04:05"), started.Round(10*time.Millisecond), odir)
+		show(name), snap.ID[:8], show(snap.Name), snap.Time.Local().Format("2006-01-02 15:04:05"), started.Round(10*time.Millisecond), show(odir))
 	if kind == "qemu" {
-		fmt.Fprintf(a.stdout, "QEMU pid %d, QMP socket %s, console and logs in %s\n", s.QEMUPID, s.QMPSocket, odir)
+		fmt.Fprintf(a.stdout, "QEMU pid %d, QMP socket %s, console and logs in %s\n", s.QEMUPID, show(s.QMPSocket), show(odir))
 	}
 	if wait {
 		wctx, cancel := context.WithTimeout(ctx, waitAgent)
@@ -236,12 +238,12 @@ func (a *app) instantStart(ctx context.Context, arg, as, connect, dir string, wa
 		}
 		if err != nil {
 			// The VM runs; the user decides what to do with it.
-			fmt.Fprintf(a.stdout, "warning: %v\n", err)
+			fmt.Fprintf(a.stdout, "warning: %s\n", termsafe.Line(err.Error()))
 		} else {
 			fmt.Fprintf(a.stdout, "guest agent answered %s after the command started\n", time.Since(began).Round(10*time.Millisecond))
 		}
 	}
-	fmt.Fprintf(a.stdout, "keep it: kura instant --migrate %s --to DIR   discard it: kura instant --stop %s\n", name, name)
+	fmt.Fprintf(a.stdout, "keep it: kura instant --migrate %s --to DIR   discard it: kura instant --stop %s\n", show(shellQuote(name)), show(shellQuote(name)))
 	return nil
 }
 
@@ -308,7 +310,7 @@ func processAlive(pid int) bool {
 // newOverlay creates path, a qcow2 overlay over disk d's NBD export on
 // socket, and describes it for the domain definition.
 func newOverlay(ctx context.Context, socket string, d repo.Disk, path string) (libvirt.RestoredDisk, error) {
-	out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", export.URI(socket, d.Name),
+	out, err := childenv.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", export.URI(socket, d.Name),
 		path, strconv.FormatInt(d.Size, 10)).CombinedOutput()
 	if err != nil {
 		return libvirt.RestoredDisk{}, fmt.Errorf("creating the overlay of disk %s: %v: %s", d.Name, err, strings.TrimSpace(string(out)))
@@ -337,7 +339,7 @@ func (a *app) startServer(ctx context.Context, s *instantSession, r *repo.Repo) 
 		return err
 	}
 	defer keyPipe.Close()
-	c := exec.Command(exe, "--repo", s.Repo, "--key-fd", "3", "export", s.Snapshot, "--socket", s.Socket, "--cache", "64")
+	c := childenv.Command(exe, "--repo", s.Repo, "--key-fd", "3", "export", s.Snapshot, "--socket", s.Socket, "--cache", "64")
 	c.ExtraFiles = []*os.File{keyPipe}
 	c.Stdout, c.Stderr = logf, logf
 	c.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
@@ -458,7 +460,7 @@ func (a *app) instantStop(ctx context.Context, name string) error {
 	if err := a.instantCleanup(ctx, s, true); err != nil {
 		return err
 	}
-	fmt.Fprintf(a.stdout, "stopped instant VM %s and discarded its writes\n", name)
+	fmt.Fprintf(a.stdout, "stopped instant VM %s and discarded its writes\n", show(name))
 	return nil
 }
 
@@ -509,7 +511,7 @@ func (a *app) instantMigrate(ctx context.Context, name, to, format string) error
 		if err != nil {
 			return fmt.Errorf("%w; the VM keeps running from the restore point", err)
 		}
-		fmt.Fprintf(a.stdout, "moved disk %s of %s (%s) to %s in %s\n", t, name, humanBytes(int64(total.Load())), dests[t], time.Since(start).Round(10*time.Millisecond))
+		fmt.Fprintf(a.stdout, "moved disk %s of %s (%s) to %s in %s\n", show(t), show(name), humanBytes(int64(total.Load())), show(dests[t]), time.Since(start).Round(10*time.Millisecond))
 	}
 	if conn == nil {
 		return a.finishQEMUMigrate(ctx, s, dests, format, to, began)
@@ -531,7 +533,7 @@ func (a *app) instantMigrate(ctx context.Context, name, to, format string) error
 	if err := a.instantCleanup(ctx, s, false); err != nil {
 		return err
 	}
-	fmt.Fprintf(a.stdout, "VM %s now runs from local disks in %s and no longer depends on kura (%s); it is defined in libvirt\n", name, to, time.Since(began).Round(10*time.Millisecond))
+	fmt.Fprintf(a.stdout, "VM %s now runs from local disks in %s and no longer depends on kura (%s); it is defined in libvirt\n", show(name), show(to), time.Since(began).Round(10*time.Millisecond))
 	return nil
 }
 
@@ -558,8 +560,8 @@ func (a *app) finishQEMUMigrate(ctx context.Context, s *instantSession, dests ma
 	if err := a.instantCleanup(ctx, s, false); err != nil {
 		return err
 	}
-	fmt.Fprintf(a.stdout, "VM %s now runs from local disks in %s and no longer depends on kura (%s); QEMU pid %d, QMP socket %s\n", s.Name, to, time.Since(began).Round(10*time.Millisecond), s.QEMUPID, s.QMPSocket)
-	fmt.Fprintf(a.stdout, "to start it again once it stops: sh %s\n", script)
+	fmt.Fprintf(a.stdout, "VM %s now runs from local disks in %s and no longer depends on kura (%s); QEMU pid %d, QMP socket %s\n", show(s.Name), show(to), time.Since(began).Round(10*time.Millisecond), s.QEMUPID, show(s.QMPSocket))
+	fmt.Fprintf(a.stdout, "to start it again once it stops: sh %s\n", show(shellQuote(script)))
 	return nil
 }
 
@@ -585,7 +587,7 @@ func (a *app) instantList() error {
 		if p, err := os.FindProcess(s.ServerPID); err != nil || p.Signal(syscall.Signal(0)) != nil {
 			alive = "SERVER GONE"
 		}
-		fmt.Fprintf(a.stdout, "%-20s snapshot %s  since %s  %s  (%s)\n", s.Name, s.Snapshot[:8], s.Started.Local().Format("2006-01-02 15:04:05"), alive, s.Socket)
+		fmt.Fprintf(a.stdout, "%-20s snapshot %s  since %s  %s  (%s)\n", show(s.Name), show(short(s.Snapshot)), s.Started.Local().Format("2006-01-02 15:04:05"), alive, show(s.Socket))
 		n++
 	}
 	if n == 0 {

@@ -33,19 +33,19 @@ func (a *app) mountCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("mounting %s of %s at %s: %w", where, snap.ID[:8], args[1], err)
 			}
-			fmt.Fprintf(a.stdout, "mounted %s of restore point %s (%s) read-only at %s; press Ctrl-C to unmount\n", where, snap.ID[:8], snap.Name, args[1])
+			fmt.Fprintf(a.stdout, "mounted %s of restore point %s (%s) read-only at %s; press Ctrl-C to unmount\n", show(where), snap.ID[:8], show(snap.Name), show(args[1]))
 			done := make(chan error, 1)
 			go func() { done <- m.Wait() }()
 			select {
 			case err := <-done:
-				fmt.Fprintf(a.stdout, "%s was unmounted\n", args[1])
+				fmt.Fprintf(a.stdout, "%s was unmounted\n", show(args[1]))
 				return err
 			case <-ctx.Done():
 			}
 			if err := m.Unmount(); err != nil {
 				return err
 			}
-			fmt.Fprintf(a.stdout, "unmounted %s\n", args[1])
+			fmt.Fprintf(a.stdout, "unmounted %s\n", show(args[1]))
 			return nil
 		},
 	}

@@ -7,6 +7,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/kura-backup/kura/internal/repo"
+	"github.com/kura-backup/kura/internal/termsafe"
 )
 
 func (a *app) repairCmd() *cobra.Command {
@@ -41,7 +42,7 @@ func (a *app) repairCmd() *cobra.Command {
 			}
 			sort.Strings(ids)
 			for _, id := range ids {
-				fmt.Fprintf(a.stdout, "UNREADABLE pack %s: %s (no index lists it: its chunks cannot be found; `kura repair snapshots` marks what is lost)\n", id[:8], res.Unreadable[id])
+				fmt.Fprintf(a.stdout, "UNREADABLE pack %s: %s (no index lists it: its chunks cannot be found; `kura repair snapshots` marks what is lost)\n", id[:8], termsafe.Line(res.Unreadable[id]))
 			}
 			if len(ids) > 0 {
 				return damageFound{len(ids)}
@@ -85,7 +86,7 @@ func (a *app) repairCmd() *cobra.Command {
 			}
 			for _, ls := range lost {
 				for _, d := range ls.Disks {
-					fmt.Fprintf(a.stdout, "snapshot %s (%s) disk %s: %d chunks missing, %d damaged, %s lost in %d ranges\n", ls.ID[:8], ls.Name, d.Name, d.Missing, d.Damaged, humanBytes(rangeBytes(d.Ranges)), len(d.Ranges))
+					fmt.Fprintf(a.stdout, "snapshot %s (%s) disk %s: %d chunks missing, %d damaged, %s lost in %d ranges\n", ls.ID[:8], show(ls.Name), show(d.Name), d.Missing, d.Damaged, humanBytes(rangeBytes(d.Ranges)), len(d.Ranges))
 					for _, rg := range d.Ranges {
 						fmt.Fprintf(a.stdout, "  lost: bytes %d-%d (%s)\n", rg.Offset, rg.Offset+rg.Length-1, humanBytes(rg.Length))
 					}

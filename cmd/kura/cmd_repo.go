@@ -14,6 +14,8 @@ import (
 
 	"github.com/kura-backup/kura/internal/repo"
 	"github.com/kura-backup/kura/internal/retention"
+	"github.com/kura-backup/kura/internal/termsafe"
+	"github.com/kura-backup/kura/internal/units"
 )
 
 func (a *app) printJSON(v any) error {
@@ -29,19 +31,19 @@ func (a *app) initCmd() *cobra.Command {
 		Short: "Create an encrypted repository",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			be, err := a.backend()
+			cs, err := parseChunkSize(chunkSize)
 			if err != nil {
 				return err
 			}
-			cs, err := parseSize(chunkSize)
+			be, err := a.backend()
 			if err != nil {
-				return fmt.Errorf("--chunk-size: %w", err)
+				return err
 			}
 			pw, err := a.password("new repository password: ", true)
 			if err != nil {
 				return err
 			}
-			r, err := repo.Init(cmd.Context(), be, pw, repo.InitOptions{ChunkSize: int(cs)})
+			r, err := repo.Init(cmd.Context(), be, pw, repo.InitOptions{ChunkSize: cs})
 			if err != nil {
 				return err
 			}
@@ -54,23 +56,17 @@ func (a *app) initCmd() *cobra.Command {
 	return cmd
 }
 
-func parseSize(s string) (int64, error) {
-	s = strings.TrimSpace(strings.ToUpper(s))
-	mult := int64(1)
-	for _, u := range []struct {
-		suffix string
-		mult   int64
-	}{{"KIB", 1 << 10}, {"MIB", 1 << 20}, {"GIB", 1 << 30}, {"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}} {
-		if strings.HasSuffix(s, u.suffix) {
-			s, mult = strings.TrimSuffix(s, u.suffix), u.mult
-			break
-		}
+// parseChunkSize reads --chunk-size and checks it before any password is
+// asked for.
+func parseChunkSize(s string) (int, error) {
+	n, err := units.ParseSize(s)
+	if err != nil {
+		return 0, fmt.Errorf("--chunk-size: %w", err)
 	}
-	var n int64
-	if _, err := fmt.Sscan(s, &n); err != nil || n <= 0 {
-		return 0, fmt.Errorf("%q is not a size (like 1M or 512K)", s)
+	if n < repo.MinChunkSize || n > repo.MaxChunkSize || n&(n-1) != 0 {
+		return 0, fmt.Errorf("--chunk-size %s: use a power of two from 64KiB to 16MiB, like 256K or 1MiB", s)
 	}
-	return n * mult, nil
+	return int(n), nil
 }
 
 func (a *app) snapshotsCmd() *cobra.Command {
@@ -90,7 +86,7 @@ func (a *app) snapshotsCmd() *cobra.Command {
 				return err
 			}
 			for _, id := range damaged {
-				fmt.Fprintf(a.stderr, "kura: warning: snapshot %s is damaged and not listed; run `kura verify`\n", id[:8])
+				fmt.Fprintf(a.stderr, "kura: warning: snapshot %s is damaged and not listed; run `kura verify`\n", show(short(id)))
 			}
 			var out []*repo.Snapshot
 			for _, s := range ss {
@@ -116,7 +112,7 @@ func (a *app) snapshotsCmd() *cobra.Command {
 			tw := tabwriter.NewWriter(a.stdout, 0, 2, 2, ' ', 0)
 			fmt.Fprintln(tw, "ID\tTIME\tNAME\tSOURCE\tKIND\tMODE\tDISKS\tSIZE\tREAD\tNEW\tDURATION\tBOOT")
 			for _, s := range out {
-				mode := s.Mode
+				mode := show(s.Mode)
 				if mode == "" {
 					mode = "-"
 				}
@@ -133,7 +129,7 @@ func (a *app) snapshotsCmd() *cobra.Command {
 					}
 					boot += " " + c.Time.Local().Format("01-02 15:04")
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", s.ID[:8], s.Time.Local().Format("2006-01-02 15:04:05"), s.Name, s.Source, s.Kind, mode,
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", show(short(s.ID)), s.Time.Local().Format("2006-01-02 15:04:05"), show(s.Name), show(s.Source), show(s.Kind), mode,
 					len(s.Disks), humanBytes(s.LogicalSize()), humanBytes(s.Stats.BytesRead), humanBytes(s.Stats.BytesNew), s.Stats.End.Sub(s.Stats.Start).Round(10*time.Millisecond), boot)
 			}
 			if err := tw.Flush(); err != nil {
@@ -199,9 +195,9 @@ func (a *app) verifyCmd() *cobra.Command {
 					fmt.Fprintf(a.stdout, "%d damaged chunk copies are healed (an intact copy was stored since; `kura prune` removes the damaged ones)\n", res.Healed)
 				}
 				for _, p := range res.Problems {
-					fmt.Fprintf(a.stdout, "PROBLEM %s: %s", p.Object, p.Error)
+					fmt.Fprintf(a.stdout, "PROBLEM %s: %s", show(p.Object), termsafe.Line(p.Error))
 					if len(p.Snapshots) > 0 {
-						fmt.Fprintf(a.stdout, " [affects snapshots: %s]", strings.Join(p.Snapshots, ", "))
+						fmt.Fprintf(a.stdout, " [affects snapshots: %s]", strings.Join(termsafe.Quotes(p.Snapshots), ", "))
 					}
 					fmt.Fprintln(a.stdout)
 				}
@@ -222,6 +218,7 @@ func (a *app) verifyCmd() *cobra.Command {
 	cmd.Flags().StringVar(&bo.screenshot, "screenshot", "", "with --boot: where to save the console screenshot (`PNG file`; default kura-verify-ID.png)")
 	cmd.Flags().StringVarP(&bo.connect, "connect", "c", "qemu:///system", "with --boot: libvirt `URI` or socket path")
 	cmd.Flags().DurationVar(&bo.timeout, "timeout", 5*time.Minute, "with --boot: how long the guest may take to answer")
+	durRange(cmd.Flags(), "timeout", time.Second, 24*time.Hour, "")
 	return cmd
 }
 
@@ -324,7 +321,7 @@ func (a *app) forgetCmd() *cobra.Command {
 				if v.Keep {
 					act = "keep"
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", v.ID, v.Time, v.Name, act, strings.Join(v.Reasons, ", "))
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", show(v.ID), v.Time, show(v.Name), act, strings.Join(v.Reasons, ", "))
 			}
 			tw.Flush()
 			verb := "removed"
@@ -346,6 +343,9 @@ func (a *app) forgetCmd() *cobra.Command {
 	f.IntVar(&p.Weekly, "keep-weekly", 0, "keep the newest of each of the last `n` weeks")
 	f.IntVar(&p.Monthly, "keep-monthly", 0, "keep the newest of each of the last `n` months")
 	f.IntVar(&p.Yearly, "keep-yearly", 0, "keep the newest of each of the last `n` years")
+	for _, k := range []string{"keep-last", "keep-hourly", "keep-daily", "keep-weekly", "keep-monthly", "keep-yearly"} {
+		numRange(f, k, 1, 1e6, "leave it out to keep none by this rule")
+	}
 	f.BoolVar(&prune, "prune", false, "prune afterwards")
 	f.BoolVarP(&dryRun, "dry-run", "n", false, "only show what would be removed")
 	f.BoolVar(&asJSON, "json", false, "machine-readable output")
@@ -354,6 +354,9 @@ func (a *app) forgetCmd() *cobra.Command {
 
 func (a *app) printPrune(res repo.PruneResult) {
 	fmt.Fprintf(a.stdout, "prune: %d packs deleted (%s freed), %d repacked\n", res.PacksDeleted, humanBytes(res.BytesFreed), res.PacksRepacked)
+	if res.TempRemoved > 0 {
+		fmt.Fprintf(a.stdout, "prune: %d temporary files left by processes that died removed (%s)\n", res.TempRemoved, humanBytes(res.TempBytes))
+	}
 	if res.PacksPending > 0 {
 		fmt.Fprintf(a.stdout, "prune: %d packs (%s) marked for deletion wait for %d running backups or readers; the next prune after they finish deletes them\n", res.PacksPending, humanBytes(res.BytesPending), len(res.WaitingFor))
 	}
@@ -394,6 +397,7 @@ func (a *app) pruneCmd() *cobra.Command {
 	}
 	cmd.Flags().BoolVarP(&dryRun, "dry-run", "n", false, "only show what would be deleted")
 	cmd.Flags().Float64Var(&repack, "repack-below", 0.5, "repack packs whose live fraction is below this")
+	numRange(cmd.Flags(), "repack-below", 0, 1, "a fraction; 0 repacks nothing")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "machine-readable output")
 	return cmd
 }
@@ -502,10 +506,10 @@ func (a *app) keyCmd() *cobra.Command {
 					cur = "*"
 				}
 				if k.Damaged != "" {
-					fmt.Fprintf(tw, "%s%s\tDAMAGED (%s)\t\t\n", cur, k.ID[:8], k.Damaged)
+					fmt.Fprintf(tw, "%s%s\tDAMAGED (%s)\t\t\n", cur, show(short(k.ID)), termsafe.Line(k.Damaged))
 					continue
 				}
-				fmt.Fprintf(tw, "%s%s\t%s\t%s\t%s\n", cur, k.ID[:8], k.Created.Local().Format(time.DateTime), k.Username, k.Hostname)
+				fmt.Fprintf(tw, "%s%s\t%s\t%s\t%s\n", cur, show(short(k.ID)), k.Created.Local().Format(time.DateTime), show(k.Username), show(k.Hostname))
 			}
 			return tw.Flush()
 		},
@@ -523,7 +527,7 @@ func (a *app) keyCmd() *cobra.Command {
 			if err := r.RemoveKey(cmd.Context(), args[0]); err != nil {
 				return err
 			}
-			fmt.Fprintf(a.stdout, "removed key %s\n", args[0])
+			fmt.Fprintf(a.stdout, "removed key %s\n", show(args[0]))
 			return nil
 		},
 	}

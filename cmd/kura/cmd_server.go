@@ -20,6 +20,7 @@ import (
 	"github.com/kura-backup/kura/internal/catalog"
 	"github.com/kura-backup/kura/internal/config"
 	"github.com/kura-backup/kura/internal/daemon"
+	"github.com/kura-backup/kura/internal/termsafe"
 )
 
 const defaultConfig = "/etc/kura/kura.yaml"
@@ -91,7 +92,7 @@ func (a *app) runNowCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			fmt.Fprint(a.stdout, msg)
+			fmt.Fprintln(a.stdout, termsafe.Line(strings.TrimRight(msg, "\n")))
 			if !wait {
 				return nil
 			}
@@ -99,9 +100,9 @@ func (a *app) runNowCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(a.stdout, "run %d of job %s: %s in %s: %s\n", r.ID, r.Job, r.Status, r.Ended.Sub(r.Started).Round(time.Millisecond), r.Summary)
+			fmt.Fprintf(a.stdout, "run %d of job %s: %s in %s: %s\n", r.ID, show(r.Job), show(r.Status), r.Ended.Sub(r.Started).Round(time.Millisecond), termsafe.Line(r.Summary))
 			if r.Status != catalog.StatusSucceeded {
-				return fmt.Errorf("run %d of job %s %s: see `kura runs --run %d`", r.ID, r.Job, r.Status, r.ID)
+				return fmt.Errorf("run %d of job %s %s: see `kura runs --run %d`", r.ID, show(r.Job), show(r.Status), r.ID)
 			}
 			return nil
 		},
@@ -218,7 +219,7 @@ func (a *app) runsCmd() *cobra.Command {
 				tw := tabwriter.NewWriter(a.stdout, 0, 2, 2, ' ', 0)
 				fmt.Fprintln(tw, "TIME\tDATASTORE\tACTION\tLATENCY\tRATES")
 				for _, e := range evs {
-					fmt.Fprintf(tw, "%s\t%s\t%s\t%.1fms\t%s\n", e.Time.Local().Format("2006-01-02 15:04:05.000"), e.Datastore, e.Action, e.SignalMs, e.Detail)
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%.1fms\t%s\n", e.Time.Local().Format("2006-01-02 15:04:05.000"), show(e.Datastore), show(e.Action), e.SignalMs, termsafe.Line(e.Detail))
 				}
 				return tw.Flush()
 			}
@@ -237,7 +238,7 @@ func (a *app) runsCmd() *cobra.Command {
 					if len(snap) > 8 {
 						snap = snap[:8]
 					}
-					fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%.0fms\t%s\n", v.VM, v.Outcome, v.Attempts, snap, humanBytes(v.BytesRead), humanBytes(v.BytesStored), v.FreezeMs, v.Reason)
+					fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%.0fms\t%s\n", show(v.VM), show(v.Outcome), v.Attempts, show(snap), humanBytes(v.BytesRead), humanBytes(v.BytesStored), v.FreezeMs, termsafe.Line(v.Reason))
 				}
 				return tw.Flush()
 			}
@@ -258,7 +259,7 @@ func (a *app) runsCmd() *cobra.Command {
 				if !r.Ended.IsZero() {
 					dur = r.Ended.Sub(r.Started).Round(time.Second).String()
 				}
-				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\n", r.ID, r.Job, r.Started.Local().Format("2006-01-02 15:04:05"), dur, r.Status, r.Summary)
+				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\n", r.ID, show(r.Job), r.Started.Local().Format("2006-01-02 15:04:05"), dur, show(r.Status), termsafe.Line(r.Summary))
 			}
 			return tw.Flush()
 		},
@@ -267,8 +268,11 @@ func (a *app) runsCmd() *cobra.Command {
 	cmd.Flags().StringVar(&job, "job", "", "only runs of this job")
 	cmd.Flags().Int64Var(&run, "run", 0, "show the VMs of this run")
 	cmd.Flags().IntVar(&limit, "limit", 50, "at most this many runs, newest first")
+	numRange(cmd.Flags(), "run", 1, 1e12, "a run number from `kura runs`")
+	numRange(cmd.Flags(), "limit", 1, 1e6, "")
 	cmd.Flags().BoolVar(&throttled, "throttle", false, "show latency control decisions instead of runs")
 	cmd.Flags().DurationVar(&since, "since", 24*time.Hour, "with --throttle: decisions of this last `duration`")
+	durRange(cmd.Flags(), "since", time.Second, 100*365*24*time.Hour, "")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "machine-readable output")
 	return cmd
 }
@@ -328,9 +332,9 @@ func (a *app) jobsCmd() *cobra.Command {
 			for _, v := range out {
 				lr := "never"
 				if v.LastRun != nil {
-					lr = fmt.Sprintf("%s %s", v.LastRun.Started.Local().Format("2006-01-02 15:04"), v.LastRun.Status)
+					lr = fmt.Sprintf("%s %s", v.LastRun.Started.Local().Format("2006-01-02 15:04"), show(v.LastRun.Status))
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.Schedule, v.Selects, v.Mode, v.Repository, lr)
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", show(v.Name), show(v.Schedule), show(v.Selects), show(v.Mode), show(v.Repository), lr)
 			}
 			return tw.Flush()
 		},

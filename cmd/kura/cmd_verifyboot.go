@@ -79,7 +79,7 @@ func (a *app) verifyBoot(ctx context.Context, arg string, o bootOptions) error {
 		return err
 	}
 	defer conn.Destroy(context.WithoutCancel(ctx), name)
-	fmt.Fprintf(a.stdout, "booting restore point %s (%s, %s) as %s, without network\n", snap.ID[:8], snap.Name, snap.Time.Local().Format("2006-01-02 15:04:05"), name)
+	fmt.Fprintf(a.stdout, "booting restore point %s (%s, %s) as %s, without network\n", snap.ID[:8], show(snap.Name), snap.Time.Local().Format("2006-01-02 15:04:05"), show(name))
 	bctx, cancel := context.WithTimeout(ctx, o.timeout)
 	defer cancel()
 	if err := conn.WaitAgent(bctx, name); err != nil {

@@ -18,6 +18,7 @@ import (
 	"github.com/kura-backup/kura/internal/source"
 	"github.com/kura-backup/kura/internal/source/libvirt"
 	"github.com/kura-backup/kura/internal/source/qmp"
+	"github.com/kura-backup/kura/internal/termsafe"
 )
 
 // modes are the consistency modes a user may ask for.
@@ -91,7 +92,9 @@ func (a *app) vmBackupCmd() *cobra.Command {
 	f.BoolVar(&requireApp, "require-app", false, "fail, without touching the VM, when the guest agent does not answer (default: fall back to crash-consistent with a warning)")
 	f.BoolVar(&full, "full", false, "read every disk in full once, ignoring changed-block tracking")
 	f.IntVar(&parallel, "parallel", 1, "back up this many VMs at once")
+	numRange(f, "parallel", 1, 256, "")
 	f.IntVar(&workers, "workers", 0, "parallel workers per VM (default 2 per CPU)")
+	numRange(f, "workers", 1, maxWorkers, "leave it out for 2 per CPU")
 	limitReadFlag(f, &limitRead)
 	freezeTimeoutFlag(f, &freezeTimeout)
 	return cmd
@@ -102,6 +105,7 @@ func (a *app) vmBackupCmd() *cobra.Command {
 // and fails (or falls back to crash mode).
 func freezeTimeoutFlag(f *pflag.FlagSet, d *time.Duration) {
 	f.DurationVar(d, "freeze-timeout", guest.DefaultFreezeTimeout, "how long the guest agent may take to freeze filesystems (fsfreeze hooks included)")
+	durRange(f, "freeze-timeout", time.Second, time.Hour, "")
 }
 
 func (a *app) qmpBackupCmd() *cobra.Command {
@@ -117,6 +121,9 @@ func (a *app) qmpBackupCmd() *cobra.Command {
 			ctx := cmd.Context()
 			if socket == "" || name == "" {
 				return errors.New("give the VM's QMP socket with --socket and a name with --name")
+			}
+			if err := repo.ValidName(name); err != nil {
+				return err
 			}
 			if err := checkMode(mode); err != nil {
 				return err
@@ -141,6 +148,7 @@ func (a *app) qmpBackupCmd() *cobra.Command {
 	f.BoolVar(&requireApp, "require-app", false, "fail, without touching the VM, when the guest agent does not answer")
 	f.BoolVar(&full, "full", false, "read every disk in full once, ignoring changed-block tracking")
 	f.IntVar(&workers, "workers", 0, "parallel workers (default 2 per CPU)")
+	numRange(f, "workers", 1, maxWorkers, "leave it out for 2 per CPU")
 	limitReadFlag(f, &limitRead)
 	freezeTimeoutFlag(f, &freezeTimeout)
 	return cmd
@@ -181,7 +189,7 @@ func (a *app) backupVMs(ctx context.Context, r func(context.Context) (*repo.Repo
 				failed = append(failed, name)
 				lastErr = fmt.Errorf("%s: %w", name, err)
 				if len(names) > 1 {
-					fmt.Fprintf(a.stderr, "kura: %s: %s\n", name, explain(err))
+					fmt.Fprintf(a.stderr, "kura: %s: %s\n", show(name), termsafe.Line(explain(err)))
 				}
 				return
 			}
@@ -194,7 +202,7 @@ func (a *app) backupVMs(ctx context.Context, r func(context.Context) (*repo.Repo
 		return lastErr // one VM: its error is the one line to print
 	}
 	if len(failed) > 0 {
-		return fmt.Errorf("%d of %d VMs failed: %s", len(failed), len(names), strings.Join(failed, ", "))
+		return fmt.Errorf("%d of %d VMs failed: %s", len(failed), len(names), strings.Join(termsafe.Quotes(failed), ", "))
 	}
 	return nil
 }

@@ -6,8 +6,8 @@ import (
 
 	"github.com/spf13/pflag"
 
-	"github.com/kura-backup/kura/internal/config"
 	"github.com/kura-backup/kura/internal/throttle"
+	"github.com/kura-backup/kura/internal/units"
 )
 
 // limitReadFlag adds --limit-read: the most a backup command reads from
@@ -23,7 +23,7 @@ func readGate(s string) (func(context.Context, int) (func(bool), error), error) 
 	if s == "" {
 		return nil, nil
 	}
-	rate, err := config.ParseRate(s)
+	rate, err := units.ParseRate(s)
 	if err != nil {
 		return nil, fmt.Errorf("--limit-read: %w", err)
 	}

@@ -27,6 +27,7 @@ import (
 	"github.com/kura-backup/kura/internal/repo"
 	"github.com/kura-backup/kura/internal/restore"
 	"github.com/kura-backup/kura/internal/source"
+	"github.com/kura-backup/kura/internal/termsafe"
 )
 
 // app holds the global flags and I/O of one invocation.
@@ -52,7 +53,7 @@ func main() {
 	a := &app{stdout: os.Stdout, stderr: os.Stderr}
 	root := a.rootCmd()
 	if err := root.ExecuteContext(ctx); err != nil {
-		fmt.Fprintln(os.Stderr, "kura: "+explain(err))
+		fmt.Fprintln(os.Stderr, "kura: "+termsafe.Line(explain(err)))
 		os.Exit(exitCode(err))
 	}
 }
@@ -68,6 +69,9 @@ func (a *app) rootCmd() *cobra.Command {
 			pprof.StopCPUProfile()
 		},
 		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
+			if err := checkRanges(cmd); err != nil {
+				return err
+			}
 			if a.cpuProfile != "" {
 				f, err := os.Create(a.cpuProfile)
 				if err != nil {
@@ -93,6 +97,7 @@ func (a *app) rootCmd() *cobra.Command {
 	_ = root.PersistentFlags().MarkHidden("cpuprofile")
 	root.PersistentFlags().IntVar(&a.keyFD, "key-fd", 0, "read the unlocked master key from file descriptor `N` instead of deriving it from the password")
 	_ = root.PersistentFlags().MarkHidden("key-fd")
+	numRange(root.PersistentFlags(), "key-fd", 3, 1<<20, "an inherited file descriptor")
 	root.AddCommand(a.initCmd(), a.backupCmd(), a.snapshotsCmd(), a.restoreCmd(), a.verifyCmd(),
 		a.forgetCmd(), a.pruneCmd(), a.statsCmd(), a.keyCmd(), a.unlockCmd(), a.exportCmd(), a.instantCmd(), a.filesCmd(), a.mountCmd(),
 		a.serverCmd(), a.runNowCmd(), a.runsCmd(), a.jobsCmd(), a.repairCmd())

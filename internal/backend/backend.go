@@ -74,6 +74,21 @@ type LoaderInto interface {
 	LoadInto(ctx context.Context, name string, offset, length int64, buf []byte) ([]byte, error)
 }
 
+// TempCleaner is implemented by backends that write objects through
+// temporary files (the local directory): a process killed while saving
+// leaves its temporary file behind, and nothing else would ever remove
+// it. RemoveStaleTemp removes the temporary files whose writer is gone
+// (a process of this host that no longer runs) and any older than
+// StaleTempAge, and returns how many and how many bytes it removed. It
+// never removes a file that a live process may still be writing.
+type TempCleaner interface {
+	RemoveStaleTemp(ctx context.Context) (n int, bytes int64, err error)
+}
+
+// StaleTempAge is the age from which a temporary file is taken as
+// abandoned whoever wrote it: no object takes a day to write.
+const StaleTempAge = 24 * time.Hour
+
 // DirectRoom is how much larger than a range a buffer for LoadInto must
 // be for direct I/O.
 const DirectRoom = 2 * PageSize

@@ -11,7 +11,6 @@ package backup
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -69,8 +68,8 @@ type Progress struct {
 // Run backs up disks into r and returns the snapshot it wrote. The disks
 // are not closed.
 func Run(ctx context.Context, r *repo.Repo, disks []source.Disk, opts Options) (*repo.Snapshot, error) {
-	if opts.Name == "" {
-		return nil, errors.New("a backup needs a name (--name)")
+	if err := repo.ValidName(opts.Name); err != nil {
+		return nil, err
 	}
 	if opts.Workers <= 0 {
 		opts.Workers = 2 * runtime.GOMAXPROCS(0)

@@ -47,6 +47,10 @@ func RunVM(ctx context.Context, r *repo.Repo, vm source.VM, o VMOptions) (snap *
 func RunVMOpening(ctx context.Context, open func(context.Context) (*repo.Repo, error), vm source.VM, o VMOptions) (snap *repo.Snapshot, err error) {
 	opts := o.Options
 	opts.Name, opts.Source, opts.Workers, opts.Progress = vm.Name(), o.Source, o.Workers, o.Progress
+	// Checked before the VM is touched, not after its capture in Run.
+	if err := repo.ValidName(opts.Name); err != nil {
+		return nil, err
+	}
 	if opts.Progress == nil {
 		opts.Progress = &Progress{}
 	}

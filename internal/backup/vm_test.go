@@ -168,3 +168,28 @@ func TestRunVMFallsBackToCrashUnlessAppRequired(t *testing.T) {
 		t.Fatal("a failed --require-app backup wrote a snapshot")
 	}
 }
+
+// oddVM is a fakeVM whose domain name cannot be a restore point name.
+type oddVM struct {
+	*fakeVM
+	name string
+}
+
+func (v oddVM) Name() string { return v.name }
+
+// A VM whose name is not a valid restore point name is refused before it
+// is touched (no capture, no freeze), with the rule in the error.
+func TestRunVMRefusesBadNameFirst(t *testing.T) {
+	ctx := context.Background()
+	for _, name := range []string{"web@01", "a/b", "bad\nname"} {
+		vm := &fakeVM{disk: &trackedDisk{memDisk: memDisk{name: "vda", data: bytes.Repeat([]byte("x"), 1<<20)}}}
+		opened := false
+		_, err := RunVMOpening(ctx, func(context.Context) (*repo.Repo, error) { opened = true; return nil, errors.New("unused") }, oddVM{vm, name}, VMOptions{Source: "libvirt"})
+		if !errors.Is(err, repo.ErrBadName) {
+			t.Errorf("%q: err %v, want ErrBadName", name, err)
+		}
+		if len(vm.captures) != 0 || opened {
+			t.Errorf("%q: %d captures asked, repository opened %v: want the VM untouched", name, len(vm.captures), opened)
+		}
+	}
+}

@@ -26,6 +26,7 @@ import (
 
 	"github.com/kura-backup/kura/internal/retention"
 	"github.com/kura-backup/kura/internal/schedule"
+	"github.com/kura-backup/kura/internal/units"
 )
 
 // Config is a whole configuration file.
@@ -355,14 +356,16 @@ func (c *Config) defaults() {
 	if c.Libvirt.Connect == "" {
 		c.Libvirt.Connect = "qemu:///system"
 	}
-	if c.Limits.PerHost == 0 {
-		c.Limits.PerHost = 2
-	}
-	if c.Limits.PerDatastore == 0 {
-		c.Limits.PerDatastore = 1
-	}
-	if c.Limits.PerRepository == 0 {
-		c.Limits.PerRepository = 2
+	// A limit written as 0 is left for validate to refuse: it would
+	// start no backup at all.
+	for _, l := range []struct {
+		key string
+		n   *int
+		def int
+	}{{"per_host", &c.Limits.PerHost, 2}, {"per_datastore", &c.Limits.PerDatastore, 1}, {"per_repository", &c.Limits.PerRepository, 2}} {
+		if _, set := c.Limits.lines[l.key]; !set && *l.n == 0 {
+			*l.n = l.def
+		}
 	}
 	if c.Limits.Nice == nil {
 		n := 19
@@ -466,8 +469,16 @@ func (c *Config) validate() error {
 			errs = append(errs, c.errorf(line, "repositories."+name+".path", "missing: the repository's directory"))
 		}
 	}
-	if c.Limits.PerHost < 0 || c.Limits.PerDatastore < 0 || c.Limits.PerRepository < 0 {
-		errs = append(errs, c.errorf(c.Limits.lines[""], "limits", "limits cannot be negative"))
+	for _, l := range []struct {
+		key string
+		n   int
+	}{{"per_host", c.Limits.PerHost}, {"per_datastore", c.Limits.PerDatastore}, {"per_repository", c.Limits.PerRepository}} {
+		if l.n < 1 || l.n > 1000 {
+			errs = append(errs, c.errorf(c.Limits.lines[l.key], "limits."+l.key, "%d: use 1 to 1000 backups at once (leave it out for the default)", l.n))
+		}
+	}
+	if d := c.Latency.Interval.Duration; d < 100*time.Millisecond || d > time.Hour {
+		errs = append(errs, c.errorf(c.lines["latency"], "latency.interval", "%s: use 100ms to 1h (leave it out for 2s)", d))
 	}
 	if c.Latency.MaxReads < 0 {
 		errs = append(errs, c.errorf(c.lines["latency"], "latency.max_reads", "%d: use a positive number of reads, or 0 for no cap", c.Latency.MaxReads))
@@ -476,7 +487,7 @@ func (c *Config) validate() error {
 		errs = append(errs, c.errorf(c.Limits.lines["nice"], "limits.nice", "%d: use a CPU priority from -20 to 19 (19, the default, is the lowest)", n))
 	}
 	if c.Limits.Bandwidth != "" {
-		n, err := ParseRate(c.Limits.Bandwidth)
+		n, err := units.ParseRate(c.Limits.Bandwidth)
 		if err != nil {
 			errs = append(errs, c.errorf(c.Limits.lines["bandwidth"], "limits.bandwidth", "%v", err))
 		}
@@ -490,14 +501,14 @@ func (c *Config) validate() error {
 		if r.s == "" {
 			continue
 		}
-		n, err := ParseRate(r.s)
+		n, err := units.ParseRate(r.s)
 		if err != nil {
 			errs = append(errs, c.errorf(c.lines["latency"], r.field, "%v", err))
 		}
 		*r.n = n
 	}
 	if c.Latency.ReadSize != "" {
-		n, err := ParseRate(c.Latency.ReadSize)
+		n, err := units.ParseSize(c.Latency.ReadSize)
 		if err != nil || n < 4<<10 || n%(4<<10) != 0 {
 			errs = append(errs, c.errorf(c.lines["latency"], "latency.read_size", "%q: use a multiple of 4 KiB, like 64KiB", c.Latency.ReadSize))
 		}
@@ -570,8 +581,17 @@ func (c *Config) validate() error {
 				errs = append(errs, c.errorf(w.lines["duration"], field+".window.duration", "must be between 1m and 24h"))
 			}
 		}
-		if j.Retry.Attempts < 0 {
-			errs = append(errs, c.errorf(at("retry"), field+".retry.attempts", "cannot be negative"))
+		if j.Retry.Attempts < 0 || j.Retry.Attempts > 100 {
+			errs = append(errs, c.errorf(at("retry"), field+".retry.attempts", "%d: use 1 to 100 (leave it out for 3)", j.Retry.Attempts))
+		}
+		for _, k := range []struct {
+			key string
+			n   int
+		}{{"keep_last", j.Retention.Last}, {"keep_hourly", j.Retention.Hourly}, {"keep_daily", j.Retention.Daily},
+			{"keep_weekly", j.Retention.Weekly}, {"keep_monthly", j.Retention.Monthly}, {"keep_yearly", j.Retention.Yearly}} {
+			if k.n < 0 {
+				errs = append(errs, c.errorf(at("retention"), field+".retention."+k.key, "%d: use a positive number of restore points, or leave it out", k.n))
+			}
 		}
 	}
 	return errors.Join(errs...)
@@ -585,26 +605,6 @@ func (c *Config) Job(name string) *Job {
 		}
 	}
 	return nil
-}
-
-// ParseRate reads a rate in bytes per second: "200MiB", "50MB", "1GiB",
-// optionally with "/s".
-func ParseRate(s string) (int64, error) {
-	units := []struct {
-		suffix string
-		mult   int64
-	}{{"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}, {"GB", 1e9}, {"MB", 1e6}, {"KB", 1e3}, {"B", 1}}
-	t := strings.TrimSuffix(strings.TrimSpace(s), "/s")
-	for _, u := range units {
-		if num, ok := strings.CutSuffix(t, u.suffix); ok {
-			v, err := strconv.ParseFloat(strings.TrimSpace(num), 64)
-			if err != nil || v <= 0 {
-				break
-			}
-			return int64(v * float64(u.mult)), nil
-		}
-	}
-	return 0, fmt.Errorf("%q is not a rate: use a size per second like 200MiB or 50MB", s)
 }
 
 // UnmarshalYAML implements yaml.Unmarshaler, refusing unknown keys.

@@ -16,6 +16,8 @@ import (
 	"time"
 
 	golibvirt "github.com/digitalocean/go-libvirt"
+
+	"github.com/kura-backup/kura/internal/childenv"
 )
 
 // WatchdogArg is the first argument with which StartWatchdog runs the
@@ -173,7 +175,7 @@ func StartWatchdog(ctx context.Context, spec WatchdogSpec) (*Watchdog, error) {
 	if err != nil {
 		return nil, fmt.Errorf("starting the thaw watchdog: %w", err)
 	}
-	cmd := exec.Command(exe, WatchdogArg, string(arg))
+	cmd := childenv.Command(exe, WatchdogArg, string(arg))
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	cmd.Stderr = os.Stderr // what it did when Kura is gone reaches the user
 	stdin, err := cmd.StdinPipe()

@@ -31,6 +31,7 @@ import (
 	gofs "github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 
+	"github.com/kura-backup/kura/internal/childenv"
 	"github.com/kura-backup/kura/internal/guestfs"
 )
 
@@ -211,7 +212,7 @@ func lazyUnmount(mountpoint string) error {
 		if lerr != nil {
 			continue
 		}
-		out, ferr := exec.Command(p, "-u", "-z", mountpoint).CombinedOutput()
+		out, ferr := childenv.Command(p, "-u", "-z", mountpoint).CombinedOutput()
 		if ferr == nil {
 			return nil
 		}

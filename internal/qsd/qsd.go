@@ -21,6 +21,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/kura-backup/kura/internal/childenv"
 )
 
 // ErrNotInstalled is returned by Start when qemu-storage-daemon is not in
@@ -130,7 +132,7 @@ func Start(ctx context.Context, opts Options) (*Daemon, error) {
 	}
 
 	life, cancel := context.WithCancel(context.Background())
-	cmd := exec.CommandContext(life, bin, args...)
+	cmd := childenv.CommandContext(life, bin, args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		// Die with kura. (Linux sends this when the thread that started
 		// the daemon exits; Go only retires threads that a goroutine left

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -378,4 +379,26 @@ func mkfile(t *testing.T, b []byte) string {
 		t.Fatal(err)
 	}
 	return f.Name()
+}
+
+// The daemon does not inherit the repository password (issue 23): its
+// environment, as the kernel shows it, has no KURA_PASSWORD.
+func TestDaemonHasNoSecrets(t *testing.T) {
+	t.Setenv("KURA_PASSWORD", "qsd-must-not-see-this")
+	t.Setenv("KURA_NEW_PASSWORD", "nor-this")
+	raw, _ := rawImage(t)
+	d := start(t, Options{Path: raw, Format: "raw"})
+	defer d.Close()
+	environ, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", d.cmd.Process.Pid))
+	if err != nil {
+		t.Skipf("no /proc: %v", err)
+	}
+	if len(environ) == 0 {
+		t.Fatal("empty environment read from /proc: the test cannot tell")
+	}
+	for _, s := range []string{"KURA_PASSWORD", "KURA_NEW_PASSWORD", "must-not-see", "nor-this"} {
+		if bytes.Contains(environ, []byte(s)) {
+			t.Errorf("qemu-storage-daemon's environment holds %s", s)
+		}
+	}
 }

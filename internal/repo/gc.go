@@ -138,6 +138,8 @@ type PruneResult struct {
 	WaitingFor     []string `json:"waiting_for,omitempty"` // those backups' locks
 	PacksKept      int      `json:"packs_kept,omitempty"`  // unreadable packs no index lists, kept
 	IndexRewritten bool     `json:"index_rewritten"`
+	TempRemoved    int      `json:"temp_removed"` // temporary files of writers that died
+	TempBytes      int64    `json:"temp_bytes"`
 }
 
 // Prune deletes data that no snapshot references. It is safe to run while
@@ -152,6 +154,11 @@ func (r *Repo) Prune(ctx context.Context, opts PruneOptions) (PruneResult, error
 		return res, err
 	}
 	defer lock.Unlock(context.WithoutCancel(ctx))
+	if tc, ok := r.be.(backend.TempCleaner); ok && !opts.DryRun {
+		if res.TempRemoved, res.TempBytes, err = tc.RemoveStaleTemp(ctx); err != nil {
+			return res, err
+		}
+	}
 
 	// Sweep what earlier prunes marked, so their space is freed first.
 	if !opts.DryRun {

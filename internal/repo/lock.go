@@ -71,6 +71,10 @@ func (r *Repo) Lock(ctx context.Context, kind string) (*Lock, error) {
 	if err := r.saveLock(ctx, l.name, l.info); err != nil {
 		return nil, fmt.Errorf("taking %s lock: %w", kind, err)
 	}
+	// Locks of processes of this host that died go now, not at the next
+	// `kura unlock`: their lock files pile up otherwise, and a dead
+	// backup's lock holds back prune's deletions.
+	r.removeDeadLocalLocks(ctx, host)
 	if kind == LockPrune {
 		live, err := r.liveLocks(ctx)
 		if err != nil {
@@ -152,6 +156,39 @@ func (r *Repo) liveLocks(ctx context.Context) (map[string]lockInfo, error) {
 		return nil
 	})
 	return out, err
+}
+
+// removeDeadLocalLocks deletes the lock files of processes of this host
+// (hostname host) that no longer run. It never removes a lock of another
+// host, whose processes it cannot see, nor one it cannot read; those wait
+// for their refresh to lapse (lockStale) or for `kura unlock`. It is best
+// effort: a lock it fails to remove stays, as before.
+func (r *Repo) removeDeadLocalLocks(ctx context.Context, host string) int {
+	if host == "" {
+		return 0
+	}
+	var dead []string
+	_ = r.be.List(ctx, "locks/", func(oi backend.ObjectInfo) error {
+		plain, err := r.loadObject(ctx, oi.Name)
+		if err != nil {
+			return nil
+		}
+		var li lockInfo
+		if json.Unmarshal(plain, &li) != nil || li.Hostname != host || li.PID <= 0 || li.PID == os.Getpid() {
+			return nil
+		}
+		if errors.Is(syscall.Kill(li.PID, 0), syscall.ESRCH) {
+			dead = append(dead, oi.Name)
+		}
+		return nil
+	})
+	n := 0
+	for _, name := range dead {
+		if r.be.Remove(ctx, name) == nil {
+			n++
+		}
+	}
+	return n
 }
 
 // RemoveStaleLocks deletes lock files whose holders are gone and returns

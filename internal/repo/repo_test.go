@@ -217,6 +217,8 @@ func TestFindSnapshot(t *testing.T) {
 	day := func(d, h int) time.Time { return time.Date(2026, 11, d, h, 30, 0, 0, time.Local) }
 	ss := []*Snapshot{{ID: "aaaa1111", Name: "web", Time: day(19, 9)}, {ID: "aaab2222", Name: "db", Time: day(20, 1)},
 		{ID: "cccc4444", Name: "web", Time: day(20, 3)}, {ID: "bbbb3333", Name: "web", Time: day(20, 22)}}
+	// A name saved before names were checked.
+	ss = append([]*Snapshot{{ID: "dddd5555", Name: "old@name", Time: day(18, 1)}}, ss...)
 	for _, tc := range []struct {
 		ref, want string
 		err       error
@@ -226,18 +228,31 @@ func TestFindSnapshot(t *testing.T) {
 		{"db@latest", "aaab2222", nil},
 		{"aaaa", "aaaa1111", nil},
 		{"aaa", "", ErrAmbiguous},
-		{"dd", "", ErrNoSnapshot},
+		{"ee", "", ErrNoSnapshot},
 		{"mail@latest", "", ErrNoSnapshot},
 		{"web@2026-11-19", "aaaa1111", nil},
 		{"web@2026-11-20", "bbbb3333", nil},
 		{"web@2026-11-20T03", "cccc4444", nil},
 		{"web@2026-11-20 03:30", "cccc4444", nil},
 		{"web@2026-11-21", "", ErrNoSnapshot},
+		// Half-written references select nothing (issue 23: `kura forget
+		// web@` deleted the newest restore point).
+		{"web@", "", ErrBadRef},
+		{"@latest", "", ErrBadRef},
+		{"@", "", ErrBadRef},
+		{"", "", ErrBadRef},
+		{"web@yesterday", "", ErrBadRef},
+		{"web@2026-11-20x", "", ErrBadRef},
+		{"web@20261120", "", ErrBadRef},
+		{"old@name@latest", "dddd5555", nil},
 	} {
 		s, err := FindSnapshot(ss, tc.ref)
 		if tc.err != nil {
 			if !errors.Is(err, tc.err) {
 				t.Errorf("%s: err %v, want %v", tc.ref, err, tc.err)
+			}
+			if tc.err == ErrBadRef && !strings.Contains(err.Error(), "NAME@latest, NAME@2026-11-20") {
+				t.Errorf("%s: error %q does not say which forms are valid", tc.ref, err)
 			}
 			continue
 		}

@@ -251,9 +251,11 @@ func SortSnapshots(ss []*Snapshot) {
 // FindSnapshot resolves a full id, a unique id prefix, "latest",
 // "NAME@latest" or "NAME@TIME" (the newest of NAME whose local time
 // starts with TIME, e.g. 2026-11-20) among ss (sorted oldest first).
+// Anything else, "NAME@" or "@latest" among them, is ErrBadRef: a
+// reference that could select a restore point by accident must not.
 func FindSnapshot(ss []*Snapshot, ref string) (*Snapshot, error) {
 	if ref == "" {
-		return nil, fmt.Errorf("empty snapshot reference: %w", ErrNoSnapshot)
+		return nil, fmt.Errorf("empty snapshot reference: %w: %s", ErrBadRef, refForms)
 	}
 	if ref == "latest" {
 		if len(ss) == 0 {
@@ -261,24 +263,35 @@ func FindSnapshot(ss []*Snapshot, ref string) (*Snapshot, error) {
 		}
 		return ss[len(ss)-1], nil
 	}
-	if name, when, ok := strings.Cut(ref, "@"); ok && when != "latest" {
+	// The last "@" splits: a name saved before names were checked may
+	// hold one ("a@b@latest").
+	if at := strings.LastIndex(ref, "@"); at >= 0 {
+		name, when := ref[:at], ref[at+1:]
+		switch {
+		case name == "":
+			return nil, fmt.Errorf("%s: no name before @: %w: %s", quote(ref), ErrBadRef, refForms)
+		case when == "":
+			return nil, fmt.Errorf("%s: nothing after @: %w: %s", quote(ref), ErrBadRef, refForms)
+		case when == "latest":
+			for i := len(ss) - 1; i >= 0; i-- {
+				if ss[i].Name == name {
+					return ss[i], nil
+				}
+			}
+			return nil, fmt.Errorf("%s: no snapshot named %q (see `kura snapshots`): %w", quote(ref), name, ErrNoSnapshot)
+		}
 		// NAME@TIME: the newest snapshot of NAME whose local time starts
 		// with TIME ("2026-11-20", "2026-11-20T14", "2026-11-20 14:05").
 		when = strings.Replace(when, " ", "T", 1)
+		if !timePrefix(when) {
+			return nil, fmt.Errorf("%s: %s is not a local date or time like 2026-11-20 or 2026-11-20T14:05: %w: %s", quote(ref), quote(ref[at+1:]), ErrBadRef, refForms)
+		}
 		for i := len(ss) - 1; i >= 0; i-- {
 			if ss[i].Name == name && strings.HasPrefix(ss[i].Time.Local().Format("2006-01-02T15:04:05"), when) {
 				return ss[i], nil
 			}
 		}
-		return nil, fmt.Errorf("%s: no snapshot named %q taken at %s (local time; see `kura snapshots`): %w", ref, name, when, ErrNoSnapshot)
-	}
-	if name, ok := strings.CutSuffix(ref, "@latest"); ok {
-		for i := len(ss) - 1; i >= 0; i-- {
-			if ss[i].Name == name {
-				return ss[i], nil
-			}
-		}
-		return nil, fmt.Errorf("%s: no snapshot named %q (see `kura snapshots`): %w", ref, name, ErrNoSnapshot)
+		return nil, fmt.Errorf("%s: no snapshot named %q taken at %s (local time; see `kura snapshots`): %w", quote(ref), name, when, ErrNoSnapshot)
 	}
 	var match []*Snapshot
 	for _, s := range ss {
@@ -288,11 +301,11 @@ func FindSnapshot(ss []*Snapshot, ref string) (*Snapshot, error) {
 	}
 	switch len(match) {
 	case 0:
-		return nil, fmt.Errorf("%s: see `kura snapshots`: %w", ref, ErrNoSnapshot)
+		return nil, fmt.Errorf("%s: see `kura snapshots`: %w", quote(ref), ErrNoSnapshot)
 	case 1:
 		return match[0], nil
 	}
-	return nil, fmt.Errorf("%s matches %d snapshots, give more digits: %w", ref, len(match), ErrAmbiguous)
+	return nil, fmt.Errorf("%s matches %d snapshots, give more digits: %w", quote(ref), len(match), ErrAmbiguous)
 }
 
 // RemoveSnapshot deletes a snapshot manifest (its data stays until prune)

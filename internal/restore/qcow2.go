@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/kura-backup/kura/internal/childenv"
 	"github.com/kura-backup/kura/internal/nbd"
 	"github.com/kura-backup/kura/internal/qsd"
 )
@@ -30,7 +31,7 @@ func NewQcow2(ctx context.Context, path string, size int64, overwrite bool) (Tar
 	}
 	tmp := f.Name()
 	f.Close()
-	out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", tmp, strconv.FormatInt(size, 10)).CombinedOutput()
+	out, err := childenv.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", tmp, strconv.FormatInt(size, 10)).CombinedOutput()
 	if err != nil {
 		os.Remove(tmp)
 		if errors.Is(err, exec.ErrNotFound) {

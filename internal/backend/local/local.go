@@ -8,6 +8,8 @@ package local
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -15,20 +17,28 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/kura-backup/kura/internal/backend"
 	"github.com/kura-backup/kura/internal/crypt"
 )
 
-// tmpPrefix marks files being written; List skips them.
+// tmpPrefix marks files being written; List skips them. A temporary
+// file's name says who writes it: ".tmp-<host>-<pid>-<random>", host a
+// short hash of the writer's hostname (hostTag), so that
+// RemoveStaleTemp can tell a file whose writer died from one being
+// written. Files of the older form ".tmp-<random>" are removed by age
+// only.
 const tmpPrefix = ".tmp-"
 
 // Backend is a directory on a local filesystem.
 type Backend struct {
 	root    string
+	host    string    // hostTag of this host
 	aligned sync.Pool // *[]byte, page-aligned buffers for direct writes
 }
 
@@ -46,7 +56,33 @@ func Open(dir string) (*Backend, error) {
 	if err != nil {
 		return nil, fmt.Errorf("repository path %q: %w", dir, err)
 	}
-	return &Backend{root: abs}, nil
+	name, _ := os.Hostname()
+	return &Backend{root: abs, host: hostTag(name)}, nil
+}
+
+// hostTag is a short, file-name-safe hash of a hostname.
+func hostTag(hostname string) string {
+	h := sha256.Sum256([]byte(hostname))
+	return hex.EncodeToString(h[:4])
+}
+
+// tempName is the name of a temporary file this process writes in dir.
+func (b *Backend) tempName(dir string) string {
+	return filepath.Join(dir, fmt.Sprintf("%s%s-%d-%s", tmpPrefix, b.host, os.Getpid(), crypt.RandomID().Short()+crypt.RandomID().Short()))
+}
+
+// parseTempName returns the host tag and pid in a temporary file's base
+// name, ok false for the older form that has neither.
+func parseTempName(base string) (host string, pid int, ok bool) {
+	parts := strings.Split(strings.TrimPrefix(base, tmpPrefix), "-")
+	if len(parts) != 3 || len(parts[0]) != 8 {
+		return "", 0, false
+	}
+	pid, err := strconv.Atoi(parts[1])
+	if err != nil || pid <= 0 {
+		return "", 0, false
+	}
+	return parts[0], pid, true
 }
 
 // Location implements backend.Backend.
@@ -85,7 +121,7 @@ func (b *Backend) Save(ctx context.Context, name string, data []byte) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return wrap("save", name, err)
 	}
-	tmp := filepath.Join(dir, tmpPrefix+crypt.RandomID().Short()+crypt.RandomID().Short())
+	tmp := b.tempName(dir)
 	err = b.writeFile(tmp, data)
 	if err == nil {
 		err = os.Rename(tmp, p)
@@ -338,3 +374,64 @@ func (b *Backend) Remove(ctx context.Context, name string) error {
 	}
 	return nil
 }
+
+// RemoveStaleTemp implements backend.TempCleaner. A temporary file is
+// removed when this host wrote it and its process is gone, or when it is
+// older than backend.StaleTempAge; a file of a live process of this host
+// (this one included), or of another host, younger than that is kept.
+func (b *Backend) RemoveStaleTemp(ctx context.Context) (n int, bytes int64, err error) {
+	now := time.Now()
+	err = filepath.WalkDir(b.root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if d.IsDir() || !strings.HasPrefix(d.Name(), tmpPrefix) {
+			return nil
+		}
+		info, err := d.Info()
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil // renamed into place meanwhile
+			}
+			return err
+		}
+		if !b.tempStale(d.Name(), info.ModTime(), now) {
+			return nil
+		}
+		if err := os.Remove(p); err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		n++
+		bytes += info.Size()
+		return nil
+	})
+	if err != nil {
+		return n, bytes, fmt.Errorf("removing stale temporary files in %s: %w", b.root, err)
+	}
+	return n, bytes, nil
+}
+
+// tempStale decides whether the temporary file base, last modified at
+// mod, is abandoned.
+func (b *Backend) tempStale(base string, mod, now time.Time) bool {
+	if now.Sub(mod) > backend.StaleTempAge {
+		return true
+	}
+	host, pid, ok := parseTempName(base)
+	if !ok || host != b.host || pid == os.Getpid() {
+		return false
+	}
+	// ESRCH: no such process. EPERM: it runs, as another user.
+	return errors.Is(syscall.Kill(pid, 0), syscall.ESRCH)
+}
+
+var _ backend.TempCleaner = (*Backend)(nil)

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	golibvirt "github.com/digitalocean/go-libvirt"
+	"github.com/kura-backup/kura/internal/childenv"
 	"github.com/kura-backup/kura/internal/nbd"
 	"github.com/kura-backup/kura/internal/qsd"
 	"github.com/kura-backup/kura/internal/source"
@@ -104,7 +105,7 @@ func (c *capture) makeOverlay(ctx context.Context, target, path, backing, format
 	// extended_l2: 2 KiB subclusters, so that a guest's small write to
 	// a cluster not yet in the overlay does not first copy the rest of
 	// the 64 KiB cluster up from the image below.
-	cmd := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-u", "-f", "qcow2",
+	cmd := childenv.CommandContext(ctx, "qemu-img", "create", "-q", "-u", "-f", "qcow2",
 		"-o", "cluster_size=65536,extended_l2=on", "-F", format, "-b", backing, path, strconv.FormatUint(capacity, 10))
 	if out, err := cmd.CombinedOutput(); err != nil {
 		if errors.Is(err, exec.ErrNotFound) {
@@ -602,7 +603,7 @@ func (v *VM) mergeOffline(ctx context.Context, o overlay) error {
 			return v.overlayErr(o, err, "reading the image below the overlay of shut-off disk %s", o.target)
 		}
 	}
-	if out, err := exec.CommandContext(ctx, "qemu-img", "commit", "-q", "-f", "qcow2", o.path).CombinedOutput(); err != nil {
+	if out, err := childenv.CommandContext(ctx, "qemu-img", "commit", "-q", "-f", "qcow2", o.path).CombinedOutput(); err != nil {
 		return v.overlayErr(o, fmt.Errorf("%w: %s", err, strings.TrimSpace(string(out))), "committing the overlay of shut-off disk %s", o.target)
 	}
 	fixed, err := pointDiskAt(x, o)
@@ -638,7 +639,7 @@ type imageInfo struct {
 // a running VM: qemu-img reads it without a lock, and without asking that
 // VM's QEMU, whose main loop also serves the guest's I/O.
 func qcow2Info(ctx context.Context, path string) (imageInfo, error) {
-	out, err := exec.CommandContext(ctx, "qemu-img", "info", "-U", "--output=json", "-f", "qcow2", path).Output()
+	out, err := childenv.CommandContext(ctx, "qemu-img", "info", "-U", "--output=json", "-f", "qcow2", path).Output()
 	if err != nil {
 		return imageInfo{}, fmt.Errorf("qemu-img info %s: %w", path, err)
 	}

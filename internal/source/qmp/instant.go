@@ -10,6 +10,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/kura-backup/kura/internal/childenv"
 )
 
 // What a VM running from a restore point needs from QEMU itself: starting
@@ -43,7 +45,7 @@ func Start(ctx context.Context, args []string, logPath, qmpSocket string) (int, 
 		return 0, err
 	}
 	defer logf.Close()
-	c := exec.Command(bin, args[1:]...)
+	c := childenv.Command(bin, args[1:]...)
 	c.Stdout, c.Stderr = logf, logf
 	c.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := c.Start(); err != nil {
