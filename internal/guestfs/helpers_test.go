@@ -112,8 +112,12 @@ func sourceTree(t testing.TB, unixExtras bool) (src string, big map[string][]byt
 		if err := os.Chmod(filepath.Join(src, "sticky"), 0o777|os.ModeSticky); err != nil {
 			t.Fatal(err)
 		}
-		for name, target := range map[string]string{"link": "hello.txt", "abslink": "/etc/passwd", "longlink": longTarget, "dirlink": "a/b"} {
-			if err := os.Symlink(target, filepath.Join(src, name)); err != nil {
+		// In a fixed order (not a map's): the order of creation is the
+		// order cp and mkfs copy the tree in, so it decides where
+		// metadata lands, and the fuzz corpus's patches are offsets
+		// into the metadata of the image as built.
+		for _, l := range [][2]string{{"link", "hello.txt"}, {"abslink", "/etc/passwd"}, {"longlink", longTarget}, {"dirlink", "a/b"}} {
+			if err := os.Symlink(l[1], filepath.Join(src, l[0])); err != nil {
 				t.Fatal(err)
 			}
 		}

@@ -625,7 +625,10 @@ func (f *ntfsFS) list(ctx context.Context, id uint64) ([]dirent, error) {
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}
-		if bitmap != nil && (i/8 >= int64(len(bitmap)) || bitmap[i/8]&(1<<(i%8)) == 0) {
+		if bitmap != nil && i/8 >= int64(len(bitmap)) {
+			break // no block past the bitmap is in use, however large the stream claims to be
+		}
+		if bitmap != nil && bitmap[i/8]&(1<<(i%8)) == 0 {
 			continue
 		}
 		if n, err := alloc.ReadAt(blk, i*blockSize); n < len(blk) {
