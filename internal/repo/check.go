@@ -151,7 +151,7 @@ func (r *Repo) Check(ctx context.Context, opts CheckOptions) (CheckResult, error
 				res.Problems = append(res.Problems, Problem{Object: "snapshots/" + id, Error: err.Error(), Snapshots: []string{label}})
 				continue
 			}
-			for _, c := range cids {
+			for _, c := range cids.All() {
 				if !c.IsZero() {
 					blobs = append(blobs, c)
 				}
@@ -293,7 +293,7 @@ func (r *Repo) Stats(ctx context.Context) (Stats, error) {
 			if err != nil {
 				return st, fmt.Errorf("snapshot %s: %w", s.ID[:8], err)
 			}
-			for _, id := range append(ids, d.Maps...) {
+			for _, id := range append(ids.IDs(), d.Maps...) {
 				if id.IsZero() {
 					continue
 				}

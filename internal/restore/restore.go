@@ -69,15 +69,19 @@ func Disk(ctx context.Context, r *repo.Repo, d repo.Disk, t Target, opts Options
 	if err := r.LoadIndex(ctx); err != nil {
 		return err
 	}
-	ids, err := r.LoadMap(ctx, d)
+	m, err := r.LoadMap(ctx, d)
 	if err != nil {
 		return err
 	}
 	opts.Progress.Total.Add(d.DataBytes)
 	cs := int64(d.ChunkSize)
-	jobs, err := planReads(r, d, ids, t.NeedsZeroes())
+	jobs, err := planReads(r, d, m)
 	if err != nil {
 		return err
+	}
+	var zeroes []posRange
+	if t.NeedsZeroes() {
+		zeroes = zeroRanges(m)
 	}
 
 	ctx, cancel := context.WithCancel(ctx)
@@ -114,7 +118,7 @@ func Disk(ctx context.Context, r *repo.Repo, d repo.Disk, t Target, opts Options
 					continue
 				}
 				if len(j.blobs) == 0 { // zero chunks of a target that needs them written
-					for _, pos := range j.zeroes {
+					for pos := j.zeroes.start; pos < j.zeroes.end && ctx.Err() == nil; pos++ {
 						if !write(zero[:min(cs, d.Size-pos*cs)], pos) {
 							break
 						}
@@ -150,12 +154,32 @@ func Disk(ctx context.Context, r *repo.Repo, d repo.Disk, t Target, opts Options
 			}
 		}()
 	}
-feed:
-	for _, j := range jobs {
+	// Feed the reads and the zero ranges, cut into jobs of zeroJob chunks
+	// as they go, by the disk position they serve.
+	send := func(j *readJob) bool {
 		select {
 		case queue <- j:
+			return true
 		case <-ctx.Done():
+			return false
+		}
+	}
+feed:
+	for len(jobs) > 0 || len(zeroes) > 0 {
+		if len(zeroes) == 0 || (len(jobs) > 0 && jobs[0].first < zeroes[0].start) {
+			if !send(jobs[0]) {
+				break feed
+			}
+			jobs = jobs[1:]
+			continue
+		}
+		z := &zeroes[0]
+		end := min(z.end, z.start+zeroJob)
+		if !send(&readJob{first: z.start, zeroes: posRange{z.start, end}}) {
 			break feed
+		}
+		if z.start = end; z.start == z.end {
+			zeroes = zeroes[1:]
 		}
 	}
 	close(queue)
@@ -183,31 +207,29 @@ type readJob struct {
 	start, end int64 // byte span of the pack to read
 	blobs      []*blobUse
 	first      int64 // lowest disk position served, for ordering
-	zeroes     []int64
+	zeroes     posRange
 }
+
+// posRange is the chunk positions [start, end).
+type posRange struct{ start, end int64 }
+
+// zeroJob is how many zero chunks one job writes.
+const zeroJob = 64
 
 // maxGap is the largest unneeded stretch of a pack read through rather
 // than split into two reads.
 const maxGap = 1 << 20
 
-// planReads groups the disk's chunks by pack: each pack's needed blobs are
-// read in as few contiguous spans as gaps allow, each span once, and the
-// spans are ordered by the disk position they serve so that writes go
-// roughly front to back. A chunk that fills several positions is read
-// once.
-func planReads(r *repo.Repo, d repo.Disk, ids []crypt.ID, zeroes bool) ([]*readJob, error) {
+// planReads groups the disk's data chunks by pack: each pack's needed
+// blobs are read in as few contiguous spans as gaps allow, each span once,
+// and the spans are ordered by the disk position they serve so that
+// writes go roughly front to back. A chunk that fills several positions
+// is read once.
+func planReads(r *repo.Repo, d repo.Disk, m *repo.ChunkMap) ([]*readJob, error) {
 	cs := int64(d.ChunkSize)
 	byID := map[crypt.ID]*blobUse{}
 	byPack := map[crypt.ID][]*blobUse{}
-	var zeroPos []int64
-	for i, id := range ids {
-		pos := int64(i)
-		if id.IsZero() {
-			if zeroes {
-				zeroPos = append(zeroPos, pos)
-			}
-			continue
-		}
+	for pos, id := range m.All() {
 		if u := byID[id]; u != nil {
 			u.pos = append(u.pos, pos)
 			continue
@@ -235,13 +257,25 @@ func planReads(r *repo.Repo, d repo.Disk, ids []crypt.ID, zeroes bool) ([]*readJ
 			j.blobs = append(j.blobs, u)
 		}
 	}
-	for len(zeroPos) > 0 {
-		n := min(len(zeroPos), 64)
-		jobs = append(jobs, &readJob{first: zeroPos[0], zeroes: zeroPos[:n]})
-		zeroPos = zeroPos[n:]
-	}
 	sort.Slice(jobs, func(a, b int) bool { return jobs[a].first < jobs[b].first })
 	return jobs, nil
+}
+
+// zeroRanges returns the runs of all-zero positions of m: the gaps
+// between its data chunks.
+func zeroRanges(m *repo.ChunkMap) []posRange {
+	var out []posRange
+	next := int64(0)
+	for pos := range m.All() {
+		if pos > next {
+			out = append(out, posRange{next, pos})
+		}
+		next = pos + 1
+	}
+	if next < m.Len() {
+		out = append(out, posRange{next, m.Len()})
+	}
+	return out
 }
 
 // ErrExists is returned when the restore target exists and overwriting was
