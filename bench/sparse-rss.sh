@@ -59,10 +59,13 @@ for size in $SIZES; do
 	fi
 	bytes=$(stat -c %s "$img")
 	pieces=$((DATA_GIB * 1024 / PIECE_MIB))
-	stride=$((bytes / pieces / (1 << 20)))  # MiB between pieces
+	stride=$((bytes / pieces / (1 << 20))) # MiB from one piece to the next
+	((stride >= PIECE_MIB)) || { echo "$DATA_GIB GiB do not fit in $size" >&2; exit 1; }
+	gap=$(((stride - PIECE_MIB) / 2))     # each piece in the middle of its stride
 	for ((i = 0; i < pieces; i++)); do
-		dd if=/dev/urandom of="$img" bs=1M count="$PIECE_MIB" seek=$((i * stride + stride / 2)) conv=notrunc status=none
+		dd if=/dev/urandom of="$img" bs=1M count="$PIECE_MIB" seek=$((i * stride + gap)) conv=notrunc status=none
 	done
+	[[ $(stat -c %s "$img") == "$bytes" ]] || { echo "the pieces grew the image" >&2; exit 1; }
 	repo=$WORKDIR/repo
 	rm -rf "$repo" "$WORKDIR/out"
 	"$KURA" -q -r "$repo" init ${CHUNK:+--chunk-size "$CHUNK"} >/dev/null
@@ -74,8 +77,8 @@ for size in $SIZES; do
 	alloc=$(($(stat -c %b "$restored") * 512))
 	((alloc <= DATA_GIB * 2 * (1 << 30))) || { echo "restored image is not sparse: $alloc bytes allocated" >&2; exit 1; }
 	for ((i = 0; i < pieces; i += pieces / 8 + 1)); do
-		cmp -s <(dd if="$img" bs=1M skip=$((i * stride + stride / 2)) count="$PIECE_MIB" status=none) \
-			<(dd if="$restored" bs=1M skip=$((i * stride + stride / 2)) count="$PIECE_MIB" status=none) ||
+		cmp -s <(dd if="$img" bs=1M skip=$((i * stride + gap)) count="$PIECE_MIB" status=none) \
+			<(dd if="$restored" bs=1M skip=$((i * stride + gap)) count="$PIECE_MIB" status=none) ||
 			{ echo "restored data differs at piece $i" >&2; exit 1; }
 	done
 	meta=$("$KURA" -r "$repo" snapshots --json | python3 -c '
