@@ -10,11 +10,13 @@ package backup
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
 	"os"
 	"runtime"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -148,22 +150,26 @@ func Run(ctx context.Context, r *repo.Repo, disks []source.Disk, opts Options) (
 	return snap, nil
 }
 
-// diskPlan says which chunk positions of a disk to read.
+// diskPlan says which chunk positions of a disk to read. It is kept as
+// ranges, so that its size follows the data and the changes, not the
+// disk's virtual size.
 type diskPlan struct {
 	data      []source.Extent // data extents, zero ones dropped, merged
-	read      []bool          // chunk positions to read
-	parent    []crypt.ID      // chunk ids of the parent's disk (incremental only)
+	read      []posRange      // chunk positions to read, increasing, merged
+	parent    *repo.ChunkMap  // chunk ids of the parent's disk (incremental only)
 	readBytes int64           // data bytes in the positions to read
 	how       string          // "full", "changed", or "full (reason)"
 }
+
+// posRange is the chunk positions [start, end).
+type posRange struct{ start, end int64 }
 
 // makePlan lists d's data extents and, when d tracks changes and the
 // parent has the same disk, marks only changed chunks (and chunks whose
 // parent data is no longer in the repository) for reading.
 func makePlan(ctx context.Context, r *repo.Repo, d source.Disk, cs int64, opts Options) (*diskPlan, error) {
 	info := d.Info()
-	n := (info.Size + cs - 1) / cs
-	p := &diskPlan{read: make([]bool, n), how: "full"}
+	p := &diskPlan{how: "full"}
 	if note := opts.Notes[info.Name]; note != "" {
 		p.how = "full (" + note + ")"
 	}
@@ -182,30 +188,27 @@ func makePlan(ctx context.Context, r *repo.Repo, d source.Disk, cs int64, opts O
 			if err != nil {
 				return nil, fmt.Errorf("disk %s: reading the changed-block map: %w", info.Name, err)
 			}
-			for _, e := range changed {
-				for pos := e.Offset / cs; pos*cs < e.Offset+e.Length; pos++ {
-					p.read[pos] = true
+			p.read = chunkRanges(changed, cs)
+			// Chunks of the parent pruned meanwhile are read again.
+			var missing []posRange
+			k := 0
+			for pos, id := range p.parent.All() {
+				for k < len(p.read) && p.read[k].end <= pos {
+					k++
+				}
+				if (k == len(p.read) || pos < p.read[k].start) && !r.Index().Has(id) {
+					missing = append(missing, posRange{pos, pos + 1})
 				}
 			}
-			missing := 0
-			for pos, id := range p.parent {
-				if !p.read[pos] && !id.IsZero() && !r.Index().Has(id) {
-					p.read[pos] = true // pruned meanwhile: read again
-					missing++
-				}
+			if len(missing) > 0 {
+				p.read = mergeRanges(append(p.read, missing...))
+				opts.Logger.Info("re-reading chunks the repository no longer has", "disk", info.Name, "chunks", len(missing))
 			}
 			p.how = "changed"
-			if missing > 0 {
-				opts.Logger.Info("re-reading chunks the repository no longer has", "disk", info.Name, "chunks", missing)
-			}
 		}
 	}
 	if p.parent == nil {
-		for _, e := range p.data {
-			for pos := e.Offset / cs; pos*cs < e.Offset+e.Length; pos++ {
-				p.read[pos] = true
-			}
-		}
+		p.read = chunkRanges(p.data, cs)
 	}
 	p.each(cs, info.Size, func(pos int64, ranges []source.Extent) bool {
 		for _, rg := range ranges {
@@ -216,26 +219,66 @@ func makePlan(ctx context.Context, r *repo.Repo, d source.Disk, cs int64, opts O
 	return p, nil
 }
 
-// each calls fn for every position to read with the data ranges in it
-// (possibly none), in disk order, until fn returns false.
+// chunkRanges returns the chunk positions that extents (increasing, not
+// overlapping) touch, as merged ranges.
+func chunkRanges(exts []source.Extent, cs int64) []posRange {
+	var out []posRange
+	for _, e := range exts {
+		a, b := e.Offset/cs, (e.Offset+e.Length+cs-1)/cs
+		if k := len(out) - 1; k >= 0 && a <= out[k].end {
+			out[k].end = max(out[k].end, b)
+			continue
+		}
+		out = append(out, posRange{a, b})
+	}
+	return out
+}
+
+// mergeRanges sorts rs and merges overlapping and adjacent ranges.
+func mergeRanges(rs []posRange) []posRange {
+	slices.SortFunc(rs, func(a, b posRange) int { return cmp.Compare(a.start, b.start) })
+	out := rs[:0]
+	for _, r := range rs {
+		if k := len(out) - 1; k >= 0 && r.start <= out[k].end {
+			out[k].end = max(out[k].end, r.end)
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+// each calls fn, in disk order until fn returns false, for every position
+// to read that holds data, with the data ranges in it. Positions to read
+// without data (an incremental's trimmed chunks) are skipped: they are
+// all zeros now.
 func (p *diskPlan) each(cs, size int64, fn func(pos int64, ranges []source.Extent) bool) {
 	k := 0
 	var ranges []source.Extent
-	for pos := int64(0); pos < int64(len(p.read)); pos++ {
-		if !p.read[pos] {
-			continue
-		}
-		start, end := pos*cs, min((pos+1)*cs, size)
-		for k < len(p.data) && p.data[k].Offset+p.data[k].Length <= start {
-			k++
-		}
-		ranges = ranges[:0]
-		for j := k; j < len(p.data) && p.data[j].Offset < end; j++ {
-			a, b := max(p.data[j].Offset, start), min(p.data[j].Offset+p.data[j].Length, end)
-			ranges = append(ranges, source.Extent{Offset: a, Length: b - a})
-		}
-		if !fn(pos, ranges) {
-			return
+	for _, rd := range p.read {
+		for pos := rd.start; pos < rd.end; pos++ {
+			start := pos * cs
+			for k < len(p.data) && p.data[k].Offset+p.data[k].Length <= start {
+				k++
+			}
+			if k == len(p.data) {
+				return
+			}
+			if p.data[k].Offset >= rd.end*cs {
+				break // no data in the rest of this range
+			}
+			if first := p.data[k].Offset / cs; first > pos {
+				pos, start = first, first*cs // skip the hole
+			}
+			end := min((pos+1)*cs, size)
+			ranges = ranges[:0]
+			for j := k; j < len(p.data) && p.data[j].Offset < end; j++ {
+				a, b := max(p.data[j].Offset, start), min(p.data[j].Offset+p.data[j].Length, end)
+				ranges = append(ranges, source.Extent{Offset: a, Length: b - a})
+			}
+			if !fn(pos, ranges) {
+				return
+			}
 		}
 	}
 }
@@ -265,9 +308,9 @@ func extents(ctx context.Context, info source.DiskInfo, list func(context.Contex
 	return out, nil
 }
 
-// parentMap returns the parent's chunk ids for the disk named like info,
-// or nil when the parent has no such disk of the same geometry.
-func parentMap(ctx context.Context, r *repo.Repo, parent *repo.Snapshot, info source.DiskInfo, cs int64) ([]crypt.ID, error) {
+// parentMap returns the parent's chunk map for the disk named like info,
+// or an error when the parent has no such disk of the same geometry.
+func parentMap(ctx context.Context, r *repo.Repo, parent *repo.Snapshot, info source.DiskInfo, cs int64) (*repo.ChunkMap, error) {
 	for _, pd := range parent.Disks {
 		if pd.Name != info.Name {
 			continue
@@ -288,14 +331,16 @@ type job struct {
 
 type diskStats struct{ read, reused int64 }
 
+// chunkResult is a data chunk read: its position and id.
+type chunkResult struct {
+	pos int64
+	id  crypt.ID
+}
+
 func backupDisk(ctx context.Context, r *repo.Repo, d source.Disk, p *diskPlan, opts Options) (repo.Disk, diskStats, error) {
 	info := d.Info()
 	cs := int64(r.Config().ChunkSize)
 	n := (info.Size + cs - 1) / cs
-	ids := make([]crypt.ID, n)
-	if p.parent != nil {
-		copy(ids, p.parent) // positions read below are overwritten
-	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
@@ -307,6 +352,9 @@ func backupDisk(ctx context.Context, r *repo.Repo, d source.Disk, p *diskPlan, o
 	fail := func(err error) {
 		once.Do(func() { firstErr = err; cancel() })
 	}
+	// Each worker keeps the data chunks it read, in the order it read
+	// them; all-zero chunks are left out.
+	results := make([][]chunkResult, opts.Workers)
 	var wg sync.WaitGroup
 	for w := 0; w < opts.Workers; w++ {
 		wg.Add(1)
@@ -347,14 +395,13 @@ func backupDisk(ctx context.Context, r *repo.Repo, d source.Disk, p *diskPlan, o
 					continue
 				}
 				if isZero(b) {
-					ids[j.pos] = crypt.ID{}
 					continue
 				}
 				hasher.Reset()
 				_, _ = hasher.Write(b)
 				var id crypt.ID
 				hasher.Sum(id[:0])
-				ids[j.pos] = id
+				results[w] = append(results[w], chunkResult{j.pos, id})
 				if !r.Claim(id) {
 					reused.Add(1)
 					opts.Progress.Reused.Add(1)
@@ -368,12 +415,8 @@ func backupDisk(ctx context.Context, r *repo.Repo, d source.Disk, p *diskPlan, o
 			}
 		}()
 	}
-	// Feed chunk positions in disk order.
+	// Feed the chunk positions that hold data, in disk order.
 	p.each(cs, info.Size, func(pos int64, ranges []source.Extent) bool {
-		if len(ranges) == 0 {
-			ids[pos] = crypt.ID{} // changed to all zeros (trimmed)
-			return true
-		}
 		select {
 		case jobs <- job{pos: pos, ranges: append([]source.Extent(nil), ranges...)}:
 			return true
@@ -389,23 +432,62 @@ func backupDisk(ctx context.Context, r *repo.Repo, d source.Disk, p *diskPlan, o
 	if firstErr != nil {
 		return repo.Disk{}, st, firstErr
 	}
-	maps, err := r.SaveMap(ctx, ids)
+	m, err := buildMap(n, p.parent, p.read, results)
+	if err != nil {
+		return repo.Disk{}, st, fmt.Errorf("disk %s: %w", info.Name, err)
+	}
+	maps, err := r.SaveMap(ctx, m)
 	if err != nil {
 		return repo.Disk{}, st, err
 	}
 	st.read, st.reused = read.Load(), reused.Load()
-	// Count data positions (read or taken from the parent).
-	var dc int64
-	for _, id := range ids {
-		if !id.IsZero() {
-			dc++
-		}
-	}
 	return repo.Disk{
 		Name: info.Name, Size: info.Size, Format: info.Format, SourcePath: info.Path,
-		ChunkSize: int(cs), Maps: maps, DataChunks: dc, DataBytes: dataBytesOf(ids, cs, info.Size),
+		ChunkSize: int(cs), Maps: maps, DataChunks: m.DataChunks(), DataBytes: dataBytesOf(m, cs, info.Size),
 		Read: p.how,
 	}, st, nil
+}
+
+// buildMap returns the disk's chunk map: the chunks read (results, one
+// list per worker), and, for an incremental backup, the parent's chunks
+// at the positions not read. Positions read that are not in results are
+// all zeros now.
+func buildMap(n int64, parent *repo.ChunkMap, read []posRange, results [][]chunkResult) (*repo.ChunkMap, error) {
+	var got []chunkResult
+	for _, rs := range results {
+		got = append(got, rs...)
+	}
+	slices.SortFunc(got, func(a, b chunkResult) int { return cmp.Compare(a.pos, b.pos) })
+	hint := len(got)
+	if parent != nil {
+		hint += int(parent.DataChunks())
+	}
+	m := repo.NewChunkMap(n, hint)
+	j, k := 0, 0
+	if parent != nil {
+		for pos, id := range parent.All() {
+			for k < len(read) && read[k].end <= pos {
+				k++
+			}
+			if k < len(read) && read[k].start <= pos {
+				continue // read again: what it holds now is in got
+			}
+			for ; j < len(got) && got[j].pos < pos; j++ {
+				if err := m.Append(got[j].pos, got[j].id); err != nil {
+					return nil, err
+				}
+			}
+			if err := m.Append(pos, id); err != nil {
+				return nil, err
+			}
+		}
+	}
+	for ; j < len(got); j++ {
+		if err := m.Append(got[j].pos, got[j].id); err != nil {
+			return nil, err
+		}
+	}
+	return m, nil
 }
 
 // isZero reports whether b is all zeros.
@@ -421,13 +503,11 @@ func isZero(b []byte) bool {
 	return true
 }
 
-// dataBytesOf sums the sizes of the data positions of ids.
-func dataBytesOf(ids []crypt.ID, cs, size int64) int64 {
+// dataBytesOf sums the sizes of the data positions of m.
+func dataBytesOf(m *repo.ChunkMap, cs, size int64) int64 {
 	var n int64
-	for pos, id := range ids {
-		if !id.IsZero() {
-			n += min(cs, size-int64(pos)*cs)
-		}
+	for pos := range m.All() {
+		n += min(cs, size-pos*cs)
 	}
 	return n
 }

@@ -72,15 +72,12 @@ func restoreMem(t *testing.T, r *repo.Repo, d repo.Disk) []byte {
 		t.Fatal(err)
 	}
 	out := make([]byte, d.Size)
-	for i, id := range ids {
-		if id.IsZero() {
-			continue
-		}
+	for i, id := range ids.All() {
 		b, err := r.LoadBlob(context.Background(), id, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
-		copy(out[int64(i)*int64(d.ChunkSize):], b)
+		copy(out[i*int64(d.ChunkSize):], b)
 	}
 	return out
 }

@@ -195,7 +195,7 @@ func (r *Repo) checkSnapshots(ctx context.Context, res *CheckResult, problem fun
 				problem("snapshots/"+id, err, label)
 				continue
 			}
-			for _, c := range cids {
+			for _, c := range cids.All() {
 				if !c.IsZero() {
 					blobs = append(blobs, c)
 				}
@@ -385,7 +385,7 @@ func (r *Repo) Stats(ctx context.Context) (Stats, error) {
 			if err != nil {
 				return st, fmt.Errorf("snapshot %s: %w", s.ID[:8], err)
 			}
-			for _, id := range append(ids, d.Maps...) {
+			for _, id := range append(ids.IDs(), d.Maps...) {
 				if id.IsZero() {
 					continue
 				}

@@ -38,8 +38,8 @@ func TestDamagedChunkHeals(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	bad := -1
-	for i, id := range ids {
+	bad := int64(-1)
+	for i, id := range ids.All() {
 		if _, err := rd.LoadBlob(ctx, id, nil); errors.Is(err, ErrDamaged) {
 			bad = i
 		} else if err != nil {
@@ -51,7 +51,7 @@ func TestDamagedChunkHeals(t *testing.T) {
 	}
 
 	bk := reopen(t, dir)
-	if bk.Index().Has(ids[bad]) {
+	if bk.Index().Has(ids.Get(bad)) {
 		t.Fatal("a backup would reuse the damaged chunk")
 	}
 	storeChunks(t, bk, "vm", chunks)
@@ -129,7 +129,7 @@ func TestRepairSnapshots(t *testing.T) {
 	s := storeChunks(t, r, "vm", chunks)
 	rd := reopen(t, dir)
 	ids, _ := rd.LoadMap(ctx, s.Disks[0])
-	l0, _ := rd.Locate(ids[0])
+	l0, _ := rd.Locate(ids.Get(0))
 	lm, _ := rd.Locate(s.Disks[0].Maps[0])
 	if l0.Pack == lm.Pack {
 		t.Fatal("test setup: the first chunk and the map share a pack")

@@ -2,6 +2,7 @@ package repo
 
 import (
 	"context"
+	"errors"
 	"testing"
 
 	"github.com/kura-backup/kura/internal/crypt"
@@ -76,6 +77,56 @@ func FuzzLoadSnapshotJSON(f *testing.F) {
 				continue
 			}
 			_, _ = r.LoadMap(ctx, d) // must fail cleanly: no maps stored
+		}
+	})
+}
+
+func FuzzDecodeMapBlob(f *testing.F) {
+	m := NewChunkMap(1<<20, 0)
+	for _, p := range []int64{0, 3, 4, 1000, 1 << 19} {
+		_ = m.Append(p, crypt.ID{byte(p), 1})
+	}
+	_ = encodeMapBlobs(m, func(plain []byte) error {
+		f.Add(append([]byte(nil), plain...), int64(1<<20), int64(0))
+		return nil
+	})
+	f.Add([]byte{0x80}, int64(10), int64(0))
+	f.Add([]byte{}, int64(10), int64(0))
+	f.Fuzz(func(t *testing.T, data []byte, n, next int64) {
+		if n < 0 || next < 0 || next > n {
+			return
+		}
+		m := NewChunkMap(n, 0)
+		start := next
+		err := decodeMapBlob(data, &next, m)
+		if err != nil {
+			if !errors.Is(err, ErrDamaged) {
+				t.Fatalf("error does not wrap ErrDamaged: %v", err)
+			}
+			return
+		}
+		// What decodes lies inside the disk, in order, and holds data.
+		last := start - 1
+		for p, id := range m.All() {
+			if p <= last || p >= n || id.IsZero() {
+				t.Fatalf("decoded position %d after %d of %d, id %s", p, last, n, id.Short())
+			}
+			last = p
+		}
+		if m.DataChunks() == 0 || m.DataChunks() > MapEntries || next != last+1 {
+			t.Fatalf("%d records, next %d after last %d", m.DataChunks(), next, last)
+		}
+		// Re-encoded, it decodes the same.
+		var blobs [][]byte
+		_ = encodeMapBlobs(m, func(p []byte) error { blobs = append(blobs, append([]byte(nil), p...)); return nil })
+		again, err := decodeAll(n, blobs)
+		if err != nil || again.DataChunks() != m.DataChunks() {
+			t.Fatalf("re-encoding failed: %v", err)
+		}
+		for p, id := range m.All() {
+			if again.Get(p) != id {
+				t.Fatalf("position %d differs after re-encoding", p)
+			}
 		}
 	})
 }

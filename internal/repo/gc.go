@@ -109,7 +109,7 @@ func (r *Repo) Referenced(ctx context.Context) (map[crypt.ID]struct{}, []*Snapsh
 			if err != nil {
 				return nil, nil, fmt.Errorf("snapshot %s: %w", s.ID[:8], err)
 			}
-			for _, id := range ids {
+			for _, id := range ids.All() {
 				if !id.IsZero() {
 					ref[id] = struct{}{}
 				}

@@ -219,13 +219,10 @@ func (r *Repo) RepairSnapshots(ctx context.Context, opts RepairSnapshotsOptions)
 			}
 			nd := d
 			nd.Maps = maps
-			nd.Lost = append(append([]Range(nil), d.Lost...), ld.Ranges...)
-			nd.DataChunks, nd.DataBytes = 0, 0
-			for pos, id := range ids {
-				if !id.IsZero() {
-					nd.DataChunks++
-					nd.DataBytes += min(int64(d.ChunkSize), d.Size-int64(pos)*int64(d.ChunkSize))
-				}
+			nd.Lost = mergeRanges(append(append([]Range(nil), d.Lost...), ld.Ranges...))
+			nd.DataChunks, nd.DataBytes = ids.DataChunks(), 0
+			for pos := range ids.All() {
+				nd.DataBytes += min(int64(d.ChunkSize), d.Size-pos*int64(d.ChunkSize))
 			}
 			fixed.Disks[i] = nd
 		}
@@ -261,40 +258,22 @@ func (r *Repo) RepairSnapshots(ctx context.Context, opts RepairSnapshotsOptions)
 	return out, nil
 }
 
-// lostChunks returns disk d's chunk ids with every chunk that has no
-// intact copy zeroed, and what was lost. A map blob that cannot be read
-// loses the positions it covered.
-func (r *Repo) lostChunks(ctx context.Context, d Disk) ([]crypt.ID, LostDisk, error) {
+// lostChunks returns disk d's chunk map without the chunks that have no
+// intact copy, and what was lost. A map blob that cannot be read loses the
+// positions it covered.
+func (r *Repo) lostChunks(ctx context.Context, d Disk) (*ChunkMap, LostDisk, error) {
 	ld := LostDisk{Name: d.Name}
-	n := d.Chunks()
 	cs := int64(d.ChunkSize)
-	if int64(len(d.Maps)) != (n+MapEntries-1)/MapEntries {
-		return nil, ld, fmt.Errorf("disk %s: %d map blobs for %d chunks: %w", d.Name, len(d.Maps), n, ErrDamaged)
+	m, lostMaps, err := r.LoadMapLenient(ctx, d)
+	if err != nil {
+		return nil, ld, err
 	}
-	ids := make([]crypt.ID, n)
-	for k, m := range d.Maps {
-		first := int64(k) * MapEntries
-		count := min(int64(MapEntries), n-first)
-		plain, err := r.LoadBlob(ctx, m, nil)
-		if err == nil && int64(len(plain)) != count*crypt.IDSize {
-			err = fmt.Errorf("map %s: bad length: %w", m.Short(), ErrDamaged)
-		}
-		if err != nil {
-			if !errors.Is(err, ErrDamaged) && !errors.Is(err, ErrBlobMissing) {
-				return nil, ld, err
-			}
-			ld.Missing += int(count)
-			ld.Ranges = addRange(ld.Ranges, first*cs, min(count*cs, d.Size-first*cs))
-			continue
-		}
-		for i := int64(0); i < count; i++ {
-			copy(ids[first+i][:], plain[i*crypt.IDSize:])
-		}
+	for _, rg := range lostMaps {
+		ld.Missing += int((rg.Length + cs - 1) / cs)
 	}
-	for pos, id := range ids {
-		if id.IsZero() {
-			continue
-		}
+	ld.Ranges = lostMaps
+	kept := NewChunkMap(m.Len(), int(m.DataChunks()))
+	for pos, id := range m.All() {
 		_, ok := r.idx.Lookup(id)
 		switch {
 		case !ok:
@@ -302,14 +281,16 @@ func (r *Repo) lostChunks(ctx context.Context, d Disk) ([]crypt.ID, LostDisk, er
 		case !r.idx.Intact(id):
 			ld.Damaged++
 		default:
+			if err := kept.Append(pos, id); err != nil {
+				return nil, ld, err
+			}
 			continue
 		}
-		off := int64(pos) * cs
-		ld.Ranges = addRange(ld.Ranges, off, min(cs, d.Size-off))
-		ids[pos] = crypt.ID{}
+		off := pos * cs
+		ld.Ranges = append(ld.Ranges, Range{off, min(cs, d.Size-off)})
 	}
 	ld.Ranges = mergeRanges(ld.Ranges)
-	return ids, ld, nil
+	return kept, ld, nil
 }
 
 // mergeRanges sorts ranges and merges the ones that touch or overlap.

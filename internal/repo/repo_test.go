@@ -58,16 +58,19 @@ func storeChunks(t *testing.T, r *Repo, name string, chunks [][]byte) *Snapshot 
 		t.Fatal(err)
 	}
 	s := r.NewSealer()
-	ids := make([]crypt.ID, len(chunks))
+	ids := NewChunkMap(int64(len(chunks)), 0)
 	for i, c := range chunks {
 		if c == nil {
 			continue
 		}
-		ids[i] = r.Key().Hash(c)
-		if !r.Claim(ids[i]) {
+		id := r.Key().Hash(c)
+		if err := ids.Append(int64(i), id); err != nil {
+			t.Fatal(err)
+		}
+		if !r.Claim(id) {
 			continue
 		}
-		if err := r.StoreBlob(ctx, s, DataBlob, ids[i], c); err != nil {
+		if err := r.StoreBlob(ctx, s, DataBlob, id, c); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -79,7 +82,7 @@ func storeChunks(t *testing.T, r *Repo, name string, chunks [][]byte) *Snapshot 
 		t.Fatal(err)
 	}
 	cs := r.Config().ChunkSize
-	snap := &Snapshot{Name: name, Disks: []Disk{{Name: "d0", Size: int64(len(chunks) * cs), ChunkSize: cs, Maps: maps}}}
+	snap := &Snapshot{Name: name, Disks: []Disk{{Name: "d0", Size: int64(len(chunks) * cs), ChunkSize: cs, Maps: maps, DataChunks: ids.DataChunks()}}}
 	if _, err := r.SaveSnapshot(ctx, snap); err != nil {
 		t.Fatal(err)
 	}
@@ -106,11 +109,8 @@ func readDisk(t *testing.T, r *Repo, d Disk) [][]byte {
 	if err != nil {
 		t.Fatal(err)
 	}
-	out := make([][]byte, len(ids))
-	for i, id := range ids {
-		if id.IsZero() {
-			continue
-		}
+	out := make([][]byte, ids.Len())
+	for i, id := range ids.All() {
 		out[i], err = r.LoadBlob(context.Background(), id, nil)
 		if err != nil {
 			t.Fatal(err)

@@ -13,8 +13,16 @@ import (
 	"github.com/kura-backup/kura/internal/crypt"
 )
 
-// MapEntries is how many chunk ids one map blob holds (256 KiB of ids).
+// MapEntries is the most chunk ids one map blob holds.
 const MapEntries = 8192
+
+// SnapshotVersion is the snapshot format this code writes. Version 2
+// stores maps sparsely (only data chunks, see ChunkMap); version 1 (and
+// snapshots without a version) listed every position's id. Both are read.
+// The repository's config keeps FormatVersion: packs and indexes did not
+// change, and a kura that knows only version 1 refuses version-2
+// snapshots by their version instead of misreading their maps.
+const SnapshotVersion = 2
 
 // Snapshot is a restore point: a "snapshots/<id>" object.
 type Snapshot struct {
@@ -49,13 +57,17 @@ type Disk struct {
 	Format     string     `json:"format"`
 	SourcePath string     `json:"source_path,omitempty"`
 	ChunkSize  int        `json:"chunk_size"`
-	Maps       []crypt.ID `json:"maps"`           // map blobs, MapEntries chunk ids each
+	Maps       []crypt.ID `json:"maps"`           // map blobs, in order
 	DataChunks int64      `json:"data_chunks"`    // positions holding data
 	DataBytes  int64      `json:"data_bytes"`     // their bytes (logical, non-zero)
 	Read       string     `json:"read,omitempty"` // "full", "changed", "full (reason)"
 	// Lost lists the byte ranges `kura repair snapshots` found lost for
 	// good and replaced by zeros.
 	Lost []Range `json:"lost,omitempty"`
+	// MapVersion is the encoding of Maps: the version of the snapshot
+	// the disk belongs to (1: dense, every position's id; 2: sparse).
+	// LoadSnapshot and SaveSnapshot set it; 0 means SnapshotVersion.
+	MapVersion int `json:"-"`
 }
 
 // BackupStats records what a backup did.
@@ -89,60 +101,120 @@ func (s *Snapshot) LogicalSize() int64 {
 // Chunks returns the number of chunk positions of d.
 func (d Disk) Chunks() int64 { return (d.Size + int64(d.ChunkSize) - 1) / int64(d.ChunkSize) }
 
-// SaveMap stores a disk's chunk list as map blobs and returns their ids.
-// ids[i] is the chunk at position i, zero for an all-zero chunk.
-func (r *Repo) SaveMap(ctx context.Context, ids []crypt.ID) ([]crypt.ID, error) {
+// SaveMap stores a disk's chunk map as map blobs (SnapshotVersion's
+// encoding) and returns their ids, none for a disk of zeros.
+func (r *Repo) SaveMap(ctx context.Context, m *ChunkMap) ([]crypt.ID, error) {
 	s := r.NewSealer()
 	var maps []crypt.ID
-	for start := 0; start < len(ids); start += MapEntries {
-		end := min(start+MapEntries, len(ids))
-		plain := make([]byte, 0, (end-start)*crypt.IDSize)
-		for _, id := range ids[start:end] {
-			plain = append(plain, id[:]...)
-		}
+	err := encodeMapBlobs(m, func(plain []byte) error {
 		mid := r.key.Hash(plain)
 		maps = append(maps, mid)
 		if !r.Claim(mid) {
-			continue
+			return nil
 		}
-		if err := r.StoreBlob(ctx, s, MapBlob, mid, plain); err != nil {
-			return nil, err
-		}
+		return r.StoreBlob(ctx, s, MapBlob, mid, plain)
+	})
+	if err != nil {
+		return nil, err
 	}
 	return maps, nil
 }
 
-// LoadMap returns a disk's chunk ids by position.
-func (r *Repo) LoadMap(ctx context.Context, d Disk) ([]crypt.ID, error) {
+// LoadMap reads a disk's chunk map. Maps that do not fit the disk (too
+// many or too few positions, positions out of order, records cut short,
+// a count of data chunks other than d.DataChunks) fail with an error
+// wrapping ErrDamaged.
+func (r *Repo) LoadMap(ctx context.Context, d Disk) (*ChunkMap, error) {
+	m, _, err := r.loadMap(ctx, d, false)
+	return m, err
+}
+
+// LoadMapLenient reads what can be read of a disk's chunk map: a map blob
+// that is missing or damaged loses the positions it covered (between the
+// readable blobs around it), returned as byte ranges, instead of failing.
+// Other errors (I/O, a manifest that does not fit) still fail.
+func (r *Repo) LoadMapLenient(ctx context.Context, d Disk) (*ChunkMap, []Range, error) {
+	return r.loadMap(ctx, d, true)
+}
+
+func (r *Repo) loadMap(ctx context.Context, d Disk, lenient bool) (*ChunkMap, []Range, error) {
+	if d.ChunkSize <= 0 || d.Size < 0 {
+		return nil, nil, fmt.Errorf("disk %s: size %d in chunks of %d: %w", d.Name, d.Size, d.ChunkSize, ErrDamaged)
+	}
 	n := d.Chunks()
-	if int64(len(d.Maps)) != (n+MapEntries-1)/MapEntries {
-		return nil, fmt.Errorf("disk %s: %d map blobs for %d chunks: %w", d.Name, len(d.Maps), n, ErrDamaged)
+	cs := int64(d.ChunkSize)
+	dense := d.MapVersion == 1
+	if dense && int64(len(d.Maps)) != (n+MapEntries-1)/MapEntries {
+		return nil, nil, fmt.Errorf("disk %s: %d map blobs for %d chunks: %w", d.Name, len(d.Maps), n, ErrDamaged)
 	}
-	ids := make([]crypt.ID, 0, n)
-	for _, m := range d.Maps {
-		plain, err := r.LoadBlob(ctx, m, nil)
-		if err != nil {
-			return nil, fmt.Errorf("disk %s map: %w", d.Name, err)
-		}
-		if len(plain)%crypt.IDSize != 0 {
-			return nil, fmt.Errorf("disk %s map %s: bad length: %w", d.Name, m.Short(), ErrDamaged)
-		}
-		for p := 0; p < len(plain); p += crypt.IDSize {
-			var id crypt.ID
-			copy(id[:], plain[p:])
-			ids = append(ids, id)
+	if !dense && (d.DataChunks < 0 || d.DataChunks > n || int64(len(d.Maps)) > d.DataChunks) {
+		return nil, nil, fmt.Errorf("disk %s: %d map blobs for %d data chunks of %d: %w", d.Name, len(d.Maps), d.DataChunks, n, ErrDamaged)
+	}
+	// The counts come from the authenticated manifest; the bound keeps a
+	// wrong one from reserving more than the maps can hold.
+	m := NewChunkMap(n, int(min(d.DataChunks, int64(len(d.Maps))*MapEntries, 1<<20)))
+	var lost []Range
+	lose := func(from, to int64) { // positions [from, to)
+		if to > from {
+			lost = addRange(lost, from*cs, min(to*cs, d.Size)-from*cs)
 		}
 	}
-	if int64(len(ids)) != n {
-		return nil, fmt.Errorf("disk %s: map holds %d chunks, want %d: %w", d.Name, len(ids), n, ErrDamaged)
+	var next int64
+	lostFrom := int64(-1) // a sparse map blob was lost after this position
+	for i, mid := range d.Maps {
+		plain, err := r.LoadBlob(ctx, mid, nil)
+		if err == nil {
+			if dense {
+				err = decodeDenseMapBlob(plain, &next, m)
+			} else {
+				start := len(m.pos)
+				if err = decodeMapBlob(plain, &next, m); err == nil && lostFrom >= 0 {
+					lose(lostFrom, m.pos[start])
+					lostFrom = -1
+				}
+			}
+			if err != nil {
+				err = fmt.Errorf("disk %s map %d (%s): %w", d.Name, i, mid.Short(), err)
+			}
+		} else {
+			err = fmt.Errorf("disk %s map: %w", d.Name, err)
+		}
+		if err == nil {
+			continue
+		}
+		if !lenient || !errors.Is(err, ErrDamaged) && !errors.Is(err, ErrBlobMissing) {
+			return nil, nil, err
+		}
+		if dense {
+			first := int64(i) * MapEntries
+			lose(first, min(first+MapEntries, n))
+			next = min(first+MapEntries, n)
+		} else if lostFrom < 0 {
+			lostFrom = next
+		}
 	}
-	return ids, nil
+	if lostFrom >= 0 {
+		lose(lostFrom, n)
+	}
+	if lenient && len(lost) > 0 {
+		return m, lost, nil
+	}
+	if dense && next != n {
+		return nil, nil, fmt.Errorf("disk %s: map holds %d chunks, want %d: %w", d.Name, next, n, ErrDamaged)
+	}
+	if !dense && m.DataChunks() != d.DataChunks {
+		return nil, nil, fmt.Errorf("disk %s: map holds %d data chunks, the snapshot says %d: %w", d.Name, m.DataChunks(), d.DataChunks, ErrDamaged)
+	}
+	return m, lost, nil
 }
 
 // SaveSnapshot writes the manifest. Call Flush first: data, then index,
 // then snapshot.
 func (r *Repo) SaveSnapshot(ctx context.Context, s *Snapshot) (string, error) {
-	s.Version = FormatVersion
+	s.Version = SnapshotVersion
+	for i := range s.Disks {
+		s.Disks[i].MapVersion = SnapshotVersion
+	}
 	plain, err := json.Marshal(s)
 	if err != nil {
 		return "", err
@@ -172,8 +244,11 @@ func (r *Repo) LoadSnapshot(ctx context.Context, id string) (*Snapshot, error) {
 	if err := json.Unmarshal(plain, &s); err != nil {
 		return nil, fmt.Errorf("snapshot %s is damaged (%v): %w", id, err, ErrDamaged)
 	}
-	if s.Version > FormatVersion {
-		return nil, fmt.Errorf("snapshot %s has format %d: %w", id, s.Version, ErrNewerFormat)
+	if s.Version > SnapshotVersion {
+		return nil, fmt.Errorf("snapshot %s has format %d, this kura reads up to %d: %w; upgrade kura", id, s.Version, SnapshotVersion, ErrNewerFormat)
+	}
+	for i := range s.Disks {
+		s.Disks[i].MapVersion = max(s.Version, 1)
 	}
 	s.ID = id
 	return &s, nil

@@ -125,23 +125,35 @@ func Disk(ctx context.Context, r *repo.Repo, d repo.Disk, t Target, opts Options
 	if err := r.LoadIndex(ctx); err != nil {
 		return err
 	}
-	ids, err := r.LoadMap(ctx, d)
-	if err != nil {
+	var m *repo.ChunkMap
+	if opts.IgnoreDamage {
+		var lost []repo.Range
+		if m, lost, err = r.LoadMapLenient(ctx, d); err != nil {
+			return err
+		}
+		for _, rg := range lost { // read as zeros: m has no chunk there
+			opts.Damage.add(rg.Offset, rg.Length, fmt.Errorf("disk %s: the map of bytes %d-%d is lost: %w", d.Name, rg.Offset, rg.Offset+rg.Length-1, repo.ErrDamaged))
+		}
+	} else if m, err = r.LoadMap(ctx, d); err != nil {
 		return err
 	}
 	opts.Progress.Total.Add(d.DataBytes)
 	cs := int64(d.ChunkSize)
-	jobs, err := planReads(r, d, ids, t.NeedsZeroes(), opts.IgnoreDamage)
+	jobs, err := planReads(r, d, m, opts.IgnoreDamage)
 	if errors.Is(err, repo.ErrBlobMissing) {
 		// An index file may have been lost: look in the packs no index
 		// lists before giving up.
 		if _, serr := r.ScanUnindexedPacks(ctx); serr != nil {
 			return serr
 		}
-		jobs, err = planReads(r, d, ids, t.NeedsZeroes(), opts.IgnoreDamage)
+		jobs, err = planReads(r, d, m, opts.IgnoreDamage)
 	}
 	if err != nil {
 		return err
+	}
+	var zeroes []posRange
+	if t.NeedsZeroes() {
+		zeroes = zeroRanges(m)
 	}
 
 	ctx, cancel := context.WithCancel(ctx)
@@ -222,7 +234,7 @@ func Disk(ctx context.Context, r *repo.Repo, d repo.Disk, t Target, opts Options
 					continue
 				}
 				if len(j.blobs) == 0 { // zero chunks of a target that needs them written
-					for _, pos := range j.zeroes {
+					for pos := j.zeroes.start; pos < j.zeroes.end && ctx.Err() == nil; pos++ {
 						if !write(zero[:min(cs, d.Size-pos*cs)], pos) {
 							break
 						}
@@ -264,12 +276,32 @@ func Disk(ctx context.Context, r *repo.Repo, d repo.Disk, t Target, opts Options
 			}
 		}()
 	}
-feed:
-	for _, j := range jobs {
+	// Feed the reads and the zero ranges, cut into jobs of zeroJob chunks
+	// as they go, by the disk position they serve.
+	send := func(j *readJob) bool {
 		select {
 		case queue <- j:
+			return true
 		case <-ctx.Done():
+			return false
+		}
+	}
+feed:
+	for len(jobs) > 0 || len(zeroes) > 0 {
+		if len(zeroes) == 0 || (len(jobs) > 0 && jobs[0].first < zeroes[0].start) {
+			if !send(jobs[0]) {
+				break feed
+			}
+			jobs = jobs[1:]
+			continue
+		}
+		z := &zeroes[0]
+		end := min(z.end, z.start+zeroJob)
+		if !send(&readJob{first: z.start, zeroes: posRange{z.start, end}}) {
 			break feed
+		}
+		if z.start = end; z.start == z.end {
+			zeroes = zeroes[1:]
 		}
 	}
 	close(queue)
@@ -297,33 +329,32 @@ type readJob struct {
 	start, end int64 // byte span of the pack to read
 	blobs      []*blobUse
 	first      int64 // lowest disk position served, for ordering
-	zeroes     []int64
+	zeroes     posRange
 	missing    []*blobUse // chunks no pack holds, to fill with zeros
 }
+
+// posRange is the chunk positions [start, end).
+type posRange struct{ start, end int64 }
+
+// zeroJob is how many zero chunks one job writes.
+const zeroJob = 64
 
 // maxGap is the largest unneeded stretch of a pack read through rather
 // than split into two reads.
 const maxGap = 1 << 20
 
-// planReads groups the disk's chunks by pack: each pack's needed blobs are
-// read in as few contiguous spans as gaps allow, each span once, and the
-// spans are ordered by the disk position they serve so that writes go
-// roughly front to back. A chunk that fills several positions is read
-// once.
-func planReads(r *repo.Repo, d repo.Disk, ids []crypt.ID, zeroes, ignoreMissing bool) ([]*readJob, error) {
+// planReads groups the disk's data chunks by pack: each pack's needed
+// blobs are read in as few contiguous spans as gaps allow, each span once,
+// and the spans are ordered by the disk position they serve so that
+// writes go roughly front to back. A chunk that fills several positions
+// is read once. A chunk no index lists fails the plan, or with
+// ignoreMissing goes into one job that fills its positions with zeros.
+func planReads(r *repo.Repo, d repo.Disk, m *repo.ChunkMap, ignoreMissing bool) ([]*readJob, error) {
 	cs := int64(d.ChunkSize)
 	byID := map[crypt.ID]*blobUse{}
 	byPack := map[crypt.ID][]*blobUse{}
-	var zeroPos []int64
 	var missing []*blobUse
-	for i, id := range ids {
-		pos := int64(i)
-		if id.IsZero() {
-			if zeroes {
-				zeroPos = append(zeroPos, pos)
-			}
-			continue
-		}
+	for pos, id := range m.All() {
 		if u := byID[id]; u != nil {
 			u.pos = append(u.pos, pos)
 			continue
@@ -359,13 +390,25 @@ func planReads(r *repo.Repo, d repo.Disk, ids []crypt.ID, zeroes, ignoreMissing 
 	if len(missing) > 0 {
 		jobs = append(jobs, &readJob{first: missing[0].pos[0], missing: missing})
 	}
-	for len(zeroPos) > 0 {
-		n := min(len(zeroPos), 64)
-		jobs = append(jobs, &readJob{first: zeroPos[0], zeroes: zeroPos[:n]})
-		zeroPos = zeroPos[n:]
-	}
 	sort.Slice(jobs, func(a, b int) bool { return jobs[a].first < jobs[b].first })
 	return jobs, nil
+}
+
+// zeroRanges returns the runs of all-zero positions of m: the gaps
+// between its data chunks.
+func zeroRanges(m *repo.ChunkMap) []posRange {
+	var out []posRange
+	next := int64(0)
+	for pos := range m.All() {
+		if pos > next {
+			out = append(out, posRange{next, pos})
+		}
+		next = pos + 1
+	}
+	if next < m.Len() {
+		out = append(out, posRange{next, m.Len()})
+	}
+	return out
 }
 
 // ErrExists is returned when the restore target exists and overwriting was

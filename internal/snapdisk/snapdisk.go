@@ -52,7 +52,7 @@ type Disk struct {
 	r      *repo.Repo
 	snap   string
 	d      repo.Disk
-	ids    []crypt.ID
+	ids    *repo.ChunkMap
 	cs     int64
 	ahead  int
 	log    *slog.Logger
@@ -174,12 +174,12 @@ func (k *Disk) ReadAt(ctx context.Context, p []byte, off int64) error {
 		}
 		if l.err != nil {
 			k.log.Error("reading a chunk of the restore point failed", "snapshot", k.snap, "disk", k.d.Name,
-				"offset", c*k.cs, "chunk", k.ids[c].Short(), "err", l.err)
+				"offset", c*k.cs, "chunk", l.id.Short(), "err", l.err)
 			return fmt.Errorf("snapshot %s disk %s at offset %d: %w", k.snap, k.d.Name, c*k.cs, l.err)
 		}
 		if int64(len(l.data)) != min(k.cs, k.d.Size-c*k.cs) {
 			return fmt.Errorf("snapshot %s disk %s at offset %d: chunk %s holds %d bytes: %w",
-				k.snap, k.d.Name, c*k.cs, k.ids[c].Short(), len(l.data), repo.ErrDamaged)
+				k.snap, k.d.Name, c*k.cs, l.id.Short(), len(l.data), repo.ErrDamaged)
 		}
 		copy(dst, l.data[start-c*k.cs:])
 	}
@@ -196,7 +196,7 @@ func (k *Disk) readAhead(first, last int64) {
 	if !seq || k.ahead == 0 {
 		return
 	}
-	for c := last + 1; c <= last+int64(k.ahead) && c < int64(len(k.ids)); c++ {
+	for c := last + 1; c <= last+int64(k.ahead) && c < k.ids.Len(); c++ {
 		k.chunk(c, true)
 	}
 }
@@ -217,7 +217,7 @@ func (k *Disk) Prefetch(ctx context.Context, off, length int64) {
 // background load holds nothing and returns nil; it gives up rather than
 // wait when enough background loads run.
 func (k *Disk) chunk(c int64, background bool) *load {
-	id := k.ids[c]
+	id := k.ids.Get(c)
 	if id.IsZero() {
 		return nil
 	}
@@ -362,8 +362,14 @@ func (k *Disk) Extents(ctx context.Context, off, length int64) ([]nbd.Extent, er
 		c := pos / k.cs
 		cend := min((c+1)*k.cs, end)
 		var flags uint32
-		if k.ids[c].IsZero() {
+		if k.ids.Get(c).IsZero() {
 			flags = nbd.StateHole | nbd.StateZero
+			// The hole runs to the next data chunk, at most 2 GiB on
+			// (one reply's extent length is 32 bits).
+			cend = min(end, pos+1<<31)
+			if next, _, ok := k.ids.Next(c); ok {
+				cend = min(cend, next*k.cs)
+			}
 		}
 		if n := len(out); n > 0 && out[n-1].Flags == flags {
 			out[n-1].Length += cend - pos

@@ -190,3 +190,76 @@ func TestDamagedChunk(t *testing.T) {
 		t.Fatalf("%d damaged and %d good chunks: the damage should hit some chunks and not others", bad, good)
 	}
 }
+
+// A 1 TiB disk with three pieces of data: its holes are described in
+// extents of at most 2 GiB (an NBD reply's length is 32 bits) without
+// walking every chunk, and its data reads back.
+func TestSparseDiskExtents(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	const size = 1 << 40
+	img := filepath.Join(dir, "disk.raw")
+	f, err := os.Create(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(size); err != nil {
+		t.Skipf("no sparse 1 TiB file here: %v", err)
+	}
+	pieces := map[int64][]byte{100 << 30: bytes.Repeat([]byte("a"), 70<<10), 600<<30 + 5: []byte("kura"), size - 3: []byte("end")}
+	for off, b := range pieces {
+		if _, err := f.WriteAt(b, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.Close()
+	be, _ := local.Open(filepath.Join(dir, "repo"))
+	r, err := repo.Init(ctx, be, []byte("pw"), repo.InitOptions{ChunkSize: repo.MinChunkSize,
+		KDF: &crypt.KDFParams{Time: 1, Memory: 1024, Threads: 1, Salt: []byte("0123456789abcdef")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := image.Open(ctx, img, image.Options{Format: "raw"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	snap, err := backup.Run(ctx, r, []source.Disk{d}, backup.Options{Name: "t"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := Open(ctx, r, snap.ID, snap.Disks[0], Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var data int64
+	calls := 0
+	for pos := int64(0); pos < size; calls++ {
+		exts, err := k.Extents(ctx, pos, size-pos)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range exts {
+			if e.Offset != pos || e.Length <= 0 || e.Length > 1<<31+repo.MinChunkSize {
+				t.Fatalf("extent %+v at %d", e, pos)
+			}
+			if e.Flags == 0 {
+				data += e.Length
+			}
+			pos += e.Length
+		}
+	}
+	// 70 KiB over two chunks, and two chunks of 4 and 3 bytes.
+	if data != 4*repo.MinChunkSize || calls > size>>31+4 {
+		t.Fatalf("%d bytes of data extents in %d calls", data, calls)
+	}
+	for off, b := range pieces {
+		got := make([]byte, len(b)+2)
+		if err := k.ReadAt(ctx, got, min(off-1, size-int64(len(got)))); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Contains(got, b) {
+			t.Fatalf("data at %d reads %q", off, got)
+		}
+	}
+}
