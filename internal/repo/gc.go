@@ -281,10 +281,28 @@ func (r *Repo) mark(ctx context.Context, opts PruneOptions, res *PruneResult) er
 			repack = append(repack, p)
 		}
 	}
+	// Packs the index names that are gone from storage: once no snapshot
+	// needs them (their chunks were stored again, or forgotten), the
+	// sweep drops their entries and damage records.
+	for p, es := range byPack {
+		if _, ok := onDisk[p]; ok || doomedAlready[p] {
+			continue
+		}
+		live := false
+		for _, e := range es {
+			live = live || r.live(ref, e.ID, p)
+		}
+		if !live {
+			doom = append(doom, p)
+		}
+	}
 	if opts.DryRun {
-		n, bytes := len(doom)+len(repack), int64(0)
+		n, bytes := 0, int64(0)
 		for _, p := range append(doom, repack...) {
-			bytes += onDisk[p]
+			if size, ok := onDisk[p]; ok { // a pack already gone is not deleted again
+				n++
+				bytes += size
+			}
 		}
 		res.PacksRepacked = len(repack)
 		return r.dryRunSweep(ctx, res, n, bytes, doomedAlready, onDisk)
