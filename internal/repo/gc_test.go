@@ -168,3 +168,43 @@ func TestOnlyOnePrune(t *testing.T) {
 		t.Fatal("second prune ran")
 	}
 }
+
+// prune's figures are what it deletes: a dry run says what the real run
+// then does, and packs an earlier prune marked count when they go.
+func TestPruneFiguresAreTrue(t *testing.T) {
+	ctx := context.Background()
+	r, dir := newRepo(t)
+	a := storeChunks(t, r, "a", randomChunks(30, 12, MinChunkSize))
+	storeChunks(t, r, "b", randomChunks(31, 12, MinChunkSize))
+	if err := r.RemoveSnapshot(ctx, a.ID); err != nil {
+		t.Fatal(err)
+	}
+	dry, err := reopen(t, dir).Prune(ctx, PruneOptions{RepackBelow: 0.5, DryRun: true})
+	if err != nil || dry.PacksDeleted == 0 || dry.BytesFreed == 0 {
+		t.Fatalf("dry run: %+v %v", dry, err)
+	}
+	real, err := reopen(t, dir).Prune(ctx, PruneOptions{RepackBelow: 0.5})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if real.PacksDeleted != dry.PacksDeleted || real.BytesFreed != dry.BytesFreed || real.PacksRepacked != dry.PacksRepacked {
+		t.Fatalf("dry run %+v, real run %+v", dry, real)
+	}
+
+	// Marked while a backup runs, deleted by the next prune: that one
+	// reports the bytes.
+	c := storeChunks(t, reopen(t, dir), "c", randomChunks(32, 12, MinChunkSize))
+	if err := r.RemoveSnapshot(ctx, c.ID); err != nil {
+		t.Fatal(err)
+	}
+	lock, _ := reopen(t, dir).Lock(ctx, LockBackup)
+	marked, err := reopen(t, dir).Prune(ctx, PruneOptions{})
+	if err != nil || marked.PacksPending == 0 || marked.BytesPending == 0 || marked.BytesFreed != 0 {
+		t.Fatalf("prune with a backup running: %+v %v", marked, err)
+	}
+	lock.Unlock(ctx)
+	swept, err := reopen(t, dir).Prune(ctx, PruneOptions{})
+	if err != nil || swept.PacksDeleted != marked.PacksPending || swept.BytesFreed != marked.BytesPending {
+		t.Fatalf("the sweep after the backup: %+v (marked %+v) %v", swept, marked, err)
+	}
+}
