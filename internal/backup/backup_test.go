@@ -269,3 +269,39 @@ func TestReadGate(t *testing.T) {
 		t.Fatalf("%d snapshots after a stopped backup, want 1", len(ss))
 	}
 }
+
+// An incremental backup heals: a chunk the repository knows is damaged is
+// read again although the VM did not change it, and the parent restores
+// again once it is stored.
+func TestIncrementalRereadsDamagedChunks(t *testing.T) {
+	ctx := context.Background()
+	r := testRepo(t)
+	rng := rand.New(rand.NewPCG(9, 9))
+	d := &trackedDisk{memDisk: memDisk{name: "vda", data: make([]byte, 4<<20)}}
+	fill(rng, d.data[:3<<20])
+	full, err := Run(ctx, r, []source.Disk{d}, Options{Name: "vm", Source: "libvirt"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := r.LoadMap(ctx, full.Disks[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	pos, id, _ := m.Next(10)
+	l, _ := r.Locate(id)
+	if err := r.ReportDamage(ctx, id, l.Pack, repo.ErrDamaged); err != nil {
+		t.Fatal(err)
+	}
+	d.reads.Store(0)
+	d.dirty = nil // nothing changed in the VM
+	inc, err := Run(ctx, r, []source.Disk{d}, Options{Name: "vm", Source: "libvirt", Parent: full})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := d.reads.Load(); got != 64<<10 || inc.Stats.ChunksNew != 1 {
+		t.Fatalf("incremental read %d bytes and stored %d chunks; want the damaged chunk (position %d) read and stored again", got, inc.Stats.ChunksNew, pos)
+	}
+	if nl, _ := r.Locate(id); nl.Pack == l.Pack || !r.Index().Has(id) {
+		t.Fatalf("readers still use the damaged copy in pack %s", l.Pack.Short())
+	}
+}
