@@ -219,7 +219,7 @@ func (r *Repo) RepairSnapshots(ctx context.Context, opts RepairSnapshotsOptions)
 			}
 			nd := d
 			nd.Maps = maps
-			nd.Lost = mergeRanges(append(append([]Range(nil), d.Lost...), ld.Ranges...))
+			nd.Lost = MergeRanges(append(append([]Range(nil), d.Lost...), ld.Ranges...))
 			nd.DataChunks, nd.DataBytes = ids.DataChunks(), 0
 			for pos := range ids.All() {
 				nd.DataBytes += min(int64(d.ChunkSize), d.Size-pos*int64(d.ChunkSize))
@@ -289,12 +289,12 @@ func (r *Repo) lostChunks(ctx context.Context, d Disk) (*ChunkMap, LostDisk, err
 		off := pos * cs
 		ld.Ranges = append(ld.Ranges, Range{off, min(cs, d.Size-off)})
 	}
-	ld.Ranges = mergeRanges(ld.Ranges)
+	ld.Ranges = MergeRanges(ld.Ranges)
 	return kept, ld, nil
 }
 
-// mergeRanges sorts ranges and merges the ones that touch or overlap.
-func mergeRanges(rs []Range) []Range {
+// MergeRanges sorts ranges and merges the ones that touch or overlap.
+func MergeRanges(rs []Range) []Range {
 	sort.Slice(rs, func(i, j int) bool { return rs[i].Offset < rs[j].Offset })
 	var out []Range
 	for _, rg := range rs {

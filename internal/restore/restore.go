@@ -76,17 +76,7 @@ func (d *DamageReport) add(off, n int64, err error) {
 func (d *DamageReport) Ranges() []repo.Range {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	rs := append([]repo.Range(nil), d.ranges...)
-	sort.Slice(rs, func(i, j int) bool { return rs[i].Offset < rs[j].Offset })
-	var out []repo.Range
-	for _, r := range rs {
-		if k := len(out) - 1; k >= 0 && out[k].Offset+out[k].Length >= r.Offset {
-			out[k].Length = max(out[k].Length, r.Offset+r.Length-out[k].Offset)
-			continue
-		}
-		out = append(out, r)
-	}
-	return out
+	return repo.MergeRanges(append([]repo.Range(nil), d.ranges...))
 }
 
 // Err returns the first error behind the damage, nil when there was none.
