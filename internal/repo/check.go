@@ -79,11 +79,16 @@ func (r *Repo) Check(ctx context.Context, opts CheckOptions) (CheckResult, error
 	for p, why := range scan.Unreadable {
 		problem(packName(p), fmt.Errorf("no index lists this pack and its header is unreadable (%s): its chunks cannot be found", why))
 	}
-	doomed, err := r.doomedPacks(ctx)
+	pendings, badGC, err := r.loadPendingsBad(ctx)
 	if err != nil {
-		problem("gc/", err)
+		return res, err
 	}
-	res.PendingDeletion = len(doomed)
+	for name, err := range badGC {
+		problem(name, fmt.Errorf("%v; the next `kura prune` removes it and judges its packs again", err))
+	}
+	for _, pd := range pendings {
+		res.PendingDeletion += len(pd.Packs)
+	}
 	if err := r.be.List(ctx, "data/", func(oi backend.ObjectInfo) error {
 		if _, err := crypt.ParseID(oi.Name[strings.LastIndex(oi.Name, "/")+1:]); err != nil {
 			problem(oi.Name, errors.New("unexpected file in data/"))

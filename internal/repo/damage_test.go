@@ -176,3 +176,53 @@ func TestRepairSnapshots(t *testing.T) {
 		t.Fatalf("check after repair: %+v %v", res, err)
 	}
 }
+
+// A pending-deletion record that cannot be read stops nothing: readers and
+// writers go on (its packs are simply not kept from writers, and no sweep
+// can delete them), verify names it, and prune removes it and judges its
+// packs again.
+func TestDamagedPendingDeletion(t *testing.T) {
+	ctx := context.Background()
+	r, dir := newRepo(t)
+	gone := storeChunks(t, r, "gone", randomChunks(40, 6, MinChunkSize))
+	kept := randomChunks(41, 6, MinChunkSize)
+	s := storeChunks(t, r, "kept", kept)
+	if err := r.RemoveSnapshot(ctx, gone.ID); err != nil {
+		t.Fatal(err)
+	}
+	lock, _ := reopen(t, dir).Lock(ctx, LockBackup)
+	if res, err := reopen(t, dir).Prune(ctx, PruneOptions{}); err != nil || res.PacksPending == 0 {
+		t.Fatalf("prune with a backup running: %+v %v", res, err)
+	}
+	lock.Unlock(ctx)
+	recs, _ := filepath.Glob(filepath.Join(dir, "gc", "*"))
+	if len(recs) != 1 {
+		t.Fatalf("%d pending deletion records", len(recs))
+	}
+	flipByte(t, recs[0], 20)
+
+	rd := reopen(t, dir) // LoadIndex does not fail
+	got := readDisk(t, rd, s.Disks[0])
+	for i := range kept {
+		if !bytes.Equal(got[i], kept[i]) {
+			t.Fatalf("chunk %d differs", i)
+		}
+	}
+	res, err := reopen(t, dir).Check(ctx, CheckOptions{})
+	if err != nil || res.OK() || res.Problems[0].Object != "gc/"+filepath.Base(recs[0]) {
+		t.Fatalf("check: %+v %v", res, err)
+	}
+	if _, err := reopen(t, dir).Prune(ctx, PruneOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if left, _ := filepath.Glob(filepath.Join(dir, "gc", "*")); len(left) != 0 {
+		t.Fatalf("records left: %v", left)
+	}
+	if res, err := reopen(t, dir).Check(ctx, CheckOptions{ReadData: true}); err != nil || !res.OK() {
+		t.Fatalf("check after prune: %+v %v", res, err)
+	}
+	st, err := reopen(t, dir).Stats(ctx)
+	if err != nil || st.Snapshots != 1 || st.StoredBytes > 2*st.ReferencedStored+4096 {
+		t.Fatalf("the forgotten data was not pruned: %+v %v", st, err)
+	}
+}

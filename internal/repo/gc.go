@@ -48,30 +48,46 @@ func (r *Repo) savePending(ctx context.Context, name string, p pendingDeletion) 
 	return r.be.Save(ctx, name, sealed)
 }
 
+// loadPendings reads every pending deletion. One that cannot be read is
+// left out with a warning (and returned by name in bad): its packs are then
+// neither kept from writers nor deleted by a sweep, since no sweep can read
+// which they are, so leaving it out loses nothing; prune removes it and the
+// next mark judges those packs afresh.
 func (r *Repo) loadPendings(ctx context.Context) (map[string]pendingDeletion, error) {
+	out, _, err := r.loadPendingsBad(ctx)
+	return out, err
+}
+
+func (r *Repo) loadPendingsBad(ctx context.Context) (map[string]pendingDeletion, map[string]error, error) {
 	out := map[string]pendingDeletion{}
+	bad := map[string]error{}
 	var names []string
 	if err := r.be.List(ctx, "gc/", func(oi backend.ObjectInfo) error {
 		names = append(names, oi.Name)
 		return nil
 	}); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	for _, name := range names {
 		plain, err := r.loadObject(ctx, name)
 		if errors.Is(err, backend.ErrNotFound) {
 			continue
 		}
-		if err != nil {
-			return nil, err
-		}
 		var p pendingDeletion
-		if err := json.Unmarshal(plain, &p); err != nil {
-			return nil, fmt.Errorf("%s is damaged: %w", name, ErrDamaged)
+		if err == nil && json.Unmarshal(plain, &p) != nil {
+			err = fmt.Errorf("%s is damaged: %w", name, ErrDamaged)
+		}
+		if errors.Is(err, ErrDamaged) {
+			r.log.Warn("pending deletion record is unreadable; its packs stay until `kura prune` judges them again", "object", name, "err", err)
+			bad[name] = err
+			continue
+		}
+		if err != nil {
+			return nil, nil, err
 		}
 		out[name] = p
 	}
-	return out, nil
+	return out, bad, nil
 }
 
 // doomedPacks returns the packs queued for deletion.
@@ -426,11 +442,20 @@ func (r *Repo) repack(ctx context.Context, p crypt.ID, es []packEntry, ref map[c
 	return ok, nil
 }
 
-// sweep deletes the packs of every pending deletion whose waiters ended.
+// sweep deletes the packs of every pending deletion whose waiters ended,
+// and removes the pending deletions that cannot be read.
 func (r *Repo) sweep(ctx context.Context, res *PruneResult) error {
-	pendings, err := r.loadPendings(ctx)
-	if err != nil || len(pendings) == 0 {
+	pendings, bad, err := r.loadPendingsBad(ctx)
+	if err != nil {
 		return err
+	}
+	for name := range bad {
+		if err := r.be.Remove(ctx, name); err != nil && !errors.Is(err, backend.ErrNotFound) {
+			return err
+		}
+	}
+	if len(pendings) == 0 {
+		return nil
 	}
 	live, err := r.liveLocks(ctx)
 	if err != nil {
