@@ -112,7 +112,7 @@ func TestDamagedRepository(t *testing.T) {
 	}{
 		{"bit flip in a pack", "data", flip, "affects snapshots", "damaged"},
 		{"truncated pack", "data", truncate, "truncated", "damaged"},
-		{"bit flip in the index", "index", flip, "index/", "damaged"},
+		{"bit flip in the index", "index", flip, "index/", ""}, // read from the pack headers instead
 		{"truncated snapshot", "snapshots", truncate, "snapshots/", "damaged"},
 	}
 	for _, tc := range cases {
@@ -126,6 +126,12 @@ func TestDamagedRepository(t *testing.T) {
 			r := e.run("verify", "--read-data")
 			if r.code != 3 || !strings.Contains(r.stdout+r.stderr, tc.verify) {
 				t.Fatalf("verify: exit %d, want 3 and %q\n%s%s", r.code, tc.verify, r.stdout, r.stderr)
+			}
+			if tc.restore == "" {
+				out := t.TempDir()
+				e.ok("restore", "latest", "--to", out)
+				sameFile(t, filepath.Join(out, "disk.raw"), img)
+				return
 			}
 			e.fails(tc.restore, "restore", "latest", "--to", t.TempDir())
 		})
