@@ -109,6 +109,16 @@ func (r *Repo) ReportDamage(ctx context.Context, id, pack crypt.ID, cause error)
 	return r.reportDamage(ctx, []damagedCopy{{Blob: id.String(), Pack: pack.String(), Error: errText(cause)}}, cause)
 }
 
+// ReportDamages is ReportDamage for several blobs of one pack that failed
+// together (a pack found missing or truncated), recorded in one object.
+func (r *Repo) ReportDamages(ctx context.Context, ids []crypt.ID, pack crypt.ID, cause error) error {
+	copies := make([]damagedCopy, len(ids))
+	for i, id := range ids {
+		copies[i] = damagedCopy{Blob: id.String(), Pack: pack.String(), Error: errText(cause)}
+	}
+	return r.reportDamage(ctx, copies, cause)
+}
+
 func errText(err error) string {
 	s := "damaged"
 	if err != nil {

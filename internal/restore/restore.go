@@ -236,6 +236,13 @@ func Disk(ctx context.Context, r *repo.Repo, d repo.Disk, t Target, opts Options
 				}
 				data, err := r.LoadPackRangeInto(ctx, j.pack, j.start, j.end-j.start, span)
 				if err != nil {
+					// The whole span failed (a pack missing or cut
+					// short): one damage record for all its chunks.
+					ids := make([]crypt.ID, len(j.blobs))
+					for i, u := range j.blobs {
+						ids[i] = u.id
+					}
+					_ = r.ReportDamages(ctx, ids, j.pack, err) // logged by the repository
 					for _, u := range j.blobs {
 						if !lost(u, fmt.Errorf("chunk %s: %w", u.id.Short(), err)) {
 							break
