@@ -3,6 +3,7 @@ package repo
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"sort"
 	"strings"
@@ -121,4 +122,33 @@ func (r *Repo) removeBootChecks(ctx context.Context, id string) error {
 		}
 	}
 	return nil
+}
+
+// unreadableRecords returns the records under prefix ("bootchecks/",
+// "damage/") that cannot be read or parsed as JSON, and why. Nothing
+// depends on them being there: verify reports them and prune removes them.
+func (r *Repo) unreadableRecords(ctx context.Context, prefix string) (map[string]error, error) {
+	var names []string
+	if err := r.be.List(ctx, prefix, func(oi backend.ObjectInfo) error {
+		names = append(names, oi.Name)
+		return nil
+	}); err != nil {
+		return nil, err
+	}
+	bad := map[string]error{}
+	for _, n := range names {
+		plain, err := r.loadObject(ctx, n)
+		switch {
+		case errors.Is(err, backend.ErrNotFound):
+			continue
+		case err == nil && !json.Valid(plain):
+			err = fmt.Errorf("%s is damaged (not JSON): %w", n, ErrDamaged)
+		}
+		if errors.Is(err, ErrDamaged) {
+			bad[n] = err
+		} else if err != nil {
+			return nil, err
+		}
+	}
+	return bad, nil
 }

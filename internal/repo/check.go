@@ -98,6 +98,15 @@ func (r *Repo) Check(ctx context.Context, opts CheckOptions) (CheckResult, error
 		return res, err
 	}
 	r.checkKeys(ctx, problem)
+	for _, prefix := range []string{"bootchecks/", "damage/"} {
+		bad, err := r.unreadableRecords(ctx, prefix)
+		if err != nil {
+			return res, err
+		}
+		for _, name := range sortedKeys(bad) {
+			problem(name, fmt.Errorf("%v; nothing depends on it: the next `kura prune` removes it", bad[name]))
+		}
+	}
 
 	// Packs the index names: present and long enough?
 	byPack := r.idx.byPack()

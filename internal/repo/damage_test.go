@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/kura-backup/kura/internal/crypt"
 )
 
 // flipByte flips one bit of the byte at off of file p.
@@ -224,5 +226,38 @@ func TestDamagedPendingDeletion(t *testing.T) {
 	st, err := reopen(t, dir).Stats(ctx)
 	if err != nil || st.Snapshots != 1 || st.StoredBytes > 2*st.ReferencedStored+4096 {
 		t.Fatalf("the forgotten data was not pruned: %+v %v", st, err)
+	}
+}
+
+// Records nothing depends on (boot checks, damage records) that cannot be
+// read: verify names them, prune removes them, and nothing else changes.
+func TestUnreadableRecords(t *testing.T) {
+	ctx := context.Background()
+	r, dir := newRepo(t)
+	s := storeChunks(t, r, "vm", randomChunks(50, 4, MinChunkSize))
+	if err := r.SaveBootCheck(ctx, &BootCheck{Snapshot: s.ID, Passed: true}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.ReportDamage(ctx, crypt.ID{1}, crypt.ID{2}, ErrDamaged); err != nil {
+		t.Fatal(err)
+	}
+	var victims []string
+	for _, sub := range []string{"bootchecks", "damage"} {
+		files, _ := filepath.Glob(filepath.Join(dir, sub, "*"))
+		if len(files) != 1 {
+			t.Fatalf("%s: %v", sub, files)
+		}
+		flipByte(t, files[0], 30)
+		victims = append(victims, sub+"/"+filepath.Base(files[0]))
+	}
+	res, err := reopen(t, dir).Check(ctx, CheckOptions{})
+	if err != nil || len(res.Problems) != 2 || res.Problems[0].Object != victims[0] || res.Problems[1].Object != victims[1] {
+		t.Fatalf("check: %+v %v", res, err)
+	}
+	if _, err := reopen(t, dir).Prune(ctx, PruneOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := reopen(t, dir).Check(ctx, CheckOptions{ReadData: true}); err != nil || !res.OK() || res.Snapshots != 1 {
+		t.Fatalf("check after prune: %+v %v", res, err)
 	}
 }

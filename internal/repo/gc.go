@@ -176,6 +176,20 @@ func (r *Repo) Prune(ctx context.Context, opts PruneOptions) (PruneResult, error
 		}
 	}
 
+	// Records nothing depends on that cannot be read go.
+	if !opts.DryRun {
+		for _, prefix := range []string{"bootchecks/", "damage/"} {
+			bad, err := r.unreadableRecords(ctx, prefix)
+			if err != nil {
+				return res, err
+			}
+			for name := range bad {
+				if err := r.be.Remove(ctx, name); err != nil && !errors.Is(err, backend.ErrNotFound) {
+					return res, err
+				}
+			}
+		}
+	}
 	// Sweep what earlier prunes marked, so their space is freed first.
 	if !opts.DryRun {
 		if err := r.sweep(ctx, &res); err != nil {
