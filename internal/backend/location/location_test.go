@@ -279,3 +279,47 @@ func TestS3(t *testing.T) {
 		})
 	}
 }
+
+// TestS3TLS: a server with a self-signed certificate is refused until its
+// CA is trusted, with ?ca=FILE or AWS_CA_BUNDLE.
+func TestS3TLS(t *testing.T) {
+	ctx := context.Background()
+	srv, err := s3test.StartTLS(ctx)
+	if err != nil {
+		if testing.Short() {
+			t.Skip(err)
+		}
+		t.Fatal(err)
+	}
+	defer srv.Stop()
+	loc := srv.Location(srv.Bucket, "tls")
+	if !strings.HasPrefix(loc, "s3:https://") {
+		t.Fatalf("location %s", loc)
+	}
+	start := time.Now()
+	_, err = Open(ctx, loc, Options{Getenv: envOf(srv.Env()...)})
+	if err == nil || !strings.Contains(err.Error(), "?ca=FILE") || strings.Contains(err.Error(), "\n") {
+		t.Fatalf("Open without the CA: %v; want a one-line error that names ?ca=FILE", err)
+	}
+	if time.Since(start) > 5*time.Second {
+		t.Errorf("a certificate error took %v (retried?)", time.Since(start))
+	}
+	for _, tc := range []struct {
+		loc string
+		env []string
+	}{
+		{loc + "?ca=" + srv.CAFile, srv.Env()},
+		{loc, append(srv.Env(), "AWS_CA_BUNDLE="+srv.CAFile)},
+	} {
+		be, err := Open(ctx, tc.loc, Options{Getenv: envOf(tc.env...)})
+		if err != nil {
+			t.Fatalf("Open(%s): %v", tc.loc, err)
+		}
+		if err := be.Save(ctx, "keys/k", []byte("over TLS")); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := be.Load(ctx, "keys/k", 0, 0); err != nil || string(got) != "over TLS" {
+			t.Fatalf("Load = %q, %v", got, err)
+		}
+	}
+}

@@ -32,6 +32,7 @@ var accessCodes = map[string]bool{
 	"ExpiredToken": true, "InvalidToken": true, "TokenRefreshRequired": true,
 	"AuthorizationHeaderMalformed": true, "InvalidSecurity": true, "AllAccessDisabled": true,
 	"AccountProblem": true, "NotSignedUp": true,
+	"XAdminUserNotFound": true, // versitygw: an unknown access key (a 404)
 }
 
 // Codes that say the storage is full.

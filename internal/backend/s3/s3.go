@@ -224,14 +224,32 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 		b.prefix = cfg.Prefix + "/"
 		b.where += "/" + cfg.Prefix
 	}
-	ok, err := client.BucketExists(ctx, cfg.Bucket)
-	if err != nil {
-		return nil, b.wrap("open", "", err)
-	}
-	if !ok {
-		return nil, fmt.Errorf("%s: bucket %q: %w", b.where, cfg.Bucket, ErrNoBucket)
+	if err := b.check(ctx); err != nil {
+		return nil, err
 	}
 	return b, nil
+}
+
+// check lists one key of the prefix: the bucket must exist and the
+// credentials be accepted. A GET, not the HEAD of BucketExists: a HEAD's
+// answer has no body, and some servers (versitygw) answer an unknown
+// access key with a 404 that a HEAD cannot tell from a missing bucket.
+func (b *Backend) check(ctx context.Context) error {
+	lctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var err error
+	first := true
+	for oi := range b.core.Client.ListObjects(lctx, b.cfg.Bucket, minio.ListObjectsOptions{Prefix: b.prefix, MaxKeys: 1}) {
+		if first {
+			err = oi.Err // what comes after is the cancel's
+			first = false
+		}
+		cancel() // one answer is enough
+	}
+	if err == nil {
+		err = ctx.Err()
+	}
+	return b.wrap("open", "", err)
 }
 
 // transport is minio-go's default transport, trusting caFile too.

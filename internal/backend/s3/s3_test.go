@@ -88,6 +88,14 @@ func TestNoPrefix(t *testing.T) {
 		if fmt.Sprint(names) != "[data/00/a]" {
 			t.Fatalf("listed %v", names)
 		}
+		// Opening a location that holds objects checks it as well.
+		for _, prefix := range []string{"", "data", "data/00"} {
+			cfg.Prefix = prefix
+			if _, err := Open(ctx, cfg); err != nil {
+				t.Fatalf("Open of a non-empty location (prefix %q): %v", prefix, err)
+			}
+		}
+		cfg.Prefix = ""
 		if b.Location() != "s3:"+srv.Endpoint+"/"+bucket {
 			t.Errorf("Location() = %q", b.Location())
 		}

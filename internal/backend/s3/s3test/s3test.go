@@ -15,8 +15,15 @@ package s3test
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"errors"
 	"fmt"
+	"math/big"
 	"net"
 	"os"
 	"os/exec"
@@ -83,6 +90,9 @@ type Server struct {
 	AccessKey, SecretKey string
 	// Bucket exists when the server is returned.
 	Bucket string
+	// CAFile, for a server started with TLS, is the PEM certificate it
+	// serves (self-signed, for 127.0.0.1), to trust.
+	CAFile string
 
 	dir     string
 	cmd     *exec.Cmd
@@ -107,8 +117,25 @@ func (s *Server) Location(bucket, prefix string) string {
 
 // Client returns a minio client with the root credentials.
 func (s *Server) Client() (*minio.Client, error) {
-	return minio.New(strings.TrimPrefix(s.Endpoint, "http://"), &minio.Options{
+	secure := strings.HasPrefix(s.Endpoint, "https://")
+	tr, err := minio.DefaultTransport(secure)
+	if err != nil {
+		return nil, err
+	}
+	if s.CAFile != "" {
+		data, err := os.ReadFile(s.CAFile)
+		if err != nil {
+			return nil, err
+		}
+		pool := x509.NewCertPool()
+		pool.AppendCertsFromPEM(data)
+		tr.TLSClientConfig.RootCAs = pool
+	}
+	host := strings.TrimPrefix(strings.TrimPrefix(s.Endpoint, "http://"), "https://")
+	return minio.New(host, &minio.Options{
 		Creds:        credentials.NewStaticV4(s.AccessKey, s.SecretKey, ""),
+		Secure:       secure,
+		Transport:    tr,
 		BucketLookup: minio.BucketLookupPath,
 	})
 }
@@ -133,13 +160,23 @@ func (s *Server) LogTail() string {
 
 // Start starts a server of kind and creates its bucket; Stop ends it.
 func Start(ctx context.Context, k Kind) (*Server, error) {
+	return startTries(ctx, k, false)
+}
+
+// StartTLS starts a versitygw that serves HTTPS with a self-signed
+// certificate (Server.CAFile).
+func StartTLS(ctx context.Context) (*Server, error) {
+	return startTries(ctx, VersityGW, true)
+}
+
+func startTries(ctx context.Context, k Kind, withTLS bool) (*Server, error) {
 	bin, err := Binary(k)
 	if err != nil {
 		return nil, err
 	}
 	var lastErr error
 	for try := 0; try < 3; try++ { // another process may take a free port first
-		s, err := start(ctx, k, bin)
+		s, err := start(ctx, k, bin, withTLS)
 		if err == nil {
 			return s, nil
 		}
@@ -151,7 +188,7 @@ func Start(ctx context.Context, k Kind) (*Server, error) {
 	return nil, lastErr
 }
 
-func start(ctx context.Context, k Kind, bin string) (*Server, error) {
+func start(ctx context.Context, k Kind, bin string, withTLS bool) (*Server, error) {
 	dir, err := os.MkdirTemp("", "kura-s3test-"+string(k)+"-")
 	if err != nil {
 		return nil, err
@@ -172,7 +209,17 @@ func start(ctx context.Context, k Kind, bin string) (*Server, error) {
 				return nil, err
 			}
 		}
-		args = []string{"--port", fmt.Sprintf("127.0.0.1:%d", ports[0]), "posix", "--versioning-dir", vers, data}
+		args = []string{"--port", fmt.Sprintf("127.0.0.1:%d", ports[0])}
+		if withTLS {
+			cert, key := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+			if err := selfSigned(cert, key); err != nil {
+				return nil, err
+			}
+			s.CAFile = cert
+			s.Endpoint = strings.Replace(s.Endpoint, "http://", "https://", 1)
+			args = append(args, "--cert", cert, "--key", key)
+		}
+		args = append(args, "posix", "--versioning-dir", vers, data)
 		env = []string{"ROOT_ACCESS_KEY_ID=" + s.AccessKey, "ROOT_SECRET_ACCESS_KEY=" + s.SecretKey}
 	case SeaweedFS:
 		// Every port explicit (and gRPC's, which default to HTTP's + 10000),
@@ -197,6 +244,9 @@ func start(ctx context.Context, k Kind, bin string) (*Server, error) {
 		env = []string{"AWS_ACCESS_KEY_ID=" + s.AccessKey, "AWS_SECRET_ACCESS_KEY=" + s.SecretKey}
 	default:
 		return nil, fmt.Errorf("unknown S3 server kind %q", k)
+	}
+	if withTLS && s.CAFile == "" {
+		return nil, fmt.Errorf("%s: TLS is not set up in the tests", k)
 	}
 	logf, err := os.Create(s.logPath)
 	if err != nil {
@@ -292,6 +342,38 @@ func (s *Server) Stop() {
 		}
 	}
 	os.RemoveAll(s.dir)
+}
+
+// selfSigned writes a self-signed certificate for 127.0.0.1, valid for a
+// day, and its key.
+func selfSigned(certPath, keyPath string) error {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(time.Now().UnixNano()),
+		Subject:               pkix.Name{CommonName: "kura s3test"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(24 * time.Hour),
+		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1)},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return err
+	}
+	kder, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(certPath, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
+		return err
+	}
+	return os.WriteFile(keyPath, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}), 0o600)
 }
 
 // freePorts returns n distinct free TCP ports of 127.0.0.1 below 55535
