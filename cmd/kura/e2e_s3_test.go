@@ -76,6 +76,10 @@ func TestS3EndToEnd(t *testing.T) {
 				t.Fatalf("verify after prune: %s", out)
 			}
 
+			// A bandwidth limit is taken by any command, and checked.
+			e.ok("--limit-upload", "50MiB", "--limit-download", "50MiB/s", "snapshots")
+			e.fails("--limit-upload", "--limit-upload", "fast", "snapshots")
+
 			// A second init on the same location is refused.
 			e.fails("already exists", "init")
 
