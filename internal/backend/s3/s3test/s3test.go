@@ -255,7 +255,8 @@ func start(ctx context.Context, k Kind, bin string, withTLS bool) (*Server, erro
 	defer logf.Close()
 	cmd := exec.Command(bin, args...)
 	cmd.Dir = dir
-	cmd.Env = append(serverEnv(), env...)
+	// TMPDIR: SeaweedFS puts its sockets there; they go with the data.
+	cmd.Env = append(serverEnv(), append(env, "TMPDIR="+dir)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	if err := cmd.Start(); err != nil {
@@ -278,7 +279,7 @@ func serverEnv() []string {
 	var out []string
 	for _, kv := range os.Environ() {
 		k, _, _ := strings.Cut(kv, "=")
-		if strings.HasPrefix(k, "AWS_") || strings.HasPrefix(k, "VGW_") || strings.HasPrefix(k, "ROOT_") || strings.HasPrefix(k, "S3_") || strings.HasPrefix(k, "WEED_") {
+		if k == "TMPDIR" || strings.HasPrefix(k, "AWS_") || strings.HasPrefix(k, "VGW_") || strings.HasPrefix(k, "ROOT_") || strings.HasPrefix(k, "S3_") || strings.HasPrefix(k, "WEED_") {
 			continue
 		}
 		out = append(out, kv)
