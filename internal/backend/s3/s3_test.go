@@ -417,3 +417,51 @@ func TestContentRange(t *testing.T) {
 		}
 	}
 }
+
+// noConditional answers 501 NotImplemented to writes with If-None-Match,
+// as a server without conditional writes does.
+type noConditional struct {
+	base http.RoundTripper
+	seen atomic.Int32
+}
+
+func (n *noConditional) RoundTrip(req *http.Request) (*http.Response, error) {
+	if req.Header.Get("If-None-Match") != "" {
+		n.seen.Add(1)
+		if req.Body != nil {
+			req.Body.Close()
+		}
+		body := `<?xml version="1.0" encoding="UTF-8"?><Error><Code>NotImplemented</Code><Message>A header you provided implies functionality that is not implemented.</Message></Error>`
+		return &http.Response{StatusCode: http.StatusNotImplemented, Status: "501 Not Implemented",
+			Header: http.Header{"Content-Type": {"application/xml"}}, Body: io.NopCloser(strings.NewReader(body)),
+			ContentLength: int64(len(body)), Request: req, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1}, nil
+	}
+	return n.base.RoundTrip(req)
+}
+
+// TestWithoutConditionalWrites: a server that does not implement
+// If-None-Match gets plain PUTs, from the first refusal on.
+func TestWithoutConditionalWrites(t *testing.T) {
+	eachServer(t, func(t *testing.T, srv *s3test.Server) {
+		ctx := context.Background()
+		base, err := minio.DefaultTransport(false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tr := &noConditional{base: base}
+		cfg := testConfig(srv)
+		cfg.Transport = tr
+		b := open(t, cfg)
+		for _, s := range []string{"one", "two"} {
+			if err := b.Save(ctx, "snapshots/s", []byte(s)); err != nil {
+				t.Fatalf("Save: %v", err)
+			}
+		}
+		if got, err := b.Load(ctx, "snapshots/s", 0, 0); err != nil || string(got) != "two" {
+			t.Fatalf("Load = %q, %v", got, err)
+		}
+		if !b.noConditional.Load() || tr.seen.Load() != 1 {
+			t.Errorf("noConditional %v after %d conditional requests; want true after 1", b.noConditional.Load(), tr.seen.Load())
+		}
+	})
+}
