@@ -2,12 +2,16 @@
 export PATH := $(PATH):/usr/local/go/bin
 GO ?= go
 
-.PHONY: all build deps guest demo demo-image test test-short bench bench-vm bench-restore vet clean
+.PHONY: all build deps deps-test guest demo demo-image test test-short bench bench-vm bench-restore vet clean
 
 all: build
 
 deps:
 	@bash scripts/deps.sh
+
+# deps, and the S3 servers the tests run (built once into ~/.cache/kura/s3).
+deps-test:
+	@bash scripts/deps.sh --s3
 
 build:
 	$(GO) build -o bin/kura ./cmd/kura
@@ -27,7 +31,7 @@ demo-image: deps build
 	@bash scripts/demo.sh
 
 # Installs what is missing and runs every test, integration tests included.
-test: deps guest
+test: deps-test guest
 	$(GO) vet ./...
 	@test -z "$$(gofmt -l cmd internal bench)" || { echo "gofmt needed:"; gofmt -l cmd internal bench; exit 1; }
 	$(GO) test -timeout 60m -count=1 ./...

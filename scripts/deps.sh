@@ -3,7 +3,10 @@
 # path for image formats), libvirt (live VM backup), debootstrap (test
 # guests), aiosmtpd (a real SMTP server for the e-mail notification test),
 # fuse3 (the scheduler benchmark's modelled datastore, bench/internal/slowfs),
-# and the Go modules. Idempotent; quiet when all is present.
+# and the Go modules; with --s3 (make test) also the two S3 servers the S3
+# backend is tested against (scripts/s3servers.sh: built once into
+# ~/.cache/kura/s3, about 8 minutes on 2 cores the first time, which
+# `make demo` need not wait for). Idempotent; quiet when all is present.
 set -euo pipefail
 
 export PATH="$PATH:/usr/local/go/bin"
@@ -28,3 +31,6 @@ if ! command -v go >/dev/null; then
 fi
 cd "$(dirname "$0")/.."
 go mod download
+if [ "${1:-}" = "--s3" ]; then
+  bash scripts/s3servers.sh
+fi

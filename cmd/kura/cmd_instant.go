@@ -17,6 +17,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/kura-backup/kura/internal/backend/location"
 	"github.com/kura-backup/kura/internal/childenv"
 	"github.com/kura-backup/kura/internal/export"
 	"github.com/kura-backup/kura/internal/guest"
@@ -183,7 +184,10 @@ func (a *app) instantStart(ctx context.Context, arg, as, connect, dir string, wa
 	if err := os.MkdirAll(odir, 0o755); err != nil {
 		return fmt.Errorf("making the overlay directory: %w", err)
 	}
-	repoPath, _ := filepath.Abs(a.repoPath)
+	repoPath, err := location.Canonical(a.repoPath)
+	if err != nil {
+		return err
+	}
 	s := &instantSession{Name: name, Snapshot: snap.ID, Repo: repoPath, Connect: connect, Kind: kind,
 		Socket: filepath.Join(sdir, "nbd.sock"), Overlays: map[string]string{}, OverlayDir: odir, Started: began}
 	defer func() {

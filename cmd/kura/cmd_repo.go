@@ -35,7 +35,7 @@ func (a *app) initCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			be, err := a.backend()
+			be, err := a.backend(cmd.Context())
 			if err != nil {
 				return err
 			}

@@ -31,6 +31,7 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	code := m.Run()
+	s3servers.Close()
 	os.RemoveAll(dir)
 	os.Exit(code)
 }
@@ -41,7 +42,8 @@ type env struct {
 	repo string
 	dir  string
 	pw   string
-	path string // PATH override
+	path string   // PATH override
+	vars []string // more environment variables (an S3 server's credentials)
 }
 
 func newEnv(t *testing.T) *env {
@@ -62,6 +64,7 @@ func (e *env) cmd(args ...string) *exec.Cmd {
 	if e.path != "" {
 		c.Env = append(c.Env, "PATH="+e.path)
 	}
+	c.Env = append(c.Env, e.vars...)
 	return c
 }
 

@@ -21,19 +21,22 @@ import (
 	"golang.org/x/term"
 
 	"github.com/kura-backup/kura/internal/backend"
-	"github.com/kura-backup/kura/internal/backend/local"
+	"github.com/kura-backup/kura/internal/backend/location"
 	"github.com/kura-backup/kura/internal/crypt"
 	"github.com/kura-backup/kura/internal/guest"
 	"github.com/kura-backup/kura/internal/repo"
 	"github.com/kura-backup/kura/internal/restore"
 	"github.com/kura-backup/kura/internal/source"
 	"github.com/kura-backup/kura/internal/termsafe"
+	"github.com/kura-backup/kura/internal/units"
 )
 
 // app holds the global flags and I/O of one invocation.
 type app struct {
 	repoPath     string
 	passwordFile string
+	limitUpload  string // --limit-upload
+	limitDown    string // --limit-download
 	quiet        bool
 	verbose      bool
 	cpuProfile   string
@@ -89,7 +92,9 @@ func (a *app) rootCmd() *cobra.Command {
 			return nil
 		},
 	}
-	root.PersistentFlags().StringVarP(&a.repoPath, "repo", "r", os.Getenv("KURA_REPO"), "repository `path` (env KURA_REPO)")
+	root.PersistentFlags().StringVarP(&a.repoPath, "repo", "r", os.Getenv("KURA_REPO"), "repository `location`: a directory, or s3:https://HOST/BUCKET[/PREFIX] (env KURA_REPO; S3 credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)")
+	root.PersistentFlags().StringVar(&a.limitUpload, "limit-upload", "", "send at most `RATE` per second to the repository (e.g. 20MiB; default: unlimited)")
+	root.PersistentFlags().StringVar(&a.limitDown, "limit-download", "", "receive at most `RATE` per second from the repository (default: unlimited)")
 	root.PersistentFlags().StringVar(&a.passwordFile, "password-file", os.Getenv("KURA_PASSWORD_FILE"), "read the password from `file` (env KURA_PASSWORD_FILE; or set KURA_PASSWORD)")
 	root.PersistentFlags().BoolVarP(&a.quiet, "quiet", "q", false, "no progress output")
 	root.PersistentFlags().BoolVarP(&a.verbose, "verbose", "v", false, "debug logging")
@@ -104,11 +109,28 @@ func (a *app) rootCmd() *cobra.Command {
 	return root
 }
 
-func (a *app) backend() (backend.Backend, error) {
+// backend opens the repository's storage through the location registry:
+// a local directory or an S3 bucket (with retries), within the bandwidth
+// limits of --limit-upload and --limit-download.
+func (a *app) backend(ctx context.Context) (backend.Backend, error) {
 	if a.repoPath == "" {
 		return nil, errors.New("no repository given: set KURA_REPO or pass --repo")
 	}
-	return local.Open(a.repoPath)
+	opts := location.Options{Logger: a.log}
+	for _, l := range []struct {
+		flag, val string
+		to        *float64
+	}{{"--limit-upload", a.limitUpload, &opts.UploadLimit}, {"--limit-download", a.limitDown, &opts.DownloadLimit}} {
+		if l.val == "" {
+			continue
+		}
+		r, err := units.ParseRate(l.val)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", l.flag, err)
+		}
+		*l.to = float64(r)
+	}
+	return location.Open(ctx, a.repoPath, opts)
 }
 
 // password returns the repository password from KURA_PASSWORD, the
@@ -153,7 +175,7 @@ func (a *app) open(ctx context.Context) (*repo.Repo, error) {
 // second, which a backup spends preparing the VM's capture. The function
 // it returns waits for the result.
 func (a *app) openLater(ctx context.Context) (func(context.Context) (*repo.Repo, error), error) {
-	be, err := a.backend()
+	be, err := a.backend(ctx)
 	if err != nil {
 		return nil, err
 	}

@@ -9,6 +9,7 @@ package backend
 import (
 	"context"
 	"errors"
+	"strings"
 	"time"
 	"unsafe"
 )
@@ -24,6 +25,51 @@ var ErrTruncated = errors.New("object is shorter than expected (truncated?)")
 // ErrNoSpace is returned (wrapped) by Save when the storage is full.
 var ErrNoSpace = errors.New("no space left on the repository's storage")
 
+// ErrExists is returned (wrapped) by Save when a backend that keeps
+// write-once names (WriteOnce) already holds other bytes under the name.
+var ErrExists = errors.New("object exists with other content (write-once)")
+
+// WriteOnce reports whether name is one the repository writes once and
+// never replaces: the config, key files, pack files, index files,
+// snapshots, damage records and boot checks, all but the config named by
+// random ids. Lock records (locks/) and pending deletions (gc/) are
+// rewritten in place and are not write-once.
+func WriteOnce(name string) bool {
+	if name == "config" {
+		return true
+	}
+	for _, p := range writeOncePrefixes {
+		if strings.HasPrefix(name, p) {
+			return true
+		}
+	}
+	return false
+}
+
+var writeOncePrefixes = [...]string{"keys/", "data/", "index/", "snapshots/", "damage/", "bootchecks/"}
+
+// Transient marks err as one that may go away when the call is made again
+// (a server's 503, a reset connection, a timeout): decorators that retry
+// (internal/backend/retry) retry only such errors. It returns nil for nil.
+func Transient(err error) error {
+	if err == nil {
+		return nil
+	}
+	return &transientError{err}
+}
+
+// IsTransient reports whether err, or an error it wraps, was marked by
+// Transient.
+func IsTransient(err error) bool {
+	var t *transientError
+	return errors.As(err, &t)
+}
+
+type transientError struct{ err error }
+
+func (e *transientError) Error() string { return e.err.Error() }
+func (e *transientError) Unwrap() error { return e.err }
+
 // ObjectInfo describes a stored object.
 type ObjectInfo struct {
 	Name    string
@@ -37,12 +83,18 @@ type ObjectInfo struct {
 // Guarantees every implementation must give:
 //   - Save is atomic: a reader sees either the whole object or none of it,
 //     never a prefix, also after a crash. When Save returns nil the object is
-//     durable. Saving an existing name replaces it atomically.
+//     durable. Saving an existing name replaces it atomically; a backend
+//     may instead keep the names WriteOnce reports as write-once: then
+//     saving the same bytes again succeeds (a retried Save) and saving
+//     other bytes fails with ErrExists, the stored object unchanged.
 //   - Read after write: an object is visible to Load, Stat and List as soon as
 //     Save returns.
 //   - Load of a range that runs past the end of the object returns ErrTruncated.
 //   - List calls fn once per object whose name starts with prefix, in no
 //     particular order; objects being saved (temporary files) are not listed.
+//   - Errors that a repeated call may not meet again are marked Transient;
+//     ErrNotFound, ErrTruncated, ErrExists, ErrNoSpace and a refused
+//     credential never are.
 //   - All methods are safe for concurrent use.
 type Backend interface {
 	// Save stores data under name.

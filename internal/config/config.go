@@ -466,7 +466,7 @@ func (c *Config) validate() error {
 			if r != nil {
 				line = r.lines[""]
 			}
-			errs = append(errs, c.errorf(line, "repositories."+name+".path", "missing: the repository's directory"))
+			errs = append(errs, c.errorf(line, "repositories."+name+".path", "missing: the repository's location (a directory, or s3:https://HOST/BUCKET[/PREFIX])"))
 		}
 	}
 	for _, l := range []struct {

@@ -25,7 +25,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/kura-backup/kura/internal/backend/local"
+	"github.com/kura-backup/kura/internal/backend/location"
 	"github.com/kura-backup/kura/internal/backup"
 	"github.com/kura-backup/kura/internal/catalog"
 	"github.com/kura-backup/kura/internal/config"
@@ -374,7 +374,7 @@ func (d *Daemon) openRepo(ctx context.Context, cfg *config.Config, name string) 
 	} else if err != nil {
 		return nil, fmt.Errorf("repository %s: %w", name, err)
 	}
-	be, err := local.Open(rc.Path)
+	be, err := location.Open(ctx, rc.Path, location.Options{Logger: d.log})
 	if err != nil {
 		return nil, fmt.Errorf("repository %s: %w", name, err)
 	}
