@@ -344,6 +344,7 @@ func (a *app) startServer(ctx context.Context, s *instantSession, r *repo.Repo) 
 	}
 	defer keyPipe.Close()
 	c := childenv.Command(exe, "--repo", s.Repo, "--key-fd", "3", "export", s.Snapshot, "--socket", s.Socket, "--cache", "64")
+	c.Env = childenv.ForKura() // an S3 repository's credentials, not the password
 	c.ExtraFiles = []*os.File{keyPipe}
 	c.Stdout, c.Stderr = logf, logf
 	c.SysProcAttr = &syscall.SysProcAttr{Setsid: true}

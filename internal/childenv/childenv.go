@@ -16,12 +16,19 @@ import (
 	"strings"
 )
 
+// storageSecrets are the object store's credentials (an S3 repository):
+// no child but a kura that opens the repository itself needs them.
+var storageSecrets = []string{"AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
+
 // Secret reports whether the environment variable called name holds, or
 // points at, one of kura's secrets: KURA_PASSWORD, KURA_NEW_PASSWORD,
-// their _FILE forms, and any KURA_ variable named for a password, a
-// secret, a token or a key.
+// their _FILE forms, any KURA_ variable named for a password, a secret, a
+// token or a key, and the object store's secret key and session token.
 func Secret(name string) bool {
 	n := strings.ToUpper(name)
+	if storageSecret(n) {
+		return true
+	}
 	if !strings.HasPrefix(n, "KURA_") {
 		return false
 	}
@@ -44,6 +51,29 @@ func Filter(env []string) []string {
 		}
 	}
 	return out
+}
+
+func storageSecret(name string) bool {
+	for _, s := range storageSecrets {
+		if name == s {
+			return true
+		}
+	}
+	return false
+}
+
+// ForKura is the environment of a kura child that opens the repository
+// itself (the export instant recovery starts): Environ plus the object
+// store's credentials, never the repository password (the child gets the
+// unlocked key through a pipe).
+func ForKura() []string {
+	env := Environ()
+	for _, kv := range os.Environ() {
+		if name, _, _ := strings.Cut(kv, "="); storageSecret(strings.ToUpper(name)) {
+			env = append(env, kv)
+		}
+	}
+	return env
 }
 
 // Environ is this process's environment without its secrets.

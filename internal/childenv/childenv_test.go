@@ -29,6 +29,9 @@ func TestSecret(t *testing.T) {
 		{"PATH", false},
 		{"HOME", false},
 		{"PASSWORD", false}, // not kura's: a child may need its own
+		{"AWS_SECRET_ACCESS_KEY", true},
+		{"AWS_SESSION_TOKEN", true},
+		{"AWS_ACCESS_KEY_ID", false}, // an identifier, not a secret
 	} {
 		if got := Secret(tc.name); got != tc.want {
 			t.Errorf("Secret(%s) = %v, want %v", tc.name, got, tc.want)
@@ -92,5 +95,19 @@ func readEnviron(pid int) ([]byte, error) {
 			return b, err
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// A kura child that opens an S3 repository itself gets the object store's
+// credentials back, and still not the repository password.
+func TestForKura(t *testing.T) {
+	t.Setenv("KURA_PASSWORD", "pw")
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "sk")
+	env := strings.Join(ForKura(), "\n")
+	if !strings.Contains(env, "AWS_SECRET_ACCESS_KEY=sk") || strings.Contains(env, "KURA_PASSWORD") {
+		t.Fatalf("ForKura: %q", env)
+	}
+	if strings.Contains(strings.Join(Environ(), "\n"), "AWS_SECRET_ACCESS_KEY") {
+		t.Fatal("Environ keeps the object store's secret key")
 	}
 }
