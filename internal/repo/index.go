@@ -512,7 +512,9 @@ func (r *Repo) buildIndex(ctx context.Context) (*Index, map[string]error, error)
 	errs := make([]error, len(names))
 	next := atomic.Int64{}
 	var wg sync.WaitGroup
-	for range min(len(names), 2*runtime.GOMAXPROCS(0)) {
+	// On object storage the reads are bound by round trips, not CPU: at
+	// least 16 at once.
+	for range min(len(names), max(2*runtime.GOMAXPROCS(0), 16)) {
 		wg.Go(func() {
 			for i := int(next.Add(1) - 1); i < len(names) && ctx.Err() == nil; i = int(next.Add(1) - 1) {
 				plain, err := r.loadObject(ctx, names[i])

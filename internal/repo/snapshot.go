@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/kura-backup/kura/internal/backend"
@@ -264,6 +265,28 @@ func (r *Repo) SnapshotIDs(ctx context.Context) ([]string, error) {
 	return ids, err
 }
 
+// snapshotLoads bounds the snapshots read at once: each is one small
+// object, so on object storage listing them is bound by round trips.
+const snapshotLoads = 16
+
+// loadSnapshots reads the snapshots ids names, snapshotLoads at a time;
+// errs[i] is the error of ids[i].
+func (r *Repo) loadSnapshots(ctx context.Context, ids []string) ([]*Snapshot, []error) {
+	out := make([]*Snapshot, len(ids))
+	errs := make([]error, len(ids))
+	sem := make(chan struct{}, snapshotLoads)
+	var wg sync.WaitGroup
+	for i, id := range ids {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			out[i], errs[i] = r.LoadSnapshot(ctx, id)
+		})
+	}
+	wg.Wait()
+	return out, errs
+}
+
 // Snapshots loads every snapshot, oldest first. A damaged snapshot fails
 // the call; use SnapshotIDs and LoadSnapshot to skip it.
 func (r *Repo) Snapshots(ctx context.Context) ([]*Snapshot, error) {
@@ -271,10 +294,10 @@ func (r *Repo) Snapshots(ctx context.Context) ([]*Snapshot, error) {
 	if err != nil {
 		return nil, err
 	}
+	loaded, errs := r.loadSnapshots(ctx, ids)
 	out := make([]*Snapshot, 0, len(ids))
-	for _, id := range ids {
-		s, err := r.LoadSnapshot(ctx, id)
-		if err != nil {
+	for i, s := range loaded {
+		if err := errs[i]; err != nil {
 			if errors.Is(err, ErrNoSnapshot) {
 				continue // forgotten meanwhile
 			}
@@ -295,15 +318,15 @@ func (r *Repo) SnapshotsLenient(ctx context.Context) (good []*Snapshot, damaged 
 	if err != nil {
 		return nil, nil, err
 	}
-	for _, id := range ids {
-		s, err := r.LoadSnapshot(ctx, id)
-		switch {
+	loaded, errs := r.loadSnapshots(ctx, ids)
+	for i, s := range loaded {
+		switch err := errs[i]; {
 		case err == nil:
 			good = append(good, s)
 		case errors.Is(err, ErrNoSnapshot):
 			// forgotten meanwhile
 		case errors.Is(err, ErrDamaged):
-			damaged = append(damaged, id)
+			damaged = append(damaged, ids[i])
 		default:
 			return nil, nil, err
 		}
