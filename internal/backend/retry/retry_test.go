@@ -168,13 +168,18 @@ func TestEveryMethodRetries(t *testing.T) {
 		t.Fatal(err)
 	}
 	buf := make([]byte, 3)
-	for name, call := range map[string]func() error{
-		"load":     func() error { _, err := r.Load(ctx, "snapshots/s", 0, 0); return err },
-		"loadinto": func() error { _, err := r.LoadInto(ctx, "snapshots/s", 1, 2, buf); return err },
-		"stat":     func() error { _, err := r.Stat(ctx, "snapshots/s"); return err },
-		"save":     func() error { return r.Save(ctx, "snapshots/t", []byte("x")) },
-		"remove":   func() error { return r.Remove(ctx, "snapshots/t") },
+	// In this order: remove takes away what save wrote.
+	for _, c := range []struct {
+		name string
+		call func() error
+	}{
+		{"load", func() error { _, err := r.Load(ctx, "snapshots/s", 0, 0); return err }},
+		{"loadinto", func() error { _, err := r.LoadInto(ctx, "snapshots/s", 1, 2, buf); return err }},
+		{"stat", func() error { _, err := r.Stat(ctx, "snapshots/s"); return err }},
+		{"save", func() error { return r.Save(ctx, "snapshots/t", []byte("x")) }},
+		{"remove", func() error { return r.Remove(ctx, "snapshots/t") }},
 	} {
+		name, call := c.name, c.call
 		f.n, f.calls = 2, 0
 		if err := call(); err != nil {
 			t.Errorf("%s: %v", name, err)
