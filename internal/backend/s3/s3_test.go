@@ -239,13 +239,7 @@ type failing struct {
 
 func (f *failing) RoundTrip(req *http.Request) (*http.Response, error) {
 	if req.Method == http.MethodPut && req.URL.Query().Get("partNumber") == "2" && f.armed.Add(-1) >= 0 {
-		if req.Body != nil {
-			req.Body.Close()
-		}
-		body := `<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>`
-		return &http.Response{StatusCode: http.StatusServiceUnavailable, Status: "503 Service Unavailable",
-			Header: http.Header{"Content-Type": {"application/xml"}}, Body: io.NopCloser(strings.NewReader(body)),
-			ContentLength: int64(len(body)), Request: req, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1}, nil
+		return s3test.SlowDown(req), nil
 	}
 	return f.base.RoundTrip(req)
 }

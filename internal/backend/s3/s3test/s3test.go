@@ -23,8 +23,10 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"math/big"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -451,4 +453,17 @@ func (p *Pool) Close() {
 		s.Stop()
 		delete(p.servers, k)
 	}
+}
+
+// SlowDown is the answer an S3 server gives a client it wants to slow
+// down (503 SlowDown), for tests that inject one through a RoundTripper
+// (the real servers do not produce it on demand). req's body is closed.
+func SlowDown(req *http.Request) *http.Response {
+	if req.Body != nil {
+		req.Body.Close()
+	}
+	body := `<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>`
+	return &http.Response{StatusCode: http.StatusServiceUnavailable, Status: "503 Service Unavailable",
+		Header: http.Header{"Content-Type": {"application/xml"}}, Body: io.NopCloser(strings.NewReader(body)),
+		ContentLength: int64(len(body)), Request: req, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1}
 }
