@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"sort"
@@ -25,7 +26,11 @@ func (a *app) printJSON(v any) error {
 }
 
 func (a *app) initCmd() *cobra.Command {
-	var chunkSize string
+	var (
+		chunkSize                 string
+		lockMode                  string
+		lockDays, maintenanceDays int
+	)
 	cmd := &cobra.Command{
 		Use:   "init",
 		Short: "Create an encrypted repository",
@@ -35,6 +40,15 @@ func (a *app) initCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			var lock *repo.LockConfig
+			if lockMode != "" {
+				lock = &repo.LockConfig{Mode: lockMode, Days: lockDays, MaintenanceDays: maintenanceDays}
+				if err := lock.Validate(); err != nil {
+					return err
+				}
+			} else if cmd.Flags().Changed("lock-days") || cmd.Flags().Changed("lock-maintenance-days") {
+				return errors.New("--lock-days and --lock-maintenance-days go with --lock compliance|governance")
+			}
 			be, err := a.backend(cmd.Context())
 			if err != nil {
 				return err
@@ -43,16 +57,22 @@ func (a *app) initCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			r, err := repo.Init(cmd.Context(), be, pw, repo.InitOptions{ChunkSize: cs})
+			r, err := repo.Init(cmd.Context(), be, pw, repo.InitOptions{ChunkSize: cs, Lock: lock})
 			if err != nil {
 				return err
 			}
 			fmt.Fprintf(a.stdout, "created repository %s at %s (chunk size %s)\n", r.Config().ID[:8], be.Location(), humanBytes(int64(r.Config().ChunkSize)))
+			if lc := r.ObjectLock(); lc != nil {
+				fmt.Fprintf(a.stdout, "object lock: %s mode, every object locked for %d days; prune at least every %d days to keep what restore points need locked\n", strings.ToLower(lc.Mode), lc.Days, lc.MaintenanceDays)
+			}
 			fmt.Fprintln(a.stdout, "keep the password safe: without it the data cannot be read")
 			return nil
 		},
 	}
 	cmd.Flags().StringVar(&chunkSize, "chunk-size", "256K", "chunk `size`, a power of two from 64K to 16M")
+	cmd.Flags().StringVar(&lockMode, "lock", "", "lock every object against deletion and overwrite (S3 object lock): `compliance` or governance")
+	cmd.Flags().IntVar(&lockDays, "lock-days", 30, "with --lock: `days` every object stays locked, moved forward by prune while restore points need it")
+	cmd.Flags().IntVar(&maintenanceDays, "lock-maintenance-days", repo.DefaultMaintenanceDays, "with --lock: the longest time in `days` between two prunes (the lock must outlast it by a day)")
 	return cmd
 }
 
@@ -353,7 +373,25 @@ func (a *app) forgetCmd() *cobra.Command {
 }
 
 func (a *app) printPrune(res repo.PruneResult) {
-	fmt.Fprintf(a.stdout, "prune: %d packs deleted (%s freed), %d repacked\n", res.PacksDeleted, humanBytes(res.BytesFreed), res.PacksRepacked)
+	if l := res.Lock; l != nil {
+		fmt.Fprintf(a.stdout, "prune: %d packs removed (%s), %d repacked; on a locked repository their bytes are freed once their lock ends\n", res.PacksDeleted, humanBytes(res.BytesFreed), res.PacksRepacked)
+		if l.Extended > 0 {
+			fmt.Fprintf(a.stdout, "prune: object lock of %d objects restore points need moved forward to %s\n", l.Extended, l.ExtendedUntil.Local().Format(time.DateTime))
+		}
+		fmt.Fprintf(a.stdout, "prune: %d locked versions of removed objects deleted (%s freed)", l.Purged, humanBytes(l.PurgedBytes))
+		if l.Waiting > 0 {
+			fmt.Fprintf(a.stdout, "; %d (%s) still locked, until %s at the latest: a later prune deletes them", l.Waiting, humanBytes(l.WaitingBytes), l.WaitingUntil.Local().Format(time.DateTime))
+		}
+		fmt.Fprintln(a.stdout)
+		if len(l.Hidden) > 0 {
+			fmt.Fprintf(a.stderr, "WARNING: %d objects the repository needs are hidden by delete markers (first: %s): someone deleted them; their locked versions are intact: see \"Recovery after an attack\" in docs/S3.md\n", len(l.Hidden), show(l.Hidden[0]))
+		}
+		if len(l.Overwritten) > 0 {
+			fmt.Fprintf(a.stderr, "WARNING: %d objects were overwritten (first: %s), which kura never does; their earlier, locked versions are intact: see \"Recovery after an attack\" in docs/S3.md\n", len(l.Overwritten), show(l.Overwritten[0]))
+		}
+	} else {
+		fmt.Fprintf(a.stdout, "prune: %d packs deleted (%s freed), %d repacked\n", res.PacksDeleted, humanBytes(res.BytesFreed), res.PacksRepacked)
+	}
 	if res.TempRemoved > 0 {
 		fmt.Fprintf(a.stdout, "prune: %d temporary files left by processes that died removed (%s)\n", res.TempRemoved, humanBytes(res.TempBytes))
 	}

@@ -148,6 +148,94 @@ const DirectRoom = 2 * PageSize
 // PageSize is the alignment of buffers from AlignedBuffer.
 const PageSize = 4096
 
+// ErrReadOnly is returned (wrapped) by Save and Remove of a backend that
+// only reads: a repository as it was at an earlier time (s3 "as-of").
+var ErrReadOnly = errors.New("read-only view of the repository")
+
+// Unwrapper is implemented by decorators (retry, limit, cache): Unwrap
+// returns the backend they wrap.
+type Unwrapper interface {
+	Unwrap() Backend
+}
+
+// Find returns the first backend of be's chain of decorators (be itself,
+// then what each Unwrap returns) that implements T. Decorators that add
+// something to T's calls (retries) implement T themselves, so that the
+// calls go through them; the others are looked through.
+func Find[T any](be Backend) (T, bool) {
+	for be != nil {
+		if t, ok := be.(T); ok {
+			return t, true
+		}
+		u, ok := be.(Unwrapper)
+		if !ok {
+			break
+		}
+		be = u.Unwrap()
+	}
+	var zero T
+	return zero, false
+}
+
+// Lock modes of object lock (S3's names): in compliance mode nobody can
+// delete a locked version or shorten its retention, not even the
+// account's root; in governance mode a user with the bypass permission
+// can.
+const (
+	LockCompliance = "COMPLIANCE"
+	LockGovernance = "GOVERNANCE"
+)
+
+// Locker is implemented by storage that can lock stored objects against
+// deletion and overwrite until a date (S3 object lock on a versioned
+// bucket). A locked repository deletes by hiding: Remove leaves a delete
+// marker over the object, whose locked versions stay until their
+// retention ends and a later Purge deletes them.
+type Locker interface {
+	// ProbeLock checks that the storage really refuses to delete or
+	// overwrite an object locked in mode: it writes a probe object with a
+	// short retention, tries to delete that version and to replace it,
+	// and fails with an error that names the setting to change when the
+	// storage lets either happen.
+	ProbeLock(ctx context.Context, mode string) error
+	// SetRetention makes every later Save of a write-once name
+	// (WriteOnce) carry a retention of mode until the time of the Save
+	// plus period. Names rewritten in place (locks, pending deletions)
+	// get none: their versions would pile up.
+	SetRetention(mode string, period time.Duration)
+	// ExtendRetention moves the retention of the object's current version
+	// to until, in the mode SetRetention gave. It never shortens one: a
+	// version locked beyond until is left as it is.
+	ExtendRetention(ctx context.Context, name string, until time.Time) error
+	// Purge deletes what Remove hid once its retention has ended: every
+	// version of a name whose newest version is a delete marker, unless
+	// keep says the repository still needs the name, then the marker
+	// itself; and the older versions of names rewritten in place (locks,
+	// pending deletions). It never deletes an older version of a
+	// write-once object still present: such a version is what an
+	// overwrite hid, and reports it in Overwritten instead.
+	Purge(ctx context.Context, keep func(name string) bool) (PurgeResult, error)
+}
+
+// PurgeResult says what a Locker's Purge did.
+type PurgeResult struct {
+	// Deleted versions (delete markers not counted) and their bytes.
+	Deleted      int
+	DeletedBytes int64
+	// Locked versions of removed objects whose retention has not ended:
+	// a later Purge deletes them. LockedUntil is the latest end of their
+	// retention that Purge knows.
+	Locked      int
+	LockedBytes int64
+	LockedUntil time.Time
+	// Overwritten names write-once objects whose current version hides
+	// older ones: an overwrite, which kura never does.
+	Overwritten []string
+	// Hidden names objects the repository needs (keep) that a delete
+	// marker hides: a deletion kura did not do.
+	Hidden []string
+}
+
 // hugePage is the size of a transparent huge page (x86-64, arm64).
 const hugePage = 2 << 20
 

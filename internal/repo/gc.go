@@ -156,6 +156,11 @@ type PruneResult struct {
 	IndexRewritten bool     `json:"index_rewritten"`
 	TempRemoved    int      `json:"temp_removed"` // temporary files of writers that died
 	TempBytes      int64    `json:"temp_bytes"`
+	// Lock is what the prune did for the object lock of a locked
+	// repository (extended locks, purged versions); nil on others. There
+	// BytesFreed is what the deleted packs held, freed on storage only
+	// when their lock ends and a later prune purges them.
+	Lock *LockResult `json:"lock,omitempty"`
 }
 
 // Prune deletes data that no snapshot references. It is safe to run while
@@ -202,6 +207,9 @@ func (r *Repo) Prune(ctx context.Context, opts PruneOptions) (PruneResult, error
 	if !opts.DryRun {
 		res.PacksPending, res.BytesPending, res.WaitingFor = 0, 0, nil
 		if err := r.sweep(ctx, &res); err != nil {
+			return res, err
+		}
+		if res.Lock, err = r.maintainLocks(ctx); err != nil {
 			return res, err
 		}
 	}

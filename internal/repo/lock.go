@@ -69,6 +69,13 @@ func (r *Repo) Lock(ctx context.Context, kind string) (*Lock, error) {
 	now := time.Now().UTC()
 	l := &Lock{r: r, name: "locks/" + crypt.RandomID().String(), info: lockInfo{Kind: kind, Hostname: host, PID: os.Getpid(), Created: now, Refreshed: now}, stop: make(chan struct{})}
 	if err := r.saveLock(ctx, l.name, l.info); err != nil {
+		if kind == LockRead && errors.Is(err, backend.ErrReadOnly) {
+			// A read-only view (an s3 location's as-of) cannot hold a
+			// lock, and needs none: nothing deletes its past versions
+			// while their object lock lasts.
+			l.name = ""
+			return l, nil
+		}
 		return nil, fmt.Errorf("taking %s lock: %w", kind, err)
 	}
 	// Locks of processes of this host that died go now, not at the next
@@ -116,6 +123,9 @@ func (l *Lock) Unlock(ctx context.Context) error {
 	l.unlock.Do(func() {
 		close(l.stop)
 		l.done.Wait()
+		if l.name == "" {
+			return
+		}
 		err = l.r.be.Remove(ctx, l.name)
 		if errors.Is(err, backend.ErrNotFound) {
 			err = nil

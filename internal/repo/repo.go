@@ -59,7 +59,9 @@ type Config struct {
 	Encryption  string    `json:"encryption"`
 	ChunkHash   string    `json:"chunk_hash"`
 	Created     time.Time `json:"created"`
-	MAC         []byte    `json:"mac,omitempty"`
+	// Lock is the repository's object lock (objlock.go), or nil.
+	Lock *LockConfig `json:"lock,omitempty"`
+	MAC  []byte      `json:"mac,omitempty"`
 }
 
 func (c Config) mac(k *crypt.Key) []byte {
@@ -76,6 +78,9 @@ type InitOptions struct {
 	ChunkSize int // power of two between MinChunkSize and MaxChunkSize; 0 = default
 	PackSize  int // target pack size; 0 = 16 MiB
 	KDF       *crypt.KDFParams
+	// Lock creates the repository with object lock; the storage must be
+	// able to lock objects (backend.Locker), which Init checks.
+	Lock *LockConfig
 }
 
 // Repo is an open, unlocked repository. It is safe for concurrent use.
@@ -93,6 +98,9 @@ type Repo struct {
 	scanned  bool
 	scanRes  ScanResult
 	log      *slog.Logger
+	// lockUnenforced: the config asks for object lock, the storage here
+	// cannot lock (applyLock).
+	lockUnenforced bool
 
 	wmu    sync.Mutex
 	writer *packWriter
@@ -135,6 +143,20 @@ func Init(ctx context.Context, be backend.Backend, password []byte, opts InitOpt
 	if ps < cs {
 		ps = cs
 	}
+	if opts.Lock != nil {
+		lc := *opts.Lock
+		if err := lc.Validate(); err != nil {
+			return nil, err
+		}
+		l, ok := backend.Find[backend.Locker](be)
+		if !ok {
+			return nil, fmt.Errorf("%s: object lock needs an S3 bucket with object lock enabled; this storage cannot lock objects", be.Location())
+		}
+		if err := l.ProbeLock(ctx, lc.Mode); err != nil {
+			return nil, err
+		}
+		opts.Lock = &lc
+	}
 	key, err := crypt.NewKey()
 	if err != nil {
 		return nil, err
@@ -142,9 +164,10 @@ func Init(ctx context.Context, be backend.Backend, password []byte, opts InitOpt
 	cfg := Config{
 		Version: FormatVersion, ID: crypt.RandomID().String(), ChunkSize: cs, PackSize: ps,
 		Compression: "zstd", Encryption: "aes-256-gcm", ChunkHash: "blake3-keyed",
-		Created: time.Now().UTC().Truncate(time.Second),
+		Created: time.Now().UTC().Truncate(time.Second), Lock: opts.Lock,
 	}
 	cfg.MAC = cfg.mac(key)
+	applyLock(be, cfg)
 	r := &Repo{be: be, cfg: cfg, key: key, idx: newIndex(), log: slog.New(slog.DiscardHandler)}
 	r.loaded = true
 	kdf := crypt.DefaultKDF()
@@ -218,7 +241,9 @@ func openWith(be backend.Backend, cfg Config, key *crypt.Key, keyID string) (*Re
 	if !hmac.Equal(cfg.MAC, cfg.mac(key)) {
 		return nil, fmt.Errorf("config: authentication failed, it was modified or damaged, or the key is not this repository's: %w", ErrDamaged)
 	}
-	return &Repo{be: be, cfg: cfg, key: key, keyID: keyID, idx: newIndex(), log: slog.New(slog.DiscardHandler)}, nil
+	r := &Repo{be: be, cfg: cfg, key: key, keyID: keyID, idx: newIndex(), log: slog.New(slog.DiscardHandler)}
+	r.lockUnenforced = !applyLock(be, cfg)
+	return r, nil
 }
 
 // SetLogger sets where the repository reports what it works around: a
@@ -229,4 +254,7 @@ func (r *Repo) SetLogger(l *slog.Logger) {
 		l = slog.New(slog.DiscardHandler)
 	}
 	r.log = l
+	if r.lockUnenforced {
+		l.Warn("the repository was created with object lock, but its storage here cannot lock objects: what this process writes is not locked", "location", r.be.Location())
+	}
 }

@@ -33,6 +33,7 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/kura-backup/kura/internal/backend"
 	"github.com/kura-backup/kura/internal/backend/limit"
@@ -149,6 +150,12 @@ func parseS3(raw string, getenv func(string) string) (Location, error) {
 			l.S3.CAFile = val
 		case "profile":
 			l.Profile = val
+		case "as-of":
+			t, err := ParseTime(val)
+			if err != nil {
+				return Location{}, fmt.Errorf("repository location: as-of=%s: %w", val, err)
+			}
+			l.S3.AsOf = t
 		case "style":
 			switch val {
 			case "path":
@@ -164,9 +171,24 @@ func parseS3(raw string, getenv func(string) string) (Location, error) {
 	}
 	if len(unknown) > 0 {
 		sort.Strings(unknown)
-		return Location{}, fmt.Errorf("repository location: unknown parameter %s: an S3 location takes region, style, ca and profile", strings.Join(unknown, ", "))
+		return Location{}, fmt.Errorf("repository location: unknown parameter %s: an S3 location takes region, style, ca, profile and as-of", strings.Join(unknown, ", "))
 	}
 	return l, nil
+}
+
+// ParseTime reads a point in time as a user writes one: RFC 3339
+// ("2026-12-07T10:00:00Z", "2026-12-07T10:00:00+01:00"), or a local date
+// and time ("2026-12-07 10:00", "2026-12-07T10:00:00", "2026-12-07").
+func ParseTime(s string) (time.Time, error) {
+	if t, err := time.Parse(time.RFC3339, s); err == nil {
+		return t, nil
+	}
+	for _, f := range []string{"2006-01-02T15:04:05", "2006-01-02 15:04:05", "2006-01-02T15:04", "2006-01-02 15:04", "2006-01-02"} {
+		if t, err := time.ParseInLocation(f, s, time.Local); err == nil {
+			return t, nil
+		}
+	}
+	return time.Time{}, errors.New("want a time such as 2026-12-07T10:00:00Z or \"2026-12-07 10:00\" (local time)")
 }
 
 func firstOf(s ...string) string {

@@ -234,6 +234,61 @@ func (b *Backend) RemoveStaleTemp(ctx context.Context) (n int, bytes int64, err 
 	return n, bytes, err
 }
 
+// locker returns the wrapped backend's backend.Locker.
+func (b *Backend) locker() (backend.Locker, error) {
+	l, ok := backend.Find[backend.Locker](b.be)
+	if !ok {
+		return nil, fmt.Errorf("%s: this storage cannot lock objects (object lock needs an S3 bucket with object lock)", b.be.Location())
+	}
+	return l, nil
+}
+
+// ProbeLock implements backend.Locker, once: a probe that failed part way
+// is not one to repeat blindly.
+func (b *Backend) ProbeLock(ctx context.Context, mode string) error {
+	l, err := b.locker()
+	if err != nil {
+		return err
+	}
+	return l.ProbeLock(ctx, mode)
+}
+
+// SetRetention implements backend.Locker.
+func (b *Backend) SetRetention(mode string, period time.Duration) {
+	if l, err := b.locker(); err == nil {
+		l.SetRetention(mode, period)
+	}
+}
+
+// ExtendRetention implements backend.Locker.
+func (b *Backend) ExtendRetention(ctx context.Context, name string, until time.Time) error {
+	l, err := b.locker()
+	if err != nil {
+		return err
+	}
+	return b.do(ctx, "extend retention", name, func() error { return l.ExtendRetention(ctx, name, until) })
+}
+
+// Purge implements backend.Locker; a purge that failed part way starts
+// again (what it deleted stays deleted).
+func (b *Backend) Purge(ctx context.Context, keep func(string) bool) (backend.PurgeResult, error) {
+	l, err := b.locker()
+	if err != nil {
+		return backend.PurgeResult{}, err
+	}
+	var res backend.PurgeResult
+	err = b.do(ctx, "purge", "", func() (err error) {
+		var r backend.PurgeResult
+		r, err = l.Purge(ctx, keep)
+		res.Deleted += r.Deleted
+		res.DeletedBytes += r.DeletedBytes
+		res.Locked, res.LockedBytes, res.LockedUntil = r.Locked, r.LockedBytes, r.LockedUntil
+		res.Overwritten, res.Hidden = r.Overwritten, r.Hidden
+		return err
+	})
+	return res, err
+}
+
 var (
 	_ backend.LoaderInto  = (*Backend)(nil)
 	_ backend.TempCleaner = (*Backend)(nil)

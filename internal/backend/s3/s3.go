@@ -36,12 +36,14 @@
 // local backend's temporary files: RemoveStaleTemp (backend.TempCleaner,
 // called by prune) aborts those older than backend.StaleTempAge.
 //
-// Object lock and versions come later (issue 19): retention fits as an
-// optional interface beside backend.LoaderInto (a retention date on Save,
-// sent with the PUT or the multipart completion as x-amz-object-lock-*
-// headers, which PutObjectOptions already carries), and version ids as a
-// field of backend.ObjectInfo that Stat and List fill from the answers
-// they already get.
+// Object lock (lock.go, backend.Locker): on a bucket with object lock,
+// every write-once Save carries a retention date (x-amz-object-lock-*
+// headers on the PUT or the multipart upload), prune moves the dates of
+// what the repository still needs forward and purges the hidden
+// versions of what it removed once their retention ends. A view of the
+// repository as of an earlier time (asof.go) reads each key's version of
+// that time: how a repository comes back after someone deleted or
+// overwrote its objects.
 //
 // Why minio-go (github.com/minio/minio-go/v7) and not aws-sdk-go-v2: it is
 // one module with a small dependency tree where the AWS SDK is a family
@@ -123,6 +125,9 @@ type Config struct {
 	PartConcurrency    int
 	// Logger receives debug lines; nil discards them.
 	Logger *slog.Logger
+	// AsOf, when set, opens a read-only view of the repository as it was
+	// at that time, from the bucket's object versions (asof.go).
+	AsOf time.Time
 }
 
 // Backend is a bucket and prefix on an S3-compatible server.
@@ -139,6 +144,10 @@ type Backend struct {
 	// noConditional is set once the server said it does not implement
 	// If-None-Match on PUT: write-once names are then saved plainly.
 	noConditional atomic.Bool
+	// lock is the retention every write-once Save carries (SetRetention).
+	lock atomic.Pointer[lockPolicy]
+	// asOf is the view of Config.AsOf, or nil.
+	asOf *asOfView
 }
 
 // ErrAccess is returned (wrapped) when the server refuses the
@@ -224,6 +233,10 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 		b.prefix = cfg.Prefix + "/"
 		b.where += "/" + cfg.Prefix
 	}
+	if !cfg.AsOf.IsZero() {
+		b.asOf = &asOfView{at: cfg.AsOf, ids: map[string]string{}}
+		b.where += "?as-of=" + cfg.AsOf.UTC().Format(time.RFC3339)
+	}
 	if err := b.check(ctx); err != nil {
 		return nil, err
 	}
@@ -302,12 +315,17 @@ func (b *Backend) Save(ctx context.Context, name string, data []byte) error {
 	if err != nil {
 		return err
 	}
+	if b.asOf != nil {
+		return b.readOnly("save", name)
+	}
 	once := backend.WriteOnce(name) && !b.noConditional.Load()
-	etag, err := b.put(ctx, key, data, once)
+	opts := minio.PutObjectOptions{ContentType: "application/octet-stream", UserMetadata: map[string]string{writtenMeta: time.Now().UTC().Format(time.RFC3339Nano)}}
+	opts.Mode, opts.RetainUntilDate = b.retention(name)
+	etag, err := b.put(ctx, key, data, once, opts)
 	if once && isCode(err, "NotImplemented") {
 		b.noConditional.Store(true)
 		b.log.Debug("the S3 server does not implement conditional writes: write-once objects are saved plainly", "location", b.where)
-		etag, err = b.put(ctx, key, data, false)
+		etag, err = b.put(ctx, key, data, false, opts)
 	}
 	if once && isCode(err, "PreconditionFailed") {
 		// The name exists: the bytes of an earlier try of this Save (whose
@@ -319,18 +337,24 @@ func (b *Backend) Save(ctx context.Context, name string, data []byte) error {
 
 // put uploads data in one PUT or in parts, and returns the ETag S3 gives
 // such an upload (for sameContent).
-func (b *Backend) put(ctx context.Context, key string, data []byte, once bool) (etag string, err error) {
+func (b *Backend) put(ctx context.Context, key string, data []byte, once bool, opts minio.PutObjectOptions) (etag string, err error) {
 	if int64(len(data)) > b.cfg.MultipartThreshold {
-		return b.putMultipart(ctx, key, data, once)
+		return b.putMultipart(ctx, key, data, once, opts)
 	}
 	sum := md5.Sum(data)
-	opts := minio.PutObjectOptions{ContentType: "application/octet-stream", DisableContentSha256: true}
 	if once {
 		opts.SetMatchETagExcept("*")
 	}
-	_, err = b.core.PutObject(ctx, b.cfg.Bucket, key, bytes.NewReader(data), int64(len(data)),
-		base64.StdEncoding.EncodeToString(sum[:]), b.sha256Hex(data), opts)
+	_, err = b.putOne(ctx, key, data, sum, opts)
 	return hex.EncodeToString(sum[:]), err
+}
+
+// putOne is one PUT of data, whose MD5 is sum, with opts.
+func (b *Backend) putOne(ctx context.Context, key string, data []byte, sum [md5.Size]byte, opts minio.PutObjectOptions) (minio.UploadInfo, error) {
+	opts.ContentType = "application/octet-stream"
+	opts.DisableContentSha256 = true
+	return b.core.PutObject(ctx, b.cfg.Bucket, key, bytes.NewReader(data), int64(len(data)),
+		base64.StdEncoding.EncodeToString(sum[:]), b.sha256Hex(data), opts)
 }
 
 // sha256Hex is the payload hash to sign: over plain HTTP the bytes' own
@@ -344,8 +368,8 @@ func (b *Backend) sha256Hex(data []byte) string {
 	return hex.EncodeToString(s[:])
 }
 
-func (b *Backend) putMultipart(ctx context.Context, key string, data []byte, once bool) (string, error) {
-	id, err := b.core.NewMultipartUpload(ctx, b.cfg.Bucket, key, minio.PutObjectOptions{ContentType: "application/octet-stream"})
+func (b *Backend) putMultipart(ctx context.Context, key string, data []byte, once bool, opts minio.PutObjectOptions) (string, error) {
+	id, err := b.core.NewMultipartUpload(ctx, b.cfg.Bucket, key, opts)
 	if err != nil {
 		return "", err
 	}
@@ -367,11 +391,11 @@ func (b *Backend) putMultipart(ctx context.Context, key string, data []byte, onc
 	}
 	err = g.Wait()
 	if err == nil {
-		opts := minio.PutObjectOptions{}
+		copts := minio.PutObjectOptions{}
 		if once {
-			opts.SetMatchETagExcept("*")
+			copts.SetMatchETagExcept("*")
 		}
-		_, err = b.core.CompleteMultipartUpload(ctx, b.cfg.Bucket, key, id, parts, opts)
+		_, err = b.core.CompleteMultipartUpload(ctx, b.cfg.Bucket, key, id, parts, copts)
 	}
 	if err != nil {
 		actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
@@ -445,6 +469,11 @@ func (b *Backend) load(ctx context.Context, name string, offset, length int64, b
 		return nil, fmt.Errorf("load %s: invalid range %d+%d", b.show(key), offset, length)
 	}
 	var opts minio.GetObjectOptions
+	if b.asOf != nil {
+		if opts.VersionID, err = b.versionAt(ctx, key); err != nil {
+			return nil, err
+		}
+	}
 	switch {
 	case length > 0:
 		err = opts.SetRange(offset, offset+length-1)
@@ -531,7 +560,13 @@ func (b *Backend) Stat(ctx context.Context, name string) (backend.ObjectInfo, er
 	if err != nil {
 		return backend.ObjectInfo{}, err
 	}
-	st, err := b.core.StatObject(ctx, b.cfg.Bucket, key, minio.StatObjectOptions{})
+	var opts minio.StatObjectOptions
+	if b.asOf != nil {
+		if opts.VersionID, err = b.versionAt(ctx, key); err != nil {
+			return backend.ObjectInfo{}, err
+		}
+	}
+	st, err := b.core.StatObject(ctx, b.cfg.Bucket, key, opts)
 	if err != nil {
 		return backend.ObjectInfo{}, b.wrap("stat", key, err)
 	}
@@ -540,6 +575,9 @@ func (b *Backend) Stat(ctx context.Context, name string) (backend.ObjectInfo, er
 
 // List implements backend.Backend.
 func (b *Backend) List(ctx context.Context, prefix string, fn func(backend.ObjectInfo) error) error {
+	if b.asOf != nil {
+		return b.listAsOf(ctx, prefix, fn)
+	}
 	lctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	ch := b.core.Client.ListObjects(lctx, b.cfg.Bucket, minio.ListObjectsOptions{Prefix: b.prefix + prefix, Recursive: true})
@@ -574,6 +612,9 @@ func (b *Backend) Remove(ctx context.Context, name string) error {
 	if err != nil {
 		return err
 	}
+	if b.asOf != nil {
+		return b.readOnly("remove", name)
+	}
 	// S3's DELETE succeeds whether or not the key exists; the contract
 	// wants ErrNotFound for a missing object.
 	if _, err := b.core.StatObject(ctx, b.cfg.Bucket, key, minio.StatObjectOptions{}); err != nil {
@@ -592,6 +633,9 @@ func (b *Backend) Remove(ctx context.Context, name string) error {
 // bytes they held are not reported (S3 does not list them cheaply). A
 // server that does not list multipart uploads has none to remove.
 func (b *Backend) RemoveStaleTemp(ctx context.Context) (n int, bytes int64, err error) {
+	if b.asOf != nil {
+		return 0, 0, nil
+	}
 	keyMarker, idMarker := "", ""
 	now := time.Now()
 	for {

@@ -151,6 +151,16 @@ func (s *Server) MakeBucket(ctx context.Context, name string) error {
 	return c.MakeBucket(ctx, name, minio.MakeBucketOptions{})
 }
 
+// MakeLockedBucket creates a bucket with object lock enabled (and so
+// versioning), without a default retention.
+func (s *Server) MakeLockedBucket(ctx context.Context, name string) error {
+	c, err := s.Client()
+	if err != nil {
+		return err
+	}
+	return c.MakeBucket(ctx, name, minio.MakeBucketOptions{ObjectLocking: true})
+}
+
 // LogTail returns the end of the server's log, for a failure message.
 func (s *Server) LogTail() string {
 	data, _ := os.ReadFile(s.logPath)
