@@ -123,10 +123,15 @@ func (r *Repo) maintainLocks(ctx context.Context) (*LockResult, error) {
 	res := &LockResult{}
 	now := time.Now()
 	until := now.Add(lc.Period()).UTC().Truncate(time.Second)
-	// An object written (or extended) less than MaintenanceDays ago is
-	// locked beyond until − MaintenanceDays: it can wait for the next
-	// prune. Older ones move to until.
-	threshold := until.Add(-time.Duration(lc.MaintenanceDays) * 24 * time.Hour)
+	// An object whose lock (as written: the storage does not list when a
+	// lock was moved) ends before the threshold moves to until. The
+	// threshold keeps every needed object locked past the next prune by
+	// a day at least, and for Days − MaintenanceDays ahead when the lock
+	// is long: between prunes, at least max(1 day, Days − 2 ×
+	// MaintenanceDays) remain, the time to notice an attack.
+	day := 24 * time.Hour
+	maint := time.Duration(lc.MaintenanceDays) * day
+	threshold := now.Add(max(maint+day, lc.Period()-maint))
 	var mu sync.Mutex
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(extendConcurrency)
