@@ -10,10 +10,12 @@
 package config
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"net"
 	"net/mail"
+	"net/url"
 	"os"
 	"path"
 	"reflect"
@@ -42,12 +44,79 @@ type Config struct {
 	lines map[string]int
 }
 
-// Repository is where a job's restore points go.
+// Repository is where a job's restore points go: a location (path: a
+// directory, or an s3: location string), or a bucket described field by
+// field (s3:).
 type Repository struct {
-	Path         string `yaml:"path"`
-	PasswordFile string `yaml:"password_file"`
+	Path         string      `yaml:"path"`
+	S3           *S3Location `yaml:"s3"`
+	PasswordFile string      `yaml:"password_file"`
 
 	lines map[string]int
+}
+
+// S3Location is a repository in an S3 bucket, field by field (the same
+// as an s3: location string, docs/S3.md).
+type S3Location struct {
+	// Endpoint is the server's URL: https://HOST[:PORT] (http:// on a
+	// trusted network).
+	Endpoint string `yaml:"endpoint"`
+	Bucket   string `yaml:"bucket"`
+	Prefix   string `yaml:"prefix"`
+	Region   string `yaml:"region"`
+	// Style is path (the default) or virtual (bucket.HOST).
+	Style string `yaml:"style"`
+	// CAFile is a PEM file of certificate authorities to trust besides
+	// the system's.
+	CAFile string `yaml:"ca_file"`
+	// CredentialsFile is a credentials file in the AWS format, read
+	// instead of the environment's AWS_* variables; Profile its section
+	// (default "default").
+	CredentialsFile string `yaml:"credentials_file"`
+	Profile         string `yaml:"profile"`
+
+	lines map[string]int
+}
+
+// Location returns the repository's location string, as --repo takes it.
+func (r *Repository) Location() string {
+	if r.S3 == nil {
+		return r.Path
+	}
+	s := r.S3
+	loc := "s3:" + strings.TrimRight(s.Endpoint, "/") + "/" + s.Bucket
+	if p := strings.Trim(s.Prefix, "/"); p != "" {
+		loc += "/" + p
+	}
+	q := url.Values{}
+	for k, v := range map[string]string{"region": s.Region, "style": s.Style, "ca": s.CAFile} {
+		if v != "" {
+			q.Set(k, v)
+		}
+	}
+	if s.CredentialsFile != "" {
+		q.Set("profile", cmp.Or(s.Profile, "default"))
+	} else if s.Profile != "" {
+		q.Set("profile", s.Profile)
+	}
+	if len(q) > 0 {
+		loc += "?" + q.Encode()
+	}
+	return loc
+}
+
+// Getenv returns getenv with the repository's credentials file in
+// AWS_SHARED_CREDENTIALS_FILE, for location.Options.Getenv.
+func (r *Repository) Getenv(getenv func(string) string) func(string) string {
+	if r.S3 == nil || r.S3.CredentialsFile == "" {
+		return getenv
+	}
+	return func(k string) string {
+		if k == "AWS_SHARED_CREDENTIALS_FILE" {
+			return r.S3.CredentialsFile
+		}
+		return getenv(k)
+	}
 }
 
 // Libvirt says how to reach libvirtd.
@@ -270,6 +339,19 @@ func (r *Repository) UnmarshalYAML(n *yaml.Node) error {
 }
 
 // UnmarshalYAML implements yaml.Unmarshaler, recording key lines.
+func (s *S3Location) UnmarshalYAML(n *yaml.Node) error {
+	type plain S3Location
+	if err := checkKnown(n, (*plain)(s)); err != nil {
+		return err
+	}
+	if err := n.Decode((*plain)(s)); err != nil {
+		return err
+	}
+	s.lines = keyLines(n)
+	return nil
+}
+
+// UnmarshalYAML implements yaml.Unmarshaler, recording key lines.
 func (w *Window) UnmarshalYAML(n *yaml.Node) error {
 	type plain Window
 	if err := checkKnown(n, (*plain)(w)); err != nil {
@@ -455,18 +537,55 @@ func (c *Config) errorf(line int, field, format string, args ...any) error {
 	return fmt.Errorf("%s:%d: %s: %s", c.file, line, field, fmt.Sprintf(format, args...))
 }
 
+func (c *Config) validateS3(field string, s *S3Location) []error {
+	var errs []error
+	line := func(k string) int {
+		if l, ok := s.lines[k]; ok {
+			return l
+		}
+		return s.lines[""]
+	}
+	u, err := url.Parse(s.Endpoint)
+	if s.Endpoint == "" || err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" || strings.Trim(u.Path, "/") != "" || u.User != nil || u.RawQuery != "" {
+		errs = append(errs, c.errorf(line("endpoint"), field+".endpoint", "%q: use https://HOST[:PORT] (or http:// on a trusted network), without bucket, path or credentials", s.Endpoint))
+	}
+	if s.Bucket == "" || strings.ContainsAny(s.Bucket, "/?#") {
+		errs = append(errs, c.errorf(line("bucket"), field+".bucket", "%q: name the bucket, which must exist", s.Bucket))
+	}
+	if s.Style != "" && s.Style != "path" && s.Style != "virtual" {
+		errs = append(errs, c.errorf(line("style"), field+".style", "%q: use path or virtual", s.Style))
+	}
+	for _, f := range []struct{ key, path string }{{"ca_file", s.CAFile}, {"credentials_file", s.CredentialsFile}} {
+		if f.path == "" {
+			continue
+		}
+		if fh, err := os.Open(f.path); err != nil {
+			errs = append(errs, c.errorf(line(f.key), field+"."+f.key, "%v", err))
+		} else {
+			fh.Close()
+		}
+	}
+	return errs
+}
+
 func (c *Config) validate() error {
 	var errs []error
 	if len(c.Repositories) == 0 {
 		errs = append(errs, c.errorf(c.lines[""], "repositories", "no repository is configured"))
 	}
 	for name, r := range c.Repositories {
-		if r == nil || r.Path == "" {
+		field := "repositories." + name
+		switch {
+		case r == nil || r.Path == "" && r.S3 == nil:
 			line := c.lines["repositories"]
 			if r != nil {
 				line = r.lines[""]
 			}
-			errs = append(errs, c.errorf(line, "repositories."+name+".path", "missing: the repository's location (a directory, or s3:https://HOST/BUCKET[/PREFIX])"))
+			errs = append(errs, c.errorf(line, field+".path", "missing: the repository's location (a directory, or s3:https://HOST/BUCKET[/PREFIX]), or s3: with endpoint and bucket"))
+		case r.Path != "" && r.S3 != nil:
+			errs = append(errs, c.errorf(r.lines["s3"], field, "give path or s3, not both"))
+		case r.S3 != nil:
+			errs = append(errs, c.validateS3(field+".s3", r.S3)...)
 		}
 	}
 	for _, l := range []struct {

@@ -2,6 +2,8 @@ package config
 
 import (
 	"os"
+
+	"github.com/kura-backup/kura/internal/backend/location"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -178,5 +180,54 @@ func TestLoad(t *testing.T) {
 func TestExampleConfig(t *testing.T) {
 	if _, err := Load("../../dist/kura.yaml"); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// An S3 repository given field by field becomes the same location string
+// --repo takes, and its credentials file replaces the environment's keys.
+func TestS3Repository(t *testing.T) {
+	creds := filepath.Join(t.TempDir(), "s3-credentials")
+	os.WriteFile(creds, []byte("[default]\naws_access_key_id = K\naws_secret_access_key = S\n"), 0o600)
+	for _, tc := range []struct {
+		name, repo, want, err string
+	}{
+		{"minimal", "s3: {endpoint: https://s3.example.com, bucket: backups}", "s3:https://s3.example.com/backups", ""},
+		{"full", "s3: {endpoint: 'https://minio.lan:9000/', bucket: backups, prefix: /kura/web/, region: eu-west-3, style: virtual, ca_file: " + creds + ", credentials_file: " + creds + "}",
+			"s3:https://minio.lan:9000/backups/kura/web?ca=" + strings.ReplaceAll(creds, "/", "%2F") + "&profile=default&region=eu-west-3&style=virtual", ""},
+		{"profile", "s3: {endpoint: http://127.0.0.1:8333, bucket: b, profile: kura}", "s3:http://127.0.0.1:8333/b?profile=kura", ""},
+		{"both", "path: /srv/kura\n    s3: {endpoint: https://h, bucket: b}", "", "give path or s3, not both"},
+		{"no endpoint", "s3: {bucket: b}", "", `s3.endpoint: "": use https://HOST[:PORT]`},
+		{"endpoint with bucket", "s3: {endpoint: https://h/b, bucket: b}", "", "without bucket, path or credentials"},
+		{"endpoint with key", "s3: {endpoint: 'https://AKIA:secret@h', bucket: b}", "", "without bucket, path or credentials"},
+		{"no bucket", "s3: {endpoint: https://h}", "", `s3.bucket: "": name the bucket`},
+		{"bad style", "s3: {endpoint: https://h, bucket: b, style: dns}", "", `s3.style: "dns": use path or virtual`},
+		{"missing credentials file", "s3: {endpoint: https://h, bucket: b, credentials_file: /nonexistent/creds}", "", "credentials_file: open /nonexistent/creds"},
+		{"unknown field", "s3: {endpoint: https://h, bucket: b, secret_key: x}", "", "field secret_key not found"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			conf := strings.Replace(good, "path: /srv/kura", tc.repo, 1)
+			c, err := Parse("kura.yaml", []byte(conf))
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("error %v, want %q", err, tc.err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			r := c.Repositories["main"]
+			if got := r.Location(); got != tc.want {
+				t.Errorf("location %q, want %q", got, tc.want)
+			}
+			l, err := location.Parse(r.Location(), func(string) string { return "" })
+			if err != nil || l.S3.Bucket != r.S3.Bucket || l.S3.Prefix != strings.Trim(r.S3.Prefix, "/") || l.S3.CAFile != r.S3.CAFile || l.S3.VirtualHost != (r.S3.Style == "virtual") {
+				t.Errorf("the location does not parse back: %+v %v", l.S3, err)
+			}
+			env := r.Getenv(func(k string) string { return "from-env-" + k })
+			if f := env("AWS_SHARED_CREDENTIALS_FILE"); (r.S3.CredentialsFile != "") != (f == creds) {
+				t.Errorf("AWS_SHARED_CREDENTIALS_FILE = %q", f)
+			}
+		})
 	}
 }

@@ -374,13 +374,13 @@ func (d *Daemon) openRepo(ctx context.Context, cfg *config.Config, name string) 
 	} else if err != nil {
 		return nil, fmt.Errorf("repository %s: %w", name, err)
 	}
-	be, err := location.Open(ctx, rc.Path, location.Options{Logger: d.log})
+	be, err := location.Open(ctx, rc.Location(), location.Options{Logger: d.log, Getenv: rc.Getenv(os.Getenv)})
 	if err != nil {
 		return nil, fmt.Errorf("repository %s: %w", name, err)
 	}
 	r, err = repo.Open(ctx, be, pw)
 	if err != nil {
-		return nil, fmt.Errorf("repository %s (%s): %w", name, rc.Path, err)
+		return nil, fmt.Errorf("repository %s (%s): %w", name, be.Location(), err)
 	}
 	d.mu.Lock()
 	d.repos[name] = r
