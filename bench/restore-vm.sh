@@ -31,6 +31,8 @@
 #   BENCH_RESTORE_DD_MIB     read with dd from vdb inside the booted guests [1024]
 #   BENCH_RESTORE_SEED       seed of the data disk's files [42]
 #   BENCH_RESTORE_MEMORY_MIB, BENCH_RESTORE_CPUS  guest size [1024, 2]
+#   BENCH_RESTORE_S3         1: also back the guest up into a repository on a local versitygw
+#                            and time instant recovery from there each boot round [1]
 #   BENCH_RESTORE_OUT        output directory [$KURA_CACHE/bench/restore-results/<timestamp>]
 #   BENCH_WORK               where the scratch directory is made [/tmp]
 #   BENCH_KEEP               1 keeps the scratch directory (disks, repositories)
@@ -70,6 +72,10 @@ if [ "${BENCH_SKIP_INSTALL:-0}" != 1 ]; then
 		GOBIN=$BIN GOFLAGS=-buildvcs=false CGO_ENABLED=0 \
 			go install "github.com/restic/restic/cmd/restic@$RESTIC_VERSION"
 	fi
+fi
+if [ "${BENCH_RESTORE_S3:-1}" = 1 ] && [ "${BENCH_SKIP_INSTALL:-0}" != 1 ]; then
+	log "scripts/s3servers.sh (the S3 server of the instant-from-S3 rows; built once)"
+	bash "$ROOT/scripts/s3servers.sh"
 fi
 tools=${BENCH_RESTORE_TOOLS:-kura restic vnb}
 case " $tools " in *" vnb "*)

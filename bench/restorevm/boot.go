@@ -116,6 +116,35 @@ func (b *bench) bootPair(ctx context.Context, br *BootRun) error {
 		return err
 	}
 	b.irRunning = false
+	if b.s3 == nil {
+		return nil
+	}
+
+	// Instant recovery from the repository on S3.
+	env, unset = b.kuraS3Env()
+	if err := dropCaches(ctx); err != nil {
+		return err
+	}
+	b.irRunning = true
+	m, out, err = b.measure(ctx, fmt.Sprintf("instant-s3-%d", br.Run), false, env, unset,
+		b.cfg.Kura, "instant", b.guestName+"@latest", "--as", b.irName, "--dir", filepath.Join(b.work, fmt.Sprintf("ir-s3-%d", br.Run)))
+	if err != nil {
+		return err
+	}
+	br.InstantS3 = &m
+	if mm := answeredRE.FindStringSubmatch(out); mm != nil {
+		if d, err := time.ParseDuration(mm[1]); err == nil {
+			br.InstantS3AnsweredS = d.Seconds()
+		}
+	}
+	logf("instant recovery from S3 #%d: command %.2f s, guest agent answered %.2f s after it started", br.Run, m.Seconds, br.InstantS3AnsweredS)
+	if br.DDInstantS3, err = b.guestRead(ctx, b.irName, fmt.Sprintf("dd-instant-s3-%d", br.Run)); err != nil {
+		return err
+	}
+	if _, err := runEnv(ctx, env, unset, b.cfg.Kura, "instant", "--stop", b.irName); err != nil {
+		return err
+	}
+	b.irRunning = false
 	return nil
 }
 

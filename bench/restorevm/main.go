@@ -39,6 +39,7 @@ import (
 	"time"
 
 	"github.com/kura-backup/kura/bench/internal/benchutil"
+	"github.com/kura-backup/kura/internal/backend/s3/s3test"
 	"github.com/kura-backup/kura/internal/testvm"
 )
 
@@ -50,24 +51,28 @@ const (
 // config is read from the environment (bench/restore-vm.sh documents each
 // variable).
 type config struct {
-	Out, Work    string
-	RunID        string   // suffix of the domain names
-	Kura         string   // kura binary (BENCH_KURA_BIN)
-	Restic       string   // restic binary (BENCH_RESTIC_BIN)
-	Tools        []string // restore rows: kura restic vnb
-	DataMiB      int      // bytes of files on the data disk
-	DataGiB      int      // virtual size of the data disk
-	RestoreRuns  int
-	BootRuns     int
-	LsRuns       int
-	DDMiB        int // read by dd in the guests
-	LsDir        string
-	BootPing     string // api or virsh: how the cold boot's guest-ping is sent
-	Seed         int64
-	Nice         int
-	Keep         bool
-	MemoryMiB    int
-	CPUs         int
+	Out, Work   string
+	RunID       string   // suffix of the domain names
+	Kura        string   // kura binary (BENCH_KURA_BIN)
+	Restic      string   // restic binary (BENCH_RESTIC_BIN)
+	Tools       []string // restore rows: kura restic vnb
+	DataMiB     int      // bytes of files on the data disk
+	DataGiB     int      // virtual size of the data disk
+	RestoreRuns int
+	BootRuns    int
+	LsRuns      int
+	DDMiB       int // read by dd in the guests
+	LsDir       string
+	BootPing    string // api or virsh: how the cold boot's guest-ping is sent
+	Seed        int64
+	Nice        int
+	Keep        bool
+	MemoryMiB   int
+	CPUs        int
+	// S3 also backs the guest up into a repository on a local S3 server
+	// (versitygw, as the tests start it) and times instant recovery from
+	// there in each boot round.
+	S3           bool
 	KuraPassword string `json:"-"`
 }
 
@@ -115,6 +120,7 @@ func loadConfig() config {
 		Keep:         os.Getenv("BENCH_KEEP") == "1",
 		MemoryMiB:    envInt("BENCH_RESTORE_MEMORY_MIB", 1024),
 		CPUs:         envInt("BENCH_RESTORE_CPUS", 2),
+		S3:           envStr("BENCH_RESTORE_S3", "1") == "1",
 		KuraPassword: "kura-bench-password",
 	}
 	if c.Out == "" {
@@ -225,6 +231,8 @@ type bench struct {
 
 	guestName, localName, irName string
 	guest                        *testvm.Guest
+	s3                           *s3test.Server // with BENCH_RESTORE_S3
+	s3Repo                       string
 	disks                        []diskRef // the guest's disks and their raw references
 	localDefined, irRunning      bool
 }
@@ -244,6 +252,13 @@ func (b *bench) kuraEnv() ([]string, []string) {
 		[]string{"KURA_CACHE", "KURA_PASSWORD_FILE"}
 }
 
+// kuraS3Env is kuraEnv for the repository on the S3 server.
+func (b *bench) kuraS3Env() ([]string, []string) {
+	env, unset := b.kuraEnv()
+	env = append(env[1:], "KURA_REPO="+b.s3Repo)
+	return append(env, b.s3.Env()...), unset
+}
+
 func (b *bench) kura(ctx context.Context, args ...string) (string, error) {
 	env, unset := b.kuraEnv()
 	return runEnv(ctx, env, unset, b.cfg.Kura, args...)
@@ -259,6 +274,9 @@ func (b *bench) cleanup() {
 			logf("cleanup: kura instant --stop %s: %v %s", b.irName, err, out)
 		}
 		b.irRunning = false
+	}
+	if b.s3 != nil {
+		b.s3.Stop()
 	}
 	if b.localDefined {
 		if err := removeDomain(ctx, b.localName); err != nil {

@@ -92,6 +92,10 @@ type BootRun struct {
 	DDInstant        *DDResult `json:"dd_instant,omitempty"`
 	ColdOthers       []string  `json:"cold_other_guests"` // other libvirt domains running at the start
 	InstantOthers    []string  `json:"instant_other_guests"`
+	// Instant recovery from the repository on S3 (BENCH_RESTORE_S3).
+	InstantS3          *Meas     `json:"instant_s3,omitempty"`
+	InstantS3AnsweredS float64   `json:"instant_s3_answered_s,omitempty"`
+	DDInstantS3        *DDResult `json:"dd_instant_s3,omitempty"`
 }
 
 // DDResult is a sequential read of the data disk inside a guest.
@@ -299,6 +303,29 @@ func (b *bench) markdown() string {
 	}
 	if len(cold) > 0 {
 		p("| **median** | **%s** | **%s** | %s | %+.2f | %.0f | %.0f | |\n", sec(median(cold)), sec(median(inst)), sec(median(ans)), median(inst)-median(cold), median(ddl), median(ddi))
+	}
+	var s3i, s3a, s3d []float64
+	for _, x := range r.Boots {
+		if x.InstantS3 != nil && x.InstantS3AnsweredS > 0 {
+			s3i, s3a = append(s3i, x.InstantS3.Seconds), append(s3a, x.InstantS3AnsweredS)
+			if x.DDInstantS3 != nil {
+				s3d = append(s3d, x.DDInstantS3.MBps)
+			}
+		}
+	}
+	if len(s3i) > 0 {
+		p("\n**From S3** (the same restore point backed up into a repository on versitygw on this host; the same measurement, each round right after the local one):\n\n| | instant s | agent answered s | instant − cold s | read MB/s |\n|---|---|---|---|---|\n")
+		for _, x := range r.Boots {
+			if x.InstantS3 == nil {
+				continue
+			}
+			d := ""
+			if x.DDInstantS3 != nil {
+				d = fmt.Sprintf("%.0f", x.DDInstantS3.MBps)
+			}
+			p("| round %d | %s | %s | %+.2f | %s |\n", x.Run, sec(x.InstantS3.Seconds), sec(x.InstantS3AnsweredS), x.InstantS3.Seconds-x.ColdS, d)
+		}
+		p("| **median** | **%s** | %s | %+.2f | %.0f |\n", sec(median(s3i)), sec(median(s3a)), median(s3i)-median(cold), median(s3d))
 	}
 	if len(r.Boots) > 0 {
 		p("\nThe read covers the first %d MiB of vdb, of which %s MB are allocated (data, not holes) in the shut-off guest's disk.\n", c.DDMiB, mb(r.DDAllocated))
