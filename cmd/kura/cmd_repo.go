@@ -25,34 +25,57 @@ func (a *app) printJSON(v any) error {
 }
 
 func (a *app) initCmd() *cobra.Command {
-	var chunkSize string
+	var chunkSize, copyKeyFrom, fromPw string
 	cmd := &cobra.Command{
 		Use:   "init",
 		Short: "Create an encrypted repository",
-		Args:  cobra.NoArgs,
+		Long: "init creates an encrypted repository at --repo (KURA_REPO) under a new password.\n" +
+			"With --copy-key-from SRC it shares SRC's master key and chunk size, under its own password, so that `kura copy`\n" +
+			"between the two sends blobs sealed as they are (SRC's password: --from-password-file, KURA_FROM_PASSWORD_FILE or\n" +
+			"KURA_FROM_PASSWORD, else the repository password; see docs/COPY.md).",
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
 			cs, err := parseChunkSize(chunkSize)
 			if err != nil {
 				return err
 			}
-			be, err := a.backend(cmd.Context())
+			be, err := a.backend(ctx)
 			if err != nil {
 				return err
+			}
+			opts := repo.InitOptions{ChunkSize: cs}
+			if copyKeyFrom != "" {
+				src := copySide{role: "source", loc: copyKeyFrom, pwFile: fromPw, pwEnv: "KURA_FROM_PASSWORD"}
+				sr, err := a.openSide(ctx, src)
+				if err != nil {
+					return err
+				}
+				cfg := sr.Config()
+				if cmd.Flags().Changed("chunk-size") && cs != cfg.ChunkSize {
+					return fmt.Errorf("--chunk-size %s: --copy-key-from takes the chunk size of %s (%s); leave --chunk-size out", chunkSize, copyKeyFrom, humanBytes(int64(cfg.ChunkSize)))
+				}
+				opts = repo.InitOptions{ChunkSize: cfg.ChunkSize, PackSize: cfg.PackSize, Key: sr.Key()}
 			}
 			pw, err := a.password("new repository password: ", true)
 			if err != nil {
 				return err
 			}
-			r, err := repo.Init(cmd.Context(), be, pw, repo.InitOptions{ChunkSize: cs})
+			r, err := repo.Init(ctx, be, pw, opts)
 			if err != nil {
 				return err
 			}
 			fmt.Fprintf(a.stdout, "created repository %s at %s (chunk size %s)\n", r.Config().ID[:8], be.Location(), humanBytes(int64(r.Config().ChunkSize)))
+			if copyKeyFrom != "" {
+				fmt.Fprintf(a.stdout, "it shares the master key of %s: `kura copy` between them copies blobs as they are\n", copyKeyFrom)
+			}
 			fmt.Fprintln(a.stdout, "keep the password safe: without it the data cannot be read")
 			return nil
 		},
 	}
 	cmd.Flags().StringVar(&chunkSize, "chunk-size", "256K", "chunk `size`, a power of two from 64K to 16M")
+	cmd.Flags().StringVar(&copyKeyFrom, "copy-key-from", "", "share the master key and chunk size of the repository at `location` (for kura copy)")
+	cmd.Flags().StringVar(&fromPw, "from-password-file", os.Getenv("KURA_FROM_PASSWORD_FILE"), "with --copy-key-from: read its password from `file` (env KURA_FROM_PASSWORD_FILE; or set KURA_FROM_PASSWORD)")
 	return cmd
 }
 

@@ -200,18 +200,23 @@ func Copy(ctx context.Context, src, dst *repo.Repo, opts Options) (Result, error
 	if c.opts.Workers <= 0 {
 		c.opts.Workers = max(4, 2*runtime.GOMAXPROCS(0))
 	}
-	defer func() {
-		c.res.Duration = time.Since(start)
-		c.res.Seconds = c.res.Duration.Seconds()
-	}()
+	c.res.Copied, c.res.Skipped = []Copied{}, []Copied{}
+	err := c.copy(ctx)
+	c.res.Duration = time.Since(start)
+	c.res.Seconds = c.res.Duration.Seconds()
+	return c.res, err
+}
+
+func (c *copier) copy(ctx context.Context) error {
+	src, dst, opts := c.src, c.dst, c.opts
 	if c.srcID == c.dstID {
-		return c.res, fmt.Errorf("source and target are the same repository (%s): give two different repositories", short(c.srcID))
+		return fmt.Errorf("source and target are the same repository (%s): give two different repositories", short(c.srcID))
 	}
 	if len(opts.Refs) > 0 && (opts.Name != "" || opts.Latest > 0) {
-		return c.res, errors.New("give restore points either by reference or by --name/--latest, not both")
+		return errors.New("give restore points either by reference or by --name/--latest, not both")
 	}
 	if opts.Latest < 0 {
-		return c.res, fmt.Errorf("latest %d: give a positive number of restore points per name", opts.Latest)
+		return fmt.Errorf("latest %d: give a positive number of restore points per name", opts.Latest)
 	}
 	sk, dk := src.Key(), dst.Key()
 	c.shared = sk.Enc == dk.Enc && sk.ID == dk.ID
@@ -222,24 +227,24 @@ func Copy(ctx context.Context, src, dst *repo.Repo, opts Options) (Result, error
 	// deduplicates against before the copy's snapshots are visible.
 	dlock, err := dst.Lock(ctx, repo.LockBackup)
 	if err != nil {
-		return c.res, fmt.Errorf("locking the target %s: %w", dst.Backend().Location(), err)
+		return fmt.Errorf("locking the target %s: %w", dst.Backend().Location(), err)
 	}
 	defer dlock.Unlock(context.WithoutCancel(ctx))
 	slock, err := src.Lock(ctx, repo.LockRead)
 	if err != nil {
-		return c.res, fmt.Errorf("locking the source %s: %w", src.Backend().Location(), err)
+		return fmt.Errorf("locking the source %s: %w", src.Backend().Location(), err)
 	}
 	defer slock.Unlock(context.WithoutCancel(ctx))
 	if err := src.LoadIndex(ctx); err != nil {
-		return c.res, fmt.Errorf("reading the source's index: %w", err)
+		return fmt.Errorf("reading the source's index: %w", err)
 	}
 	if err := dst.LoadIndex(ctx); err != nil {
-		return c.res, fmt.Errorf("reading the target's index: %w", err)
+		return fmt.Errorf("reading the target's index: %w", err)
 	}
 	scanStart := time.Now()
 	scan, err := dst.ScanUnindexedPacks(ctx)
 	if err != nil {
-		return c.res, fmt.Errorf("looking for packs an interrupted copy left in the target: %w", err)
+		return fmt.Errorf("looking for packs an interrupted copy left in the target: %w", err)
 	}
 	if len(scan.PackIDs) > 0 {
 		c.res.PacksIndexed = dst.IndexPacks(scan.PackIDs)
@@ -251,11 +256,11 @@ func Copy(ctx context.Context, src, dst *repo.Repo, opts Options) (Result, error
 
 	all, damaged, err := src.SnapshotsLenient(ctx)
 	if err != nil {
-		return c.res, fmt.Errorf("listing the source's restore points: %w", err)
+		return fmt.Errorf("listing the source's restore points: %w", err)
 	}
 	todo, err := selectSnapshots(all, opts)
 	if err != nil {
-		return c.res, err
+		return err
 	}
 	considered := len(todo)
 	if len(opts.Refs) == 0 && opts.Name == "" && opts.Latest == 0 {
@@ -270,7 +275,7 @@ func Copy(ctx context.Context, src, dst *repo.Repo, opts Options) (Result, error
 	}
 	dstAll, _, err := dst.SnapshotsLenient(ctx)
 	if err != nil {
-		return c.res, fmt.Errorf("listing the target's restore points: %w", err)
+		return fmt.Errorf("listing the target's restore points: %w", err)
 	}
 	c.dstBy = map[origin]*repo.Snapshot{}
 	for _, t := range dstAll {
@@ -294,7 +299,7 @@ func Copy(ctx context.Context, src, dst *repo.Repo, opts Options) (Result, error
 			c.res.Failed = append(c.res.Failed, Failure{Name: s.Name, Time: s.Time, Source: s.ID, Error: se.err.Error()})
 		case err != nil:
 			c.finishCounts()
-			return c.res, err
+			return err
 		default:
 			c.res.Copied = append(c.res.Copied, Copied{Name: s.Name, Time: s.Time, Source: s.ID, Target: t.ID})
 			c.addTarget(t)
@@ -305,14 +310,14 @@ func Copy(ctx context.Context, src, dst *repo.Repo, opts Options) (Result, error
 	// Packs found by the scan are indexed even when nothing was copied.
 	if err := dst.Flush(ctx); err != nil {
 		c.finishCounts()
-		return c.res, fmt.Errorf("writing the target's index: %w", err)
+		return fmt.Errorf("writing the target's index: %w", err)
 	}
 	c.finishCounts()
 	if n := len(c.res.Failed); n > 0 {
 		f := c.res.Failed[0]
-		return c.res, fmt.Errorf("%d of %d %w; the first: %s", n, considered, ErrNotCopied, f.Error)
+		return fmt.Errorf("%d of %d %w; the first: %s", n, considered, ErrNotCopied, f.Error)
 	}
-	return c.res, nil
+	return nil
 }
 
 // finishCounts takes the totals the target's writer kept.

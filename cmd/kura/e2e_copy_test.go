@@ -1,0 +1,121 @@
+package main
+
+import (
+	"encoding/json"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/kura-backup/kura/internal/backend/s3/s3test"
+	"github.com/kura-backup/kura/internal/crypt"
+)
+
+// copySummary is what `kura copy --json` prints.
+type copySummary struct {
+	From      string `json:"from"`
+	To        string `json:"to"`
+	SharedKey bool   `json:"shared_key"`
+	Copied    []struct {
+		Name   string `json:"name"`
+		Source string `json:"source"`
+		Target string `json:"target"`
+	} `json:"copied"`
+	Skipped       []struct{} `json:"skipped"`
+	Failed        []struct{} `json:"failed"`
+	ChunksSent    int64      `json:"chunks_sent"`
+	ChunksPresent int64      `json:"chunks_present"`
+	BytesSent     int64      `json:"bytes_sent"`
+	BlobsVerified int64      `json:"blobs_verified"`
+}
+
+func (e *env) copyJSON(args ...string) copySummary {
+	e.t.Helper()
+	var s copySummary
+	out := e.ok(append([]string{"copy", "--json"}, args...)...)
+	if err := json.Unmarshal([]byte(out), &s); err != nil {
+		e.t.Fatalf("copy --json: %v\n%s", err, out)
+	}
+	return s
+}
+
+// TestCopyToS3 copies a local repository's restore points to a
+// repository on each real S3 server, as a user would: once to a target
+// with its own key (re-encrypted), once to one made with
+// --copy-key-from (sealed blobs as they are, with --verify); each copy
+// restores byte for byte from S3, a second copy sends nothing, and the
+// targets verify clean.
+func TestCopyToS3(t *testing.T) {
+	for _, k := range s3test.Kinds {
+		t.Run(string(k), func(t *testing.T) {
+			srv := s3servers.Get(t, k)
+			e := newEnv(t) // the local source, the default repository
+			e.vars = srv.Env()
+			raw := filepath.Join(e.dir, "vm1-disk0.raw")
+			makeImage(t, raw, 32<<20, 21, 30)
+			first := filepath.Join(e.dir, "first.raw")
+			copyFile(t, raw, first)
+			e.ok("init", "--chunk-size", "256K")
+			e.ok("backup", "image", raw, "--name", "vm1")
+			scribble(t, raw, 22, 8)
+			e.ok("backup", "image", raw, "--name", "vm1")
+			ss := e.snapshots()
+
+			// The target with its own key and password; the source's
+			// password stays KURA_PASSWORD (the --repo side).
+			target := srv.Location(srv.Bucket, "copy/"+crypt.RandomID().Short())
+			s3 := *e
+			s3.repo, s3.pw = target, "the offsite password"
+			s3.ok("init")
+			toPw := writeFile(t, e.dir, "to-pw", s3.pw+"\n")
+			res := e.copyJSON("--to", target, "--to-password-file", toPw)
+			if len(res.Copied) != 2 || res.SharedKey || res.ChunksSent == 0 || !strings.HasPrefix(res.To, "s3:") {
+				t.Fatalf("copy: %+v", res)
+			}
+			out := filepath.Join(e.dir, "out")
+			s3.ok("restore", "vm1@latest", "--to", out)
+			sameFile(t, filepath.Join(out, "vm1-disk0.raw"), raw)
+			copies := s3.snapshots()
+			if len(copies) != 2 {
+				t.Fatalf("%d restore points on S3", len(copies))
+			}
+			out1 := filepath.Join(e.dir, "out1")
+			s3.ok("restore", copies[0].ID, "--to", out1)
+			sameFile(t, filepath.Join(out1, "vm1-disk0.raw"), first)
+
+			// Again: nothing to send. The password from the environment
+			// this time.
+			again := *e
+			again.vars = append(append([]string(nil), e.vars...), "KURA_TO_PASSWORD="+s3.pw)
+			if res := again.copyJSON("--to", target); len(res.Copied) != 0 || len(res.Skipped) != 2 || res.ChunksSent != 0 || res.BytesSent != 0 {
+				t.Errorf("second copy: %+v", res)
+			}
+			if out := s3.ok("verify", "--read-data"); !strings.Contains(out, "no problems found") {
+				t.Fatalf("verify on S3: %s", out)
+			}
+
+			// A target sharing the source's key, written from S3's side:
+			// --repo is the target, --from the source.
+			shared := s3
+			shared.repo = srv.Location(srv.Bucket, "copy/"+crypt.RandomID().Short())
+			shared.vars = append(append([]string(nil), e.vars...), "KURA_FROM_PASSWORD="+e.pw)
+			if out := shared.ok("init", "--copy-key-from", e.repo); !strings.Contains(out, "shares the master key") {
+				t.Errorf("init --copy-key-from: %s", out)
+			}
+			res = shared.copyJSON("--from", e.repo, "--latest", "1", "--verify")
+			if len(res.Copied) != 1 || res.Copied[0].Source != ss[1].ID || !res.SharedKey || res.BlobsVerified < res.ChunksSent {
+				t.Fatalf("shared-key copy: %+v", res)
+			}
+			out2 := filepath.Join(e.dir, "out2")
+			shared.ok("restore", "vm1@latest", "--to", out2)
+			sameFile(t, filepath.Join(out2, "vm1-disk0.raw"), raw)
+			// The human summary, and a wrong password for the other side
+			// in one line that says where it comes from.
+			if out := shared.ok("copy", "--from", e.repo); !strings.Contains(out, "1 copied, 1 already in the target") || !strings.Contains(out, "shared key") {
+				t.Errorf("copy summary: %s", out)
+			}
+			wrong := shared
+			wrong.vars = append(append([]string(nil), e.vars...), "KURA_FROM_PASSWORD=nope")
+			wrong.fails("--from-password-file", "copy", "--from", e.repo)
+		})
+	}
+}
