@@ -1,10 +1,20 @@
 package main
 
 import (
+	"context"
+	cryptorand "crypto/rand"
+	"encoding/base64"
 	"encoding/json"
+	"fmt"
+	"io"
+	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
+	"time"
+
+	"github.com/minio/minio-go/v7"
 
 	"github.com/kura-backup/kura/internal/backend/s3/s3test"
 	"github.com/kura-backup/kura/internal/crypt"
@@ -26,6 +36,7 @@ type copySummary struct {
 	ChunksPresent int64      `json:"chunks_present"`
 	BytesSent     int64      `json:"bytes_sent"`
 	BlobsVerified int64      `json:"blobs_verified"`
+	Seconds       float64    `json:"seconds"`
 }
 
 func (e *env) copyJSON(args ...string) copySummary {
@@ -118,4 +129,93 @@ func TestCopyToS3(t *testing.T) {
 			wrong.fails("--from-password-file", "copy", "--from", e.repo)
 		})
 	}
+}
+
+// TestCopyThroughput measures kura copy of a 256 MiB image (half random,
+// half base64 text) from a local repository to another local one and to
+// versitygw, with a shared key and with independent keys, then a copy
+// with nothing to send with 5000 more objects under the S3 target's
+// data/ (what one listing of a big target costs). It runs only with
+// KURA_COPY_BENCH=1:
+//
+//	KURA_COPY_BENCH=1 go test -p 1 -run TestCopyThroughput -v ./cmd/kura/
+func TestCopyThroughput(t *testing.T) {
+	if os.Getenv("KURA_COPY_BENCH") == "" {
+		t.Skip("set KURA_COPY_BENCH=1 to measure")
+	}
+	e := newEnv(t)
+	img := filepath.Join(e.dir, "img.raw")
+	f, err := os.Create(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rnd := make([]byte, 128<<20)
+	if _, err := cryptorand.Read(rnd); err != nil {
+		t.Fatal(err)
+	}
+	f.Write(rnd[:64<<20])
+	f.Write(rnd[64<<20:])
+	enc := base64.NewEncoder(base64.StdEncoding, f)
+	if _, err := io.CopyN(enc, cryptorand.Reader, 96<<20); err != nil {
+		t.Fatal(err)
+	}
+	enc.Close()
+	f.Close()
+	e.ok("init")
+	e.ok("backup", "image", img, "--name", "vm1")
+	srv := s3servers.Get(t, s3test.VersityGW)
+	e.vars = srv.Env()
+	e.vars = append(e.vars, "KURA_TO_PASSWORD=pw2", "KURA_FROM_PASSWORD="+e.pw)
+	measure := func(what, target string, shared bool) {
+		to := *e
+		to.repo, to.pw = target, "pw2"
+		if shared {
+			to.ok("init", "--copy-key-from", e.repo)
+		} else {
+			to.ok("init")
+		}
+		start := time.Now()
+		res := e.copyJSON("--to", target)
+		el := time.Since(start)
+		mib := float64(res.BytesSent) / (1 << 20)
+		t.Logf("%-20s %-10s: %.1f MiB sent in %.2fs (%.0f MiB/s; whole command with unlocking both %.2fs); %d chunks", what, map[bool]string{true: "shared key", false: "own key"}[shared],
+			mib, res.Seconds, mib/res.Seconds, el.Seconds(), res.ChunksSent)
+		start = time.Now()
+		res = e.copyJSON("--to", target)
+		t.Logf("%-20s again     : nothing sent (%d chunks) in %.2fs (whole command %.2fs)", what, res.ChunksSent, res.Seconds, time.Since(start).Seconds())
+	}
+	for _, shared := range []bool{false, true} {
+		measure("local -> local", filepath.Join(e.dir, fmt.Sprintf("local-%v", shared)), shared)
+		measure("local -> versitygw", srv.Location(srv.Bucket, "bench/"+crypt.RandomID().Short()), shared)
+	}
+	// One listing of a target with 5000 more objects under data/.
+	prefix := "bench/" + crypt.RandomID().Short()
+	target := srv.Location(srv.Bucket, prefix)
+	to := *e
+	to.repo, to.pw = target, "pw2"
+	to.ok("init")
+	e.copyJSON("--to", target)
+	before := e.copyJSON("--to", target)
+	c, err := srv.Client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 16)
+	for i := range 5000 {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			name := fmt.Sprintf("%s/data/zz/filler-%05d", prefix, i)
+			if _, err := c.PutObject(ctx, srv.Bucket, name, strings.NewReader("x"), 1, minio.PutObjectOptions{}); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	after := e.copyJSON("--to", target)
+	t.Logf("copy with nothing to send: %.2fs; with 5000 more objects in the target's data/: %.2fs", before.Seconds, after.Seconds)
 }
