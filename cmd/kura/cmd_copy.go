@@ -87,8 +87,8 @@ func (a *app) copyCmd() *cobra.Command {
 				p := last
 				mu.Unlock()
 				rate := float64(p.BytesSent) / max(time.Since(started).Seconds(), 0.001)
-				return fmt.Sprintf("copy %d/%d %s  %d chunks sent, %d present  %s sent (%s/s)", min(p.Done+1, p.Snapshots), p.Snapshots, termsafe.Line(p.Current),
-					p.ChunksSent, p.ChunksPresent, humanBytes(p.BytesSent), humanBytes(int64(rate)))
+				return fmt.Sprintf("copy %d/%d %s  %d/%d new chunks  %d sent, %d present  %s sent (%s/s)", min(p.Done+1, p.Snapshots), p.Snapshots, termsafe.Line(p.Current),
+					p.ChunksChecked, p.ChunksToCheck, p.ChunksSent, p.ChunksPresent, humanBytes(p.BytesSent), humanBytes(int64(rate)))
 			})
 			res, err := repocopy.Copy(ctx, sr, dr, repocopy.Options{Name: name, Latest: latest, Refs: args, Verify: verify, Workers: workers, Logger: a.log,
 				Progress: func(p repocopy.Progress) {

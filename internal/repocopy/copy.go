@@ -295,7 +295,7 @@ func (c *copier) copy(ctx context.Context) error {
 		var se *skipError
 		switch {
 		case errors.As(err, &se):
-			c.log.Warn("restore point not copied", "snapshot", short(s.ID), "name", s.Name, "err", se.err)
+			c.log.Info("restore point not copied", "snapshot", short(s.ID), "name", s.Name, "err", se.err)
 			c.res.Failed = append(c.res.Failed, Failure{Name: s.Name, Time: s.Time, Source: s.ID, Error: se.err.Error()})
 		case err != nil:
 			c.finishCounts()
