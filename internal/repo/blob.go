@@ -222,7 +222,9 @@ func (r *Repo) Flush(ctx context.Context) error {
 // landed but before its index file did makes them part of the index, so
 // that it and every later run finds their blobs without a scan and `kura
 // verify` sees them indexed. A pack listed by two index files (a backup
-// still running indexes its own) is allowed: see docs/FORMAT.md.
+// still running indexes its own) is allowed: see docs/FORMAT.md. Packs a
+// prune marked for deletion are left out: its sweep, which no lock of
+// this process holds back when the mark came first, may be deleting them.
 func (r *Repo) IndexPacks(packs []crypt.ID) int {
 	want := make(map[crypt.ID]bool, len(packs))
 	for _, p := range packs {

@@ -299,8 +299,15 @@ func (x *Index) byPack() map[crypt.ID][]packEntry {
 }
 
 // packEntries returns every indexed copy in the given packs, grouped by
-// pack in offset order.
+// pack in offset order, leaving out packs a prune marked for deletion.
 func (x *Index) packEntries(packs map[crypt.ID]bool) map[crypt.ID][]packEntry {
+	x.mu.RLock()
+	for p := range packs {
+		if n, ok := x.packNum[p]; ok && x.doomed[n] {
+			delete(packs, p)
+		}
+	}
+	x.mu.RUnlock()
 	out := map[crypt.ID][]packEntry{}
 	x.EachCopy(func(id crypt.ID, l Loc, _ bool) {
 		if packs[l.Pack] {
