@@ -97,6 +97,9 @@ func (a *app) copyCmd() *cobra.Command {
 					mu.Unlock()
 				}})
 			stop()
+			if errors.Is(err, context.Canceled) {
+				fmt.Fprintln(a.stderr, "kura: copy interrupted: the target holds whole restore points only; run the same copy again to resume without sending again what landed")
+			}
 			if err != nil && !errors.Is(err, repocopy.ErrNotCopied) && res.Selected == 0 {
 				return err
 			}
