@@ -27,15 +27,20 @@ func (a *app) printJSON(v any) error {
 
 func (a *app) initCmd() *cobra.Command {
 	var (
-		chunkSize                 string
-		lockMode                  string
-		lockDays, maintenanceDays int
+		chunkSize, copyKeyFrom, fromPw string
+		lockMode                       string
+		lockDays, maintenanceDays      int
 	)
 	cmd := &cobra.Command{
 		Use:   "init",
 		Short: "Create an encrypted repository",
-		Args:  cobra.NoArgs,
+		Long: "init creates an encrypted repository at --repo (KURA_REPO) under a new password.\n" +
+			"With --copy-key-from SRC it shares SRC's master key and chunk size, under its own password, so that `kura copy`\n" +
+			"between the two sends blobs sealed as they are (SRC's password: --from-password-file, KURA_FROM_PASSWORD_FILE or\n" +
+			"KURA_FROM_PASSWORD, else the repository password; see docs/COPY.md).",
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
 			cs, err := parseChunkSize(chunkSize)
 			if err != nil {
 				return err
@@ -49,21 +54,38 @@ func (a *app) initCmd() *cobra.Command {
 			} else if cmd.Flags().Changed("lock-days") || cmd.Flags().Changed("lock-maintenance-days") {
 				return errors.New("--lock-days and --lock-maintenance-days go with --lock compliance|governance")
 			}
-			be, err := a.backend(cmd.Context())
+			be, err := a.backend(ctx)
 			if err != nil {
 				return err
+			}
+			opts := repo.InitOptions{ChunkSize: cs}
+			if copyKeyFrom != "" {
+				src := copySide{role: "source", loc: copyKeyFrom, pwFile: fromPw, pwEnv: "KURA_FROM_PASSWORD"}
+				sr, err := a.openSide(ctx, src)
+				if err != nil {
+					return err
+				}
+				cfg := sr.Config()
+				if cmd.Flags().Changed("chunk-size") && cs != cfg.ChunkSize {
+					return fmt.Errorf("--chunk-size %s: --copy-key-from takes the chunk size of %s (%s); leave --chunk-size out", chunkSize, copyKeyFrom, humanBytes(int64(cfg.ChunkSize)))
+				}
+				opts = repo.InitOptions{ChunkSize: cfg.ChunkSize, PackSize: cfg.PackSize, Key: sr.Key()}
 			}
 			pw, err := a.password("new repository password: ", true)
 			if err != nil {
 				return err
 			}
-			r, err := repo.Init(cmd.Context(), be, pw, repo.InitOptions{ChunkSize: cs, Lock: lock})
+			opts.Lock = lock
+			r, err := repo.Init(ctx, be, pw, opts)
 			if err != nil {
 				return err
 			}
 			fmt.Fprintf(a.stdout, "created repository %s at %s (chunk size %s)\n", r.Config().ID[:8], be.Location(), humanBytes(int64(r.Config().ChunkSize)))
 			if lc := r.ObjectLock(); lc != nil {
 				fmt.Fprintf(a.stdout, "object lock: %s mode, every object locked for %d days; prune at least every %d days to keep what restore points need locked\n", strings.ToLower(lc.Mode), lc.Days, lc.MaintenanceDays)
+			}
+			if copyKeyFrom != "" {
+				fmt.Fprintf(a.stdout, "it shares the master key of %s: `kura copy` between them copies blobs as they are\n", copyKeyFrom)
 			}
 			fmt.Fprintln(a.stdout, "keep the password safe: without it the data cannot be read")
 			return nil
@@ -73,6 +95,8 @@ func (a *app) initCmd() *cobra.Command {
 	cmd.Flags().StringVar(&lockMode, "lock", "", "lock every object against deletion and overwrite (S3 object lock): `compliance` or governance")
 	cmd.Flags().IntVar(&lockDays, "lock-days", 30, "with --lock: `days` every object stays locked, moved forward by prune while restore points need it")
 	cmd.Flags().IntVar(&maintenanceDays, "lock-maintenance-days", repo.DefaultMaintenanceDays, "with --lock: the longest time in `days` between two prunes (the lock must outlast it by a day)")
+	cmd.Flags().StringVar(&copyKeyFrom, "copy-key-from", "", "share the master key and chunk size of the repository at `location` (for kura copy)")
+	cmd.Flags().StringVar(&fromPw, "from-password-file", os.Getenv("KURA_FROM_PASSWORD_FILE"), "with --copy-key-from: read its password from `file` (env KURA_FROM_PASSWORD_FILE; or set KURA_FROM_PASSWORD)")
 	return cmd
 }
 

@@ -105,7 +105,7 @@ func (a *app) rootCmd() *cobra.Command {
 	numRange(root.PersistentFlags(), "key-fd", 3, 1<<20, "an inherited file descriptor")
 	root.AddCommand(a.initCmd(), a.backupCmd(), a.snapshotsCmd(), a.restoreCmd(), a.verifyCmd(),
 		a.forgetCmd(), a.pruneCmd(), a.statsCmd(), a.keyCmd(), a.unlockCmd(), a.exportCmd(), a.instantCmd(), a.filesCmd(), a.mountCmd(),
-		a.serverCmd(), a.runNowCmd(), a.runsCmd(), a.jobsCmd(), a.repairCmd())
+		a.serverCmd(), a.runNowCmd(), a.runsCmd(), a.jobsCmd(), a.repairCmd(), a.copyCmd())
 	return root
 }
 
@@ -116,6 +116,13 @@ func (a *app) backend(ctx context.Context) (backend.Backend, error) {
 	if a.repoPath == "" {
 		return nil, errors.New("no repository given: set KURA_REPO or pass --repo")
 	}
+	return a.backendAt(ctx, a.repoPath)
+}
+
+// backendAt opens the storage at loc as backend does the repository's
+// (a second repository: kura copy's --from and --to, init's
+// --copy-key-from).
+func (a *app) backendAt(ctx context.Context, loc string) (backend.Backend, error) {
 	opts := location.Options{Logger: a.log}
 	for _, l := range []struct {
 		flag, val string
@@ -130,7 +137,7 @@ func (a *app) backend(ctx context.Context) (backend.Backend, error) {
 		}
 		*l.to = float64(r)
 	}
-	return location.Open(ctx, a.repoPath, opts)
+	return location.Open(ctx, loc, opts)
 }
 
 // password returns the repository password from KURA_PASSWORD, the
@@ -160,6 +167,31 @@ func (a *app) password(prompt string, confirm bool) ([]byte, error) {
 		}
 	}
 	return p, nil
+}
+
+// sidePassword returns the password of a second repository (kura copy's
+// --from or --to, init's --copy-key-from): from its own password file
+// (file), else from the environment variable env, else the repository
+// password (--password-file, KURA_PASSWORD_FILE, KURA_PASSWORD: one
+// password for both), else a prompt on the terminal. Never from the
+// command line.
+func (a *app) sidePassword(file, env, prompt string) ([]byte, error) {
+	if file != "" {
+		return repo.ReadPassword(file)
+	}
+	if p, ok := os.LookupEnv(env); ok {
+		return []byte(p), nil
+	}
+	if p, err := repo.ReadPassword(a.passwordFile); !errors.Is(err, repo.ErrNoPassword) {
+		return p, err
+	}
+	if !term.IsTerminal(int(os.Stdin.Fd())) {
+		return nil, fmt.Errorf("no password for %s: set %s_FILE or %s, or KURA_PASSWORD for both repositories", strings.TrimSuffix(prompt, " password: "), env, env)
+	}
+	fmt.Fprint(a.stderr, prompt)
+	p, err := term.ReadPassword(int(os.Stdin.Fd()))
+	fmt.Fprintln(a.stderr)
+	return p, err
 }
 
 func (a *app) open(ctx context.Context) (*repo.Repo, error) {
@@ -277,6 +309,9 @@ func (a *app) progressOn() bool {
 func explain(err error) string {
 	switch {
 	case errors.Is(err, repo.ErrWrongPassword):
+		if strings.Contains(err.Error(), "-password-file") {
+			return err.Error() // says already where the password comes from
+		}
 		return err.Error() + ": try another password or --password-file, or see `kura key list`"
 	case errors.Is(err, backend.ErrNoSpace):
 		return err.Error() + ": free space on the repository's disk; the repository is unchanged except for unreferenced data that `kura prune` removes"

@@ -215,6 +215,31 @@ func (r *Repo) Flush(ctx context.Context) error {
 	return nil
 }
 
+// IndexPacks queues packs for the index file the next Flush writes and
+// returns how many it queued. It is for packs no index file lists that the
+// loaded index holds because ScanUnindexedPacks read them from their
+// headers: a writer resuming a run that was interrupted after its packs
+// landed but before its index file did makes them part of the index, so
+// that it and every later run finds their blobs without a scan and `kura
+// verify` sees them indexed. A pack listed by two index files (a backup
+// still running indexes its own) is allowed: see docs/FORMAT.md. Packs a
+// prune marked for deletion are left out: its sweep, which no lock of
+// this process holds back when the mark came first, may be deleting them.
+func (r *Repo) IndexPacks(packs []crypt.ID) int {
+	want := make(map[crypt.ID]bool, len(packs))
+	for _, p := range packs {
+		want[p] = true
+	}
+	found := r.idx.packEntries(want)
+	r.wmu.Lock()
+	defer r.wmu.Unlock()
+	w := r.pw()
+	for p, es := range found {
+		w.unsaved[p] = es
+	}
+	return len(found)
+}
+
 // Stored returns what this Repo has written so far.
 func (r *Repo) Stored() Counters {
 	r.wmu.Lock()

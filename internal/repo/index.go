@@ -298,6 +298,28 @@ func (x *Index) byPack() map[crypt.ID][]packEntry {
 	return out
 }
 
+// packEntries returns every indexed copy in the given packs, grouped by
+// pack in offset order, leaving out packs a prune marked for deletion.
+func (x *Index) packEntries(packs map[crypt.ID]bool) map[crypt.ID][]packEntry {
+	x.mu.RLock()
+	for p := range packs {
+		if n, ok := x.packNum[p]; ok && x.doomed[n] {
+			delete(packs, p)
+		}
+	}
+	x.mu.RUnlock()
+	out := map[crypt.ID][]packEntry{}
+	x.EachCopy(func(id crypt.ID, l Loc, _ bool) {
+		if packs[l.Pack] {
+			out[l.Pack] = append(out[l.Pack], packEntry{ID: id, Type: l.Type, Compressed: l.Compressed, Offset: l.Offset, Length: l.Length, RawLength: l.RawLength})
+		}
+	})
+	for _, es := range out {
+		sort.Slice(es, func(i, j int) bool { return es[i].Offset < es[j].Offset })
+	}
+	return out
+}
+
 const indexMagic = "KIDX\x01"
 
 // encodeIndex encodes packs' entries as an index file body (before

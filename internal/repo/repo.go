@@ -81,6 +81,11 @@ type InitOptions struct {
 	// Lock creates the repository with object lock; the storage must be
 	// able to lock objects (backend.Locker), which Init checks.
 	Lock *LockConfig
+	// Key, when set, is the master key to use instead of a new one: the
+	// repository then shares it (and so its chunk ids) with the repository
+	// it came from, and `kura copy` between the two moves sealed blobs
+	// as they are (kura init --copy-key-from).
+	Key *crypt.Key
 }
 
 // Repo is an open, unlocked repository. It is safe for concurrent use.
@@ -157,9 +162,18 @@ func Init(ctx context.Context, be backend.Backend, password []byte, opts InitOpt
 		}
 		opts.Lock = &lc
 	}
-	key, err := crypt.NewKey()
-	if err != nil {
-		return nil, err
+	var key *crypt.Key
+	if opts.Key != nil {
+		// A copy: the caller's key stays its own.
+		key = &crypt.Key{Enc: opts.Key.Enc, ID: opts.Key.ID}
+		if err := key.Restore(); err != nil {
+			return nil, err
+		}
+	} else {
+		var err error
+		if key, err = crypt.NewKey(); err != nil {
+			return nil, err
+		}
 	}
 	cfg := Config{
 		Version: FormatVersion, ID: crypt.RandomID().String(), ChunkSize: cs, PackSize: ps,

@@ -43,6 +43,18 @@ type Snapshot struct {
 	Disks      []Disk            `json:"disks"`
 	Stats      BackupStats       `json:"stats"`
 	Tags       map[string]string `json:"tags,omitempty"`
+	// CopiedFrom says where a restore point `kura copy` wrote came from:
+	// first the repository and snapshot it was copied from, then that
+	// snapshot's own CopiedFrom (a copy of a copy). Empty for a backup.
+	CopiedFrom []Origin `json:"copied_from,omitempty"`
+}
+
+// Origin names a snapshot in another repository: its config id and its
+// snapshot id, and when the copy was made.
+type Origin struct {
+	Repo     string    `json:"repo"`
+	Snapshot string    `json:"snapshot"`
+	Copied   time.Time `json:"copied"`
 }
 
 // VMConfig is the machine's configuration saved with a snapshot.
