@@ -177,8 +177,18 @@ func TestS3LockedRepository(t *testing.T) {
 			}
 			view.fails("read-only", "backup", "image", raw, "--name", "vm1")
 
-			// And into a fresh repository with kura copy, when it exists,
-			// is how the user gets a writable one back (docs/S3.md).
+			// A writable repository again: the restore points copied out
+			// of the view into a fresh one.
+			rec := *e
+			rec.repo = filepath.Join(e.dir, "recovered")
+			rec.ok("init")
+			view.ok("copy", "--from", view.repo, "--to", rec.repo)
+			if got := rec.snapshots(); len(got) != 3 {
+				t.Fatalf("copied out of the view: %+v", got)
+			}
+			dst := filepath.Join(e.dir, "from-recovered")
+			rec.ok("restore", "vm1@latest", "--to", dst) // the third backup: state 0
+			sameFile(t, filepath.Join(dst, "vm1-disk0.raw"), states[0])
 		})
 	}
 }
