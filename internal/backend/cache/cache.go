@@ -316,9 +316,11 @@ func (b *Backend) List(ctx context.Context, prefix string, fn func(backend.Objec
 	if len(spaces) == 0 && !withConfig {
 		return b.be.List(ctx, prefix, fn)
 	}
-	// Second resolution of the files' times, and a margin for filesystems
-	// that keep coarser ones.
-	start := time.Now().Add(-2 * time.Second)
+	// A copy older than the listing is of an object the store had before
+	// it, so one the listing leaves out is gone from the store; a newer
+	// copy may be of an object saved since. Whole seconds: some
+	// filesystems keep no finer times.
+	start := time.Now().Truncate(time.Second)
 	listed := map[string]bool{}
 	err := b.be.List(ctx, prefix, func(oi backend.ObjectInfo) error {
 		if Cached(oi.Name) {
