@@ -2,8 +2,9 @@
 // as --repo, KURA_REPO or a configuration's repository path, and the
 // backends they open. It is the one place that turns a location into a
 // backend.Backend, wrapped in the decorators every caller gets: retries
-// for object stores (internal/backend/retry) and bandwidth limits
-// (internal/backend/limit).
+// for object stores (internal/backend/retry), bandwidth limits
+// (internal/backend/limit), and for object stores a local cache of the
+// metadata objects (internal/backend/cache).
 //
 // Locations:
 //
@@ -36,6 +37,7 @@ import (
 	"time"
 
 	"github.com/kura-backup/kura/internal/backend"
+	"github.com/kura-backup/kura/internal/backend/cache"
 	"github.com/kura-backup/kura/internal/backend/limit"
 	"github.com/kura-backup/kura/internal/backend/local"
 	"github.com/kura-backup/kura/internal/backend/retry"
@@ -57,6 +59,15 @@ type Options struct {
 	// UploadLimit and DownloadLimit are bandwidth limits in bytes per
 	// second for the repository's objects; 0 for none.
 	UploadLimit, DownloadLimit float64
+	// NoCache leaves object stores without the local metadata cache
+	// (internal/backend/cache), which they get by default. A local
+	// directory never gets it: reading its objects is as fast as reading
+	// the cache's.
+	NoCache bool
+	// CacheDir is the directory that holds the metadata caches, one
+	// directory per location in it; "" takes cache.Root of the
+	// environment (Getenv). When neither gives one, there is no cache.
+	CacheDir string
 	// S3 tunes S3 backends: MultipartThreshold, PartSize,
 	// PartConcurrency and Transport are taken from it; the rest comes
 	// from the location and the environment.
@@ -220,10 +231,51 @@ func Canonical(loc string) (string, error) {
 	return abs, nil
 }
 
+// cacheKey names the storage l designates, for the metadata cache: an
+// S3 location without its parameters (which change how the store is
+// reached, not which objects it holds); a local directory's absolute path.
+func (l Location) cacheKey() string {
+	if l.Kind == "s3" {
+		k := "s3:" + l.S3.Endpoint + "/" + l.S3.Bucket
+		if l.S3.Prefix != "" {
+			k += "/" + l.S3.Prefix
+		}
+		return k
+	}
+	abs, err := filepath.Abs(l.Path)
+	if err != nil {
+		abs = l.Path
+	}
+	return "local:" + abs
+}
+
+// CacheDir returns the directory of loc's metadata cache under the
+// cache root of opts (CacheDir, else from the environment), whether or
+// not Open would use it; "" when there is no cache root.
+func CacheDir(loc string, opts Options) (string, error) {
+	getenv := opts.Getenv
+	if getenv == nil {
+		getenv = os.Getenv
+	}
+	l, err := Parse(loc, getenv)
+	if err != nil {
+		return "", err
+	}
+	root := opts.CacheDir
+	if root == "" {
+		root = cache.Root(getenv)
+	}
+	if root == "" {
+		return "", nil
+	}
+	return cache.Dir(root, l.cacheKey()), nil
+}
+
 // Open opens the backend at loc. An S3 location is checked on the way
-// (the bucket exists, the credentials are accepted) and wrapped in
-// retries unless opts.NoRetry; any location gets the bandwidth limits of
-// opts.
+// (the bucket exists, the credentials are accepted), wrapped in retries
+// unless opts.NoRetry, and given a local metadata cache unless
+// opts.NoCache; any location gets the bandwidth limits of opts (which a
+// load served by the cache does not count against).
 func Open(ctx context.Context, loc string, opts Options) (backend.Backend, error) {
 	getenv := opts.Getenv
 	if getenv == nil {
@@ -269,6 +321,24 @@ func Open(ctx context.Context, loc string, opts Options) (backend.Backend, error
 	}
 	if opts.UploadLimit > 0 || opts.DownloadLimit > 0 {
 		be = limit.New(be, opts.UploadLimit, opts.DownloadLimit)
+	}
+	if l.Kind == "s3" && !opts.NoCache {
+		root := opts.CacheDir
+		if root == "" {
+			root = cache.Root(getenv)
+		}
+		if root == "" {
+			log.Debug("no metadata cache: set KURA_CACHE_DIR, XDG_CACHE_HOME or HOME")
+			return be, nil
+		}
+		key := l.cacheKey()
+		cb, err := cache.New(be, cache.Dir(root, key), key, log)
+		if err != nil {
+			log.Warn("going on without the metadata cache", "err", err)
+			return be, nil
+		}
+		log.Debug("metadata cache", "dir", cb.Dir())
+		be = cb
 	}
 	return be, nil
 }

@@ -477,3 +477,104 @@ func SlowDown(req *http.Request) *http.Response {
 		Header: http.Header{"Content-Type": {"application/xml"}}, Body: io.NopCloser(strings.NewReader(body)),
 		ContentLength: int64(len(body)), Request: req, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1}
 }
+
+// Delay is an http.RoundTripper that makes a store look far away: it
+// waits its delay before passing each request to Base (or
+// http.DefaultTransport), as a round trip to a distant region would, and
+// counts the requests by kind (Kind). Tests put it in s3.Config.Transport
+// and assert on the counts; bench/s3delay puts it behind a proxy so that
+// kura commands can be timed against a slow store. Safe for concurrent
+// use; the zero delay passes requests on at once.
+type Delay struct {
+	Base http.RoundTripper
+
+	mu     sync.Mutex
+	delay  time.Duration
+	counts map[string]int
+	onReq  func(kind string, req *http.Request)
+}
+
+// NewDelay returns a Delay of d in front of base.
+func NewDelay(base http.RoundTripper, d time.Duration) *Delay {
+	return &Delay{Base: base, delay: d, counts: map[string]int{}}
+}
+
+// SetDelay changes the delay of the next requests.
+func (d *Delay) SetDelay(delay time.Duration) {
+	d.mu.Lock()
+	d.delay = delay
+	d.mu.Unlock()
+}
+
+// OnRequest calls f for each request, after counting it (a request log).
+func (d *Delay) OnRequest(f func(kind string, req *http.Request)) {
+	d.mu.Lock()
+	d.onReq = f
+	d.mu.Unlock()
+}
+
+// Counts returns the requests seen since the last Reset, by kind.
+func (d *Delay) Counts() map[string]int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := make(map[string]int, len(d.counts))
+	for k, v := range d.counts {
+		out[k] = v
+	}
+	return out
+}
+
+// Reset sets the counts to zero.
+func (d *Delay) Reset() {
+	d.mu.Lock()
+	clear(d.counts)
+	d.mu.Unlock()
+}
+
+// RequestKind names an S3 request: LIST for a listing of objects or
+// uploads, BUCKET for a question about the bucket (its region), else the
+// HTTP method (GET of an object, PUT, HEAD, DELETE, POST).
+func RequestKind(req *http.Request) string {
+	q := req.URL.Query()
+	switch {
+	case req.Method != http.MethodGet:
+		return req.Method
+	case q.Has("list-type") || q.Has("prefix") || q.Has("uploads") || q.Has("delimiter"):
+		return "LIST"
+	case q.Has("location"):
+		return "BUCKET"
+	}
+	return req.Method
+}
+
+// RoundTrip implements http.RoundTripper.
+func (d *Delay) RoundTrip(req *http.Request) (*http.Response, error) {
+	kind := RequestKind(req)
+	d.mu.Lock()
+	if d.counts == nil {
+		d.counts = map[string]int{}
+	}
+	d.counts[kind]++
+	delay, onReq := d.delay, d.onReq
+	d.mu.Unlock()
+	if onReq != nil {
+		onReq(kind, req)
+	}
+	if delay > 0 {
+		t := time.NewTimer(delay)
+		select {
+		case <-t.C:
+		case <-req.Context().Done():
+			t.Stop()
+			if req.Body != nil {
+				req.Body.Close()
+			}
+			return nil, req.Context().Err()
+		}
+	}
+	base := d.Base
+	if base == nil {
+		base = http.DefaultTransport
+	}
+	return base.RoundTrip(req)
+}
