@@ -343,7 +343,11 @@ func (a *app) startServer(ctx context.Context, s *instantSession, r *repo.Repo) 
 		return err
 	}
 	defer keyPipe.Close()
-	c := childenv.Command(exe, "--repo", s.Repo, "--key-fd", "3", "export", s.Snapshot, "--socket", s.Socket, "--cache", "64")
+	args := []string{"--repo", s.Repo, "--key-fd", "3"}
+	if a.noCache {
+		args = append(args, "--no-cache")
+	}
+	c := childenv.Command(exe, append(args, "export", s.Snapshot, "--socket", s.Socket, "--cache", "64")...)
 	c.Env = childenv.ForKura() // an S3 repository's credentials, not the password
 	c.ExtraFiles = []*os.File{keyPipe}
 	c.Stdout, c.Stderr = logf, logf

@@ -16,15 +16,17 @@ var s3servers = s3test.NewPool()
 // TestS3EndToEnd drives kura against a repository on each real S3 server
 // as a user would, on a generated raw image (no VM): init, backup, list,
 // restore byte for byte, an incremental backup, verify --read-data,
-// forget and prune, restore again; and the errors a user meets with a
-// wrong key or a missing bucket, each on one line.
+// forget and prune, restore again; the metadata cache filled, followed
+// and cleared; and the errors a user meets with a wrong key or a missing
+// bucket, each on one line.
 func TestS3EndToEnd(t *testing.T) {
 	for _, k := range s3test.Kinds {
 		t.Run(string(k), func(t *testing.T) {
 			srv := s3servers.Get(t, k)
 			e := newEnv(t)
 			e.repo = srv.Location(srv.Bucket, "e2e/"+crypt.RandomID().Short())
-			e.vars = srv.Env()
+			cacheRoot := filepath.Join(e.dir, "cache")
+			e.vars = append(srv.Env(), "KURA_CACHE_DIR="+cacheRoot)
 			raw := filepath.Join(e.dir, "vm1-disk0.raw")
 			makeImage(t, raw, 48<<20, 11, 40)
 			first := filepath.Join(e.dir, "first.raw")
@@ -74,6 +76,34 @@ func TestS3EndToEnd(t *testing.T) {
 			sameFile(t, filepath.Join(out4, "vm1-disk0.raw"), raw)
 			if out := e.ok("verify", "--read-data"); !strings.Contains(out, "no problems found") {
 				t.Fatalf("verify after prune: %s", out)
+			}
+
+			// The metadata cache followed the forget: it holds the one
+			// snapshot left. It can be cleared, and left unused.
+			cached := func(sub string) []string {
+				t.Helper()
+				m, _ := filepath.Glob(filepath.Join(cacheRoot, "*", "objects", sub, "*"))
+				return m
+			}
+			if got := cached("snapshots"); len(got) != 1 || filepath.Base(got[0]) != e.snapshots()[0].ID {
+				t.Errorf("cached snapshots %v, want the one left", got)
+			}
+			if len(cached("index")) == 0 || len(cached("keys")) != 1 || len(cached("data")) != 0 || len(cached("locks")) != 0 {
+				t.Errorf("cache holds index %v, keys %v, data %v, locks %v", cached("index"), cached("keys"), cached("data"), cached("locks"))
+			}
+			if out := e.ok("cache", "clear"); !strings.Contains(out, "removed "+cacheRoot) {
+				t.Errorf("cache clear: %s", out)
+			}
+			e.ok("--no-cache", "snapshots")
+			if m, _ := filepath.Glob(filepath.Join(cacheRoot, "*")); len(m) != 0 {
+				t.Errorf("--no-cache wrote %v", m)
+			}
+			e.ok("snapshots")
+			if len(cached("snapshots")) != 1 {
+				t.Errorf("the cache was not filled again: %v", cached("snapshots"))
+			}
+			if out := e.ok("cache", "clear", "--all"); !strings.Contains(out, "removed "+cacheRoot) {
+				t.Errorf("cache clear --all: %s", out)
 			}
 
 			// A bandwidth limit is taken by any command, and checked.

@@ -37,6 +37,7 @@ type app struct {
 	passwordFile string
 	limitUpload  string // --limit-upload
 	limitDown    string // --limit-download
+	noCache      bool   // --no-cache
 	quiet        bool
 	verbose      bool
 	cpuProfile   string
@@ -95,6 +96,7 @@ func (a *app) rootCmd() *cobra.Command {
 	root.PersistentFlags().StringVarP(&a.repoPath, "repo", "r", os.Getenv("KURA_REPO"), "repository `location`: a directory, or s3:https://HOST/BUCKET[/PREFIX] (env KURA_REPO; S3 credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)")
 	root.PersistentFlags().StringVar(&a.limitUpload, "limit-upload", "", "send at most `RATE` per second to the repository (e.g. 20MiB; default: unlimited)")
 	root.PersistentFlags().StringVar(&a.limitDown, "limit-download", "", "receive at most `RATE` per second from the repository (default: unlimited)")
+	root.PersistentFlags().BoolVar(&a.noCache, "no-cache", false, "do not use the local metadata cache of a repository on S3 (see kura cache --help)")
 	root.PersistentFlags().StringVar(&a.passwordFile, "password-file", os.Getenv("KURA_PASSWORD_FILE"), "read the password from `file` (env KURA_PASSWORD_FILE; or set KURA_PASSWORD)")
 	root.PersistentFlags().BoolVarP(&a.quiet, "quiet", "q", false, "no progress output")
 	root.PersistentFlags().BoolVarP(&a.verbose, "verbose", "v", false, "debug logging")
@@ -105,13 +107,14 @@ func (a *app) rootCmd() *cobra.Command {
 	numRange(root.PersistentFlags(), "key-fd", 3, 1<<20, "an inherited file descriptor")
 	root.AddCommand(a.initCmd(), a.backupCmd(), a.snapshotsCmd(), a.restoreCmd(), a.verifyCmd(),
 		a.forgetCmd(), a.pruneCmd(), a.statsCmd(), a.keyCmd(), a.unlockCmd(), a.exportCmd(), a.instantCmd(), a.filesCmd(), a.mountCmd(),
-		a.serverCmd(), a.runNowCmd(), a.runsCmd(), a.jobsCmd(), a.repairCmd(), a.copyCmd())
+		a.serverCmd(), a.runNowCmd(), a.runsCmd(), a.jobsCmd(), a.repairCmd(), a.copyCmd(), a.cacheCmd())
 	return root
 }
 
 // backend opens the repository's storage through the location registry:
-// a local directory or an S3 bucket (with retries), within the bandwidth
-// limits of --limit-upload and --limit-download.
+// a local directory or an S3 bucket (with retries and, unless --no-cache,
+// the local metadata cache), within the bandwidth limits of
+// --limit-upload and --limit-download.
 func (a *app) backend(ctx context.Context) (backend.Backend, error) {
 	if a.repoPath == "" {
 		return nil, errors.New("no repository given: set KURA_REPO or pass --repo")
@@ -123,7 +126,7 @@ func (a *app) backend(ctx context.Context) (backend.Backend, error) {
 // (a second repository: kura copy's --from and --to, init's
 // --copy-key-from).
 func (a *app) backendAt(ctx context.Context, loc string) (backend.Backend, error) {
-	opts := location.Options{Logger: a.log}
+	opts := location.Options{Logger: a.log, NoCache: a.noCache}
 	for _, l := range []struct {
 		flag, val string
 		to        *float64
