@@ -39,6 +39,9 @@ KURA=${KURA:-}
 if [ -z "$KURA" ]; then
 	KURA=$WORKDIR/kura
 	(cd "$here" && go build -o "$KURA" ./cmd/kura)
+	label="kura $(cd "$here" && git describe --always --dirty)"
+else
+	label=$KURA
 fi
 (cd "$here" && go build -o "$WORKDIR/s3delay" ./bench/s3delay)
 
@@ -128,7 +131,7 @@ for run in $(seq "$RUNS"); do
 done
 
 {
-	echo "kura $("$KURA" --version 2>/dev/null || echo "($(cd "$here" && git rev-parse --short HEAD))"), $POINTS restore points, versitygw behind $DELAY per request, $RUNS runs per mode (median, min-max)"
+	echo "$label, $POINTS restore points, versitygw behind $DELAY per request, $RUNS runs per mode (median, min-max)"
 	echo
 	echo "| command | cache | time (ms) | requests | by kind |"
 	echo "| --- | --- | --- | --- | --- |"

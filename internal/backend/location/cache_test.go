@@ -26,8 +26,8 @@ import (
 
 // TestCacheChain: an S3 location gets the metadata cache outside every
 // other decorator, in the directory of its location under the cache
-// root; not with NoCache, nor without a cache root; a local directory
-// never.
+// root; not with NoCache, nor without a cache root, nor for a view as of
+// a time; a local directory never.
 func TestCacheChain(t *testing.T) {
 	srv := servers.Get(t, s3test.VersityGW)
 	ctx := context.Background()
@@ -66,11 +66,15 @@ func TestCacheChain(t *testing.T) {
 	if cb, ok := be.(*cache.Backend); !ok || filepath.Dir(cb.Dir()) != root2 {
 		t.Fatalf("Open with CacheDir = %T", be)
 	}
-	for name, opts := range map[string]Options{
-		"NoCache":       {Getenv: env, NoCache: true},
-		"no cache root": {Getenv: envOf(srv.Env()...)},
+	for name, tc := range map[string]struct {
+		loc  string
+		opts Options
+	}{
+		"NoCache":       {loc, Options{Getenv: env, NoCache: true}},
+		"no cache root": {loc, Options{Getenv: envOf(srv.Env()...)}},
+		"as-of":         {loc + "?as-of=" + time.Now().UTC().Format(time.RFC3339), Options{Getenv: env}},
 	} {
-		be, err := Open(ctx, loc, opts)
+		be, err := Open(ctx, tc.loc, tc.opts)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -274,7 +274,7 @@ func CacheDir(loc string, opts Options) (string, error) {
 // Open opens the backend at loc. An S3 location is checked on the way
 // (the bucket exists, the credentials are accepted), wrapped in retries
 // unless opts.NoRetry, and given a local metadata cache unless
-// opts.NoCache; any location gets the bandwidth limits of opts (which a
+// opts.NoCache or it is a view as of a time; any location gets the bandwidth limits of opts (which a
 // load served by the cache does not count against).
 func Open(ctx context.Context, loc string, opts Options) (backend.Backend, error) {
 	getenv := opts.Getenv
@@ -322,7 +322,10 @@ func Open(ctx context.Context, loc string, opts Options) (backend.Backend, error
 	if opts.UploadLimit > 0 || opts.DownloadLimit > 0 {
 		be = limit.New(be, opts.UploadLimit, opts.DownloadLimit)
 	}
-	if l.Kind == "s3" && !opts.NoCache {
+	// Not for a view of the past (as-of): it must read the versions the
+	// store kept, never copies of the present ones, which after an attack
+	// that overwrote objects may be the attacker's bytes.
+	if l.Kind == "s3" && !opts.NoCache && l.S3.AsOf.IsZero() {
 		root := opts.CacheDir
 		if root == "" {
 			root = cache.Root(getenv)
