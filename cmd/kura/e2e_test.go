@@ -60,7 +60,9 @@ type result struct {
 
 func (e *env) cmd(args ...string) *exec.Cmd {
 	c := exec.Command(kuraBin, args...)
-	c.Env = append(os.Environ(), "KURA_REPO="+e.repo, "KURA_PASSWORD="+e.pw)
+	// The metadata cache of S3 repositories stays in the test's
+	// directory, not in the user's home.
+	c.Env = append(os.Environ(), "KURA_REPO="+e.repo, "KURA_PASSWORD="+e.pw, "KURA_CACHE_DIR="+filepath.Join(e.dir, "kura-cache"))
 	if e.path != "" {
 		c.Env = append(c.Env, "PATH="+e.path)
 	}
