@@ -155,7 +155,6 @@ type Backend struct {
 	log     *slog.Logger
 
 	configChecked atomic.Bool // the config was loaded from the store once
-	hits, misses  atomic.Int64
 	writeWarned   atomic.Bool
 }
 
@@ -184,10 +183,6 @@ func (b *Backend) Unwrap() backend.Backend { return b.be }
 
 // Dir returns the repository's cache directory.
 func (b *Backend) Dir() string { return b.dir }
-
-// Stats returns how many loads of cached names the cache served and how
-// many it loaded from the store.
-func (b *Backend) Stats() (hits, misses int64) { return b.hits.Load(), b.misses.Load() }
 
 func (b *Backend) path(name string) string {
 	return filepath.Join(b.objects, filepath.FromSlash(name))
@@ -223,9 +218,7 @@ func (b *Backend) Load(ctx context.Context, name string, offset, length int64) (
 	if name != "config" || b.configChecked.Load() {
 		data, ok = b.get(name)
 	}
-	if ok {
-		b.hits.Add(1)
-	} else {
+	if !ok {
 		var err error
 		if data, err = b.fill(ctx, name); err != nil {
 			return nil, err
@@ -236,7 +229,6 @@ func (b *Backend) Load(ctx context.Context, name string, offset, length int64) (
 
 // fill loads name from the store into the cache.
 func (b *Backend) fill(ctx context.Context, name string) ([]byte, error) {
-	b.misses.Add(1)
 	data, err := b.be.Load(ctx, name, 0, 0)
 	if err != nil {
 		if errors.Is(err, backend.ErrNotFound) {
