@@ -459,14 +459,14 @@ func (b *Backend) drop(name string) {
 // dropAll removes every cached object of the location: the objects
 // directory is renamed away, then removed.
 func (b *Backend) dropAll(why string) {
-	b.log.Info("metadata cache: dropping every cached object of the repository", "why", why, "cache", b.dir)
 	gone := filepath.Join(b.dir, tmpPrefix+"drop-"+crypt.RandomID().Short())
 	if err := os.Rename(b.objects, gone); err != nil {
 		if !errors.Is(err, fs.ErrNotExist) {
-			b.log.Warn("metadata cache: cannot drop the cache", "cache", b.dir, "err", err)
+			b.log.Warn("metadata cache: cannot drop the cache", "cache", b.dir, "why", why, "err", err)
 		}
 		return
 	}
+	b.log.Info("metadata cache: dropped every cached object of the repository", "why", why, "cache", b.dir)
 	if err := os.RemoveAll(gone); err != nil {
 		b.log.Warn("metadata cache: cannot remove the dropped cache", "dir", gone, "err", err)
 	}
