@@ -168,6 +168,15 @@ func New(be backend.Backend, dir, loc string, log *slog.Logger) (*Backend, error
 	if err := os.MkdirAll(b.objects, 0o700); err != nil {
 		return nil, fmt.Errorf("metadata cache: %w", err)
 	}
+	// What a process killed while dropping the cache, or writing the
+	// location file, left behind.
+	if entries, err := os.ReadDir(dir); err == nil {
+		for _, e := range entries {
+			if info, err := e.Info(); err == nil && strings.HasPrefix(e.Name(), tmpPrefix) && time.Since(info.ModTime()) > staleTemp {
+				_ = os.RemoveAll(filepath.Join(dir, e.Name()))
+			}
+		}
+	}
 	want := []byte(loc + "\n")
 	lf := filepath.Join(dir, LocationFile)
 	if got, err := os.ReadFile(lf); err != nil || !bytes.Equal(got, want) {

@@ -530,6 +530,21 @@ func TestFilesAndModes(t *testing.T) {
 	if _, err := os.Stat(stale); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("stale temporary file still there: %v", err)
 	}
+	// A dropped cache a killed process did not finish removing goes when
+	// the next one opens the cache.
+	dropped := filepath.Join(dir, tmpPrefix+"drop-x")
+	if err := os.MkdirAll(filepath.Join(dropped, "index"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chtimes(dropped, old, old); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := New(store, dir, "s3:http://127.0.0.1:9/bucket/prefix", nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(dropped); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("stale dropped cache still there: %v", err)
+	}
 }
 
 func TestRoot(t *testing.T) {
