@@ -151,7 +151,6 @@ func (r *Repo) uploadPack(ctx context.Context, buf []byte, entries []packEntry) 
 		r.packs.Put(&buf)
 	}
 	r.wmu.Lock()
-	defer r.wmu.Unlock()
 	if err != nil {
 		w.errMu.Lock()
 		if w.err == nil {
@@ -161,6 +160,7 @@ func (r *Repo) uploadPack(ctx context.Context, buf []byte, entries []packEntry) 
 		for _, e := range entries {
 			delete(w.inflight, e.ID)
 		}
+		r.wmu.Unlock()
 		return fmt.Errorf("writing pack: %w", err)
 	}
 	r.idx.add(id, entries)
@@ -169,7 +169,43 @@ func (r *Repo) uploadPack(ctx context.Context, buf []byte, entries []packEntry) 
 	}
 	w.unsaved[id] = entries
 	w.stored.Packs++
+	var batch map[crypt.ID][]packEntry
+	if len(w.unsaved) >= indexEvery {
+		batch, w.unsaved = w.unsaved, map[crypt.ID][]packEntry{}
+	}
+	r.wmu.Unlock()
+	if batch != nil {
+		r.saveIndexBatch(ctx, batch)
+	}
 	return nil
+}
+
+// indexEvery is how many packs a writer uploads before it writes an index
+// file for them, without waiting for Flush: a backup killed (or cut off
+// from its storage) half-way leaves at most that many packs no index
+// lists, and the next backup finds the rest in the index and does not
+// send them again (on object storage, the difference between resuming and
+// starting over). 32 packs of 16 MiB: an index file of about 100 KiB per
+// 512 MiB stored.
+const indexEvery = 32
+
+// saveIndexBatch writes an index file for batch; if it fails, the packs
+// go back to the writer's unsaved ones, for Flush to index (and fail
+// on, if the storage still refuses).
+func (r *Repo) saveIndexBatch(ctx context.Context, batch map[crypt.ID][]packEntry) {
+	name, err := r.saveIndex(ctx, batch)
+	if err != nil {
+		r.log.Debug("an intermediate index file was not written; the final one will list its packs", "err", err)
+		r.wmu.Lock()
+		for id, es := range batch {
+			r.writer.unsaved[id] = es
+		}
+		r.wmu.Unlock()
+		return
+	}
+	r.idx.mu.Lock()
+	r.idx.files = append(r.idx.files, name)
+	r.idx.mu.Unlock()
 }
 
 // Flush uploads the partial pack, waits for every upload and writes an

@@ -378,3 +378,48 @@ func TestOpenWithKey(t *testing.T) {
 		t.Errorf("OpenWithKey with another repository's key: %v", err)
 	}
 }
+
+// A writer indexes its packs every indexEvery packs, not only at Flush:
+// a backup killed half-way leaves what it uploaded indexed, and the next
+// one does not send it again.
+func TestPacksIndexedBeforeFlush(t *testing.T) {
+	ctx := context.Background()
+	r, dir := newRepo(t) // 256 KiB packs
+	chunks := randomChunks(40, 16*indexEvery, MinChunkSize)
+	s := r.NewSealer()
+	ids := make([]crypt.ID, len(chunks))
+	for i, c := range chunks {
+		ids[i] = r.Key().Hash(c)
+		if err := r.StoreBlob(ctx, s, DataBlob, ids[i], c); err != nil {
+			t.Fatal(err)
+		}
+	}
+	packs := r.Stored().Packs
+	if packs < indexEvery+1 || packs%indexEvery == 0 {
+		t.Fatalf("the test wrote %d packs, want more than %d and not a multiple", packs, indexEvery)
+	}
+	// No Flush: the process dies here.
+	next := reopen(t, dir)
+	n := 0
+	for _, id := range ids {
+		if next.idx.Has(id) {
+			n++
+		}
+	}
+	if want := int(packs/indexEvery*indexEvery) * len(ids) / int(packs); n < want*9/10 || n == len(ids) {
+		t.Fatalf("%d of %d chunks indexed after a writer wrote %d packs and stopped without Flush, want about %d", n, len(ids), packs, want)
+	}
+	if err := r.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := reopen(t, dir); func() bool {
+		for _, id := range ids {
+			if !got.idx.Has(id) {
+				return false
+			}
+		}
+		return true
+	}() == false {
+		t.Fatal("not every chunk indexed after Flush")
+	}
+}
