@@ -37,7 +37,7 @@ type Run struct {
 	ID      int64
 	Job     string
 	Kind    string // KindBackup (the default) or KindCopy
-	Manual  bool // started with run-now
+	Manual  bool   // started with run-now
 	Due     time.Time
 	Started time.Time
 	Ended   time.Time // zero while running
