@@ -113,14 +113,14 @@ server:
 
 	// At start the daemon reads what the target lacks.
 	s.waitFor(time.Minute, "the pending gauges", func() bool {
-		_, ok := metricValue(s.metrics(), `kura_copy_pending_restore_points{job="offsite",vm="db01"}`)
+		_, ok := metricValue(s.metrics(), `kura_copy_pending_restore_points{copy_job="offsite",vm="db01"}`)
 		return ok
 	})
 	m := s.metrics()
 	for series, want := range map[string]float64{
-		`kura_copy_pending_restore_points{job="offsite",vm="web01"}`:   2,
-		`kura_copy_pending_restore_points{job="offsite",vm="db01"}`:    1,
-		`kura_copy_newest_timestamp_seconds{job="offsite",vm="web01"}`: 0,
+		`kura_copy_pending_restore_points{copy_job="offsite",vm="web01"}`:   2,
+		`kura_copy_pending_restore_points{copy_job="offsite",vm="db01"}`:    1,
+		`kura_copy_newest_timestamp_seconds{copy_job="offsite",vm="web01"}`: 0,
 	} {
 		if v, ok := metricValue(m, series); !ok || v != want {
 			t.Errorf("%s = %v (%v), want %v\n%s", series, v, ok, want, m)
@@ -162,13 +162,13 @@ server:
 	}
 
 	m = s.metrics()
-	sent, _ := metricValue(m, `kura_copy_bytes_sent_total{job="offsite"}`)
+	sent, _ := metricValue(m, `kura_copy_bytes_sent_total{copy_job="offsite"}`)
 	for series, want := range map[string]float64{
-		`kura_copy_pending_restore_points{job="offsite",vm="web01"}`:   0,
-		`kura_copy_pending_restore_points{job="offsite",vm="db01"}`:    0,
-		`kura_copy_newest_timestamp_seconds{job="offsite",vm="web01"}`: float64(src["web01"][2].Unix()),
-		`kura_copy_newest_timestamp_seconds{job="offsite",vm="db01"}`:  float64(src["db01"][0].Unix()),
-		`kura_copy_runs_total{job="offsite",status="succeeded"}`:       1,
+		`kura_copy_pending_restore_points{copy_job="offsite",vm="web01"}`:   0,
+		`kura_copy_pending_restore_points{copy_job="offsite",vm="db01"}`:    0,
+		`kura_copy_newest_timestamp_seconds{copy_job="offsite",vm="web01"}`: float64(src["web01"][2].Unix()),
+		`kura_copy_newest_timestamp_seconds{copy_job="offsite",vm="db01"}`:  float64(src["db01"][0].Unix()),
+		`kura_copy_runs_total{copy_job="offsite",status="succeeded"}`:       1,
 	} {
 		if v, ok := metricValue(m, series); !ok || v != want {
 			t.Errorf("%s = %v (%v), want %v", series, v, ok, want)
@@ -177,7 +177,7 @@ server:
 	if sent < 1<<20 {
 		t.Errorf("kura_copy_bytes_sent_total %v after copying three 8 MiB images", sent)
 	}
-	for _, series := range []string{`kura_copy_duration_seconds{job="offsite"}`, `kura_copy_last_success_timestamp_seconds{job="offsite"}`} {
+	for _, series := range []string{`kura_copy_duration_seconds{copy_job="offsite"}`, `kura_copy_last_success_timestamp_seconds{copy_job="offsite"}`} {
 		if v, ok := metricValue(m, series); !ok || v <= 0 {
 			t.Errorf("%s = %v (%v)", series, v, ok)
 		}
@@ -188,10 +188,10 @@ server:
 		t.Fatalf("the second copy run: %+v\n%s", r, s.log.String())
 	}
 	m = s.metrics()
-	if v, _ := metricValue(m, `kura_copy_bytes_sent_total{job="offsite"}`); v != sent {
+	if v, _ := metricValue(m, `kura_copy_bytes_sent_total{copy_job="offsite"}`); v != sent {
 		t.Errorf("the second run sent %v bytes", v-sent)
 	}
-	if v, _ := metricValue(m, `kura_copy_runs_total{job="offsite",status="succeeded"}`); v != 2 {
+	if v, _ := metricValue(m, `kura_copy_runs_total{copy_job="offsite",status="succeeded"}`); v != 2 {
 		t.Errorf("kura_copy_runs_total succeeded = %v after two runs", v)
 	}
 
@@ -267,7 +267,7 @@ server:
 		t.Fatalf("the backup run %+v and the copy run after it %+v\n%s", nightly, copied, s.log.String())
 	}
 	src = snapTimes(e)
-	if v, _ := metricValue(s.metrics(), `kura_copy_newest_timestamp_seconds{job="offsite",vm="db01"}`); v != float64(src["db01"][1].Unix()) {
+	if v, _ := metricValue(s.metrics(), `kura_copy_newest_timestamp_seconds{copy_job="offsite",vm="db01"}`); v != float64(src["db01"][1].Unix()) {
 		t.Errorf("the newest copy of db01 at %v, want %v", v, src["db01"][1].Unix())
 	}
 	if out := e.ok("runs", "--config", cfgPath); !regexp.MustCompile(`(?m)^\d+\s+backup\s+nightly\s`).MatchString(out) {

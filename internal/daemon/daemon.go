@@ -137,12 +137,15 @@ func New(opts Options) (*Daemon, error) {
 			queue:       reg.Gauge("kura_queue_length", "VMs due and waiting to start."),
 			running:     reg.Gauge("kura_backups_running", "Backups running now."),
 
-			copyPending:     reg.Gauge("kura_copy_pending_restore_points", "Restore points of the VM that the copy job selects in its source and its target lacks.", "job", "vm"),
-			copyNewest:      reg.Gauge("kura_copy_newest_timestamp_seconds", "When the newest restore point of the VM in the copy job's target was taken (Unix time; 0: none).", "job", "vm"),
-			copyRuns:        reg.Counter("kura_copy_runs_total", "Runs of the copy job, by status (succeeded, partial, failed, interrupted).", "job", "status"),
-			copyBytes:       reg.Counter("kura_copy_bytes_sent_total", "Bytes the copy job sent to its target (stored size: compressed, encrypted).", "job"),
-			copyDuration:    reg.Gauge("kura_copy_duration_seconds", "How long the copy job's last run took.", "job"),
-			copyLastSuccess: reg.Gauge("kura_copy_last_success_timestamp_seconds", "When the copy job's last successful run started (Unix time).", "job"),
+			// Copy jobs' series are labelled copy_job, not job: Prometheus
+			// gives every series it scrapes a job label of its own (the
+			// scrape job's), and renames an exposed job label exported_job.
+			copyPending:     reg.Gauge("kura_copy_pending_restore_points", "Restore points of the VM that the copy job selects in its source and its target lacks.", "copy_job", "vm"),
+			copyNewest:      reg.Gauge("kura_copy_newest_timestamp_seconds", "When the newest restore point of the VM in the copy job's target was taken (Unix time; 0: none).", "copy_job", "vm"),
+			copyRuns:        reg.Counter("kura_copy_runs_total", "Runs of the copy job, by status (succeeded, partial, failed, interrupted).", "copy_job", "status"),
+			copyBytes:       reg.Counter("kura_copy_bytes_sent_total", "Bytes the copy job sent to its target (stored size: compressed, encrypted).", "copy_job"),
+			copyDuration:    reg.Gauge("kura_copy_duration_seconds", "How long the copy job's last run took.", "copy_job"),
+			copyLastSuccess: reg.Gauge("kura_copy_last_success_timestamp_seconds", "When the copy job's last successful run started (Unix time).", "copy_job"),
 		},
 	}
 	return d, nil
