@@ -13,7 +13,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kura-backup/kura/internal/backend/s3/s3test"
 	"github.com/kura-backup/kura/internal/catalog"
+	"github.com/kura-backup/kura/internal/crypt"
 )
 
 // metricValue returns the value of the sample of metrics whose name and
@@ -272,5 +274,79 @@ server:
 	}
 	if out := e.ok("runs", "--config", cfgPath); !regexp.MustCompile(`(?m)^\d+\s+backup\s+nightly\s`).MatchString(out) {
 		t.Errorf("kura runs does not tell the backup run:\n%s", out)
+	}
+}
+
+// TestServerCopyJobToS3 runs a copy job of `kura server` into a bucket of
+// a real S3 server (versitygw), the target given field by field with a
+// credentials file, and its upload held to the job's bandwidth: the copy
+// restores byte for byte from the bucket, took at least as long as the
+// limit allows for what it sent, and a second run sends nothing.
+func TestServerCopyJobToS3(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts kura server and an S3 server")
+	}
+	srv := s3servers.Get(t, s3test.VersityGW)
+	e := newEnv(t)
+	e.ok("init", "--chunk-size", "256K")
+	raw := filepath.Join(e.dir, "vm1-disk0.raw")
+	makeImage(t, raw, 16<<20, 81, 24)
+	e.ok("backup", "image", raw, "--name", "vm1")
+	scribble(t, raw, 82, 8)
+	e.ok("backup", "image", raw, "--name", "vm1")
+
+	prefix := "daemon-copy/" + crypt.RandomID().Short()
+	s3 := *e
+	s3.repo, s3.pw, s3.vars = srv.Location(srv.Bucket, prefix), "the bucket's password", srv.Env()
+	s3.ok("init")
+	creds := writeFile(t, e.dir, "s3-credentials", fmt.Sprintf("[kura]\naws_access_key_id = %s\naws_secret_access_key = %s\n", srv.AccessKey, srv.SecretKey))
+	listen := freePort(t)
+	cfgPath := writeFile(t, e.dir, "kura.yaml", fmt.Sprintf(`repositories:
+  main:
+    path: %s
+    password_file: %s
+  bucket:
+    s3:
+      endpoint: %s
+      bucket: %s
+      prefix: %s
+      credentials_file: %s
+      profile: kura
+    password_file: %s
+copies:
+  - name: to-bucket
+    from: main
+    to: bucket
+    schedule: "@daily"
+    bandwidth: 2MiB
+server:
+  listen: %s
+  state_dir: %s
+`, e.repo, writeFile(t, e.dir, "main.pass", e.pw), srv.Endpoint, srv.Bucket, prefix, creds, writeFile(t, e.dir, "bucket.pass", s3.pw),
+		listen, filepath.Join(e.dir, "state")))
+	// The server gets no S3 credentials from its environment: only the
+	// credentials file names them.
+	s := e.startServer(cfgPath, listen)
+	r := s.runNow("to-bucket")
+	if r.Kind != catalog.KindCopy || r.Status != catalog.StatusSucceeded || !strings.Contains(r.Summary, "2 copied") {
+		t.Fatalf("the copy run: %+v\n%s", r, s.log.String())
+	}
+	sent, _ := metricValue(s.metrics(), `kura_copy_bytes_sent_total{copy_job="to-bucket"}`)
+	took := r.Ended.Sub(r.Started)
+	if least := time.Duration(0.7 * sent / (2 << 20) * float64(time.Second)); sent < 2<<20 || took < least {
+		t.Errorf("the copy sent %.0f bytes in %s; at 2 MiB/s it takes at least %s", sent, took, least)
+	}
+	t.Logf("sent %.1f MiB in %s at bandwidth 2MiB", sent/(1<<20), took.Round(time.Millisecond))
+	out := filepath.Join(e.dir, "out")
+	s3.ok("restore", "vm1@latest", "--to", out)
+	sameFile(t, filepath.Join(out, "vm1-disk0.raw"), raw)
+	if v, ok := metricValue(s.metrics(), `kura_copy_pending_restore_points{copy_job="to-bucket",vm="vm1"}`); !ok || v != 0 {
+		t.Errorf("pending %v (%v) after the copy", v, ok)
+	}
+	if r := s.runNow("to-bucket"); r.Status != catalog.StatusSucceeded || !strings.Contains(r.Summary, "0 copied (0 B sent), 2 already in the target") {
+		t.Fatalf("the second copy run: %+v", r)
+	}
+	if v, _ := metricValue(s.metrics(), `kura_copy_bytes_sent_total{copy_job="to-bucket"}`); v != sent {
+		t.Errorf("the second run sent %v bytes", v-sent)
 	}
 }
