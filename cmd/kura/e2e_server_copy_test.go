@@ -197,6 +197,36 @@ server:
 		t.Errorf("kura_copy_runs_total succeeded = %v after two runs", v)
 	}
 
+	// The target out of reach: the run fails, says why, and is counted;
+	// back, the next run has nothing to do.
+	moved := off.repo + ".away"
+	if err := os.Rename(off.repo, moved); err != nil {
+		t.Fatal(err)
+	}
+	// run-now --wait takes a manual run due up to a second before it
+	// asked for its own: the run just before, which did nothing, must be
+	// older than that.
+	time.Sleep(1100 * time.Millisecond)
+	res := e.fails("failed: see `kura runs --run", "run-now", "offsite", "--wait", "--config", cfgPath)
+	if r := s.runs()[0]; r.Kind != catalog.KindCopy || r.Status != catalog.StatusFailed || !strings.HasPrefix(r.Summary, "not copied: ") || !strings.Contains(res.stdout, "offsite: failed") {
+		t.Fatalf("the copy run without its target: %+v; run-now printed %q", r, res.stdout)
+	}
+	if err := os.Rename(moved, off.repo); err != nil {
+		t.Fatal(err)
+	}
+	m = s.metrics()
+	for series, want := range map[string]float64{
+		`kura_copy_runs_total{copy_job="offsite",status="failed"}`: 1,
+		`kura_errors_total{kind="copy"}`:                           1,
+	} {
+		if v, ok := metricValue(m, series); !ok || v != want {
+			t.Errorf("%s = %v (%v), want %v", series, v, ok, want)
+		}
+	}
+	if r := s.runNow("offsite"); r.Status != catalog.StatusSucceeded || !strings.Contains(r.Summary, "0 copied (0 B sent), 3 already in the target") {
+		t.Fatalf("the copy run with the target back: %+v\n%s", r, s.log.String())
+	}
+
 	// A new restore point of web01: the next run copies it, and the
 	// retention (keep_last 2) forgets the oldest copy of web01.
 	scribble(t, images["web01"], 60, 4)

@@ -90,7 +90,7 @@ func (d *Daemon) reconcileCopiesLocked(cfg *config.Config, now time.Time) {
 		if !st.running {
 			delete(d.copies, name)
 		}
-		st.queued = nil
+		st.queued, st.next, st.spec = nil, time.Time{}, ""
 	}
 }
 
@@ -102,17 +102,11 @@ func (d *Daemon) deleteCopyGauges(name string, st *copyState) {
 	st.vms = map[string]bool{}
 }
 
-// triggerCopyLocked asks for a run of copy job name. A run already
-// waiting stays the one that runs (a manual request marks it manual).
+// triggerCopyLocked asks for a run of copy job name; a run already
+// waiting stays the one that runs.
 func (d *Daemon) triggerCopyLocked(name string, t copyTrigger) {
-	st := d.copies[name]
-	if st == nil {
-		return
-	}
-	if st.queued == nil {
+	if st := d.copies[name]; st != nil && st.queued == nil {
 		st.queued = &t
-	} else if t.manual {
-		st.queued.manual, st.queued.due, st.queued.why = true, t.due, t.why
 	}
 }
 
@@ -293,10 +287,10 @@ func (d *Daemon) addCopyResult(ctx context.Context, r catalog.VMResult) {
 // copySummary is the catalog's one-line account of a copy run.
 func copySummary(o copyOutcome) string {
 	res := o.res
-	var parts []string
 	if o.err != nil && len(res.Copied) == 0 && len(res.Failed) == 0 {
-		parts = append(parts, "error: "+o.err.Error())
+		return "not copied: " + o.err.Error()
 	}
+	var parts []string
 	parts = append(parts, fmt.Sprintf("%d copied (%s sent), %d already in the target", len(res.Copied), sizeString(res.BytesSent), o.present+len(res.Skipped)))
 	if o.held > 0 {
 		parts = append(parts, fmt.Sprintf("%d left out (the retention would forget them at once)", o.held))
