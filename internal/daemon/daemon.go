@@ -178,6 +178,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.log.Warn("runs of the previous daemon were interrupted", "runs", n)
 	}
 	defer func() {
+		d.mu.Lock()
+		defer d.mu.Unlock()
 		if d.conn != nil {
 			d.conn.Close()
 		}
@@ -280,8 +282,12 @@ func (d *Daemon) connect(ctx context.Context, cfg *config.Config) (*libvirt.Conn
 		d.log.Info("removed a scratch directory of a dead kura process", "dir", p)
 	}
 	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.conn != nil { // two reloads at once
+		conn.Close()
+		return d.conn, nil
+	}
 	d.conn = conn
-	d.mu.Unlock()
 	return conn, nil
 }
 
