@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -189,7 +190,7 @@ func (a *app) runsCmd() *cobra.Command {
 	var since time.Duration
 	cmd := &cobra.Command{
 		Use:   "runs [--job JOB] [--run ID] [--throttle] [--json]",
-		Short: "What the kura server ran and how it went (from its catalog)",
+		Short: "What the kura server ran and how it went (from its catalog): backup and copy runs",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
@@ -224,6 +225,10 @@ func (a *app) runsCmd() *cobra.Command {
 				return tw.Flush()
 			}
 			if run > 0 {
+				r, err := st.Run(ctx, run)
+				if err != nil {
+					return err
+				}
 				res, err := st.VMResults(ctx, run)
 				if err != nil {
 					return err
@@ -232,13 +237,18 @@ func (a *app) runsCmd() *cobra.Command {
 					return a.printJSON(res)
 				}
 				tw := tabwriter.NewWriter(a.stdout, 0, 2, 2, ' ', 0)
+				if r.Kind == catalog.KindCopy {
+					// One line per restore point copied, not copied, or
+					// forgotten in the target by the copy job's retention.
+					fmt.Fprintln(tw, "RESTORE POINT\tOUTCOME\tSNAPSHOT\tREAD\tSENT\tREASON")
+					for _, v := range res {
+						fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", show(v.VM), show(v.Outcome), show(short(v.Snapshot)), humanBytes(v.BytesRead), humanBytes(v.BytesStored), termsafe.Line(v.Reason))
+					}
+					return tw.Flush()
+				}
 				fmt.Fprintln(tw, "VM\tOUTCOME\tATTEMPTS\tSNAPSHOT\tREAD\tSTORED\tFREEZE\tREASON")
 				for _, v := range res {
-					snap := v.Snapshot
-					if len(snap) > 8 {
-						snap = snap[:8]
-					}
-					fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%.0fms\t%s\n", show(v.VM), show(v.Outcome), v.Attempts, show(snap), humanBytes(v.BytesRead), humanBytes(v.BytesStored), v.FreezeMs, termsafe.Line(v.Reason))
+					fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%.0fms\t%s\n", show(v.VM), show(v.Outcome), v.Attempts, show(short(v.Snapshot)), humanBytes(v.BytesRead), humanBytes(v.BytesStored), v.FreezeMs, termsafe.Line(v.Reason))
 				}
 				return tw.Flush()
 			}
@@ -253,20 +263,20 @@ func (a *app) runsCmd() *cobra.Command {
 				return a.printJSON(runs)
 			}
 			tw := tabwriter.NewWriter(a.stdout, 0, 2, 2, ' ', 0)
-			fmt.Fprintln(tw, "RUN\tJOB\tSTARTED\tDURATION\tSTATUS\tSUMMARY")
+			fmt.Fprintln(tw, "RUN\tKIND\tJOB\tSTARTED\tDURATION\tSTATUS\tSUMMARY")
 			for _, r := range runs {
 				dur := "-"
 				if !r.Ended.IsZero() {
 					dur = r.Ended.Sub(r.Started).Round(time.Second).String()
 				}
-				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\n", r.ID, show(r.Job), r.Started.Local().Format("2006-01-02 15:04:05"), dur, show(r.Status), termsafe.Line(r.Summary))
+				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\n", r.ID, show(cmp.Or(r.Kind, catalog.KindBackup)), show(r.Job), r.Started.Local().Format("2006-01-02 15:04:05"), dur, show(r.Status), termsafe.Line(r.Summary))
 			}
 			return tw.Flush()
 		},
 	}
 	cmd.Flags().StringVar(&cfgPath, "config", defaultConfig, "configuration `file`")
 	cmd.Flags().StringVar(&job, "job", "", "only runs of this job")
-	cmd.Flags().Int64Var(&run, "run", 0, "show the VMs of this run")
+	cmd.Flags().Int64Var(&run, "run", 0, "show the VMs of this run (of a copy run: its restore points)")
 	cmd.Flags().IntVar(&limit, "limit", 50, "at most this many runs, newest first")
 	numRange(cmd.Flags(), "run", 1, 1e12, "a run number from `kura runs`")
 	numRange(cmd.Flags(), "limit", 1, 1e6, "")
@@ -282,7 +292,7 @@ func (a *app) jobsCmd() *cobra.Command {
 	var asJSON bool
 	cmd := &cobra.Command{
 		Use:   "jobs [--json]",
-		Short: "The jobs of the configuration and how each last ran",
+		Short: "The jobs of the configuration (backup and copy jobs) and how each last ran",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
@@ -306,8 +316,9 @@ func (a *app) jobsCmd() *cobra.Command {
 				}
 			}
 			type jobView struct {
-				Name, Repository, Mode, Schedule, Selects string
-				LastRun                                   *catalog.Run `json:",omitempty"`
+				Name, Kind, Repository, Mode, Schedule, Selects string
+				From                                            string       `json:",omitempty"` // a copy job's source; Repository is its target
+				LastRun                                         *catalog.Run `json:",omitempty"`
 			}
 			var out []jobView
 			for _, j := range cfg.Jobs {
@@ -318,7 +329,25 @@ func (a *app) jobsCmd() *cobra.Command {
 				if j.All {
 					sel = "all"
 				}
-				v := jobView{Name: j.Name, Repository: j.Repository, Mode: j.Mode, Schedule: j.Schedule, Selects: sel}
+				v := jobView{Name: j.Name, Kind: catalog.KindBackup, Repository: j.Repository, Mode: j.Mode, Schedule: j.Schedule, Selects: sel}
+				if r, ok := last[j.Name]; ok {
+					v.LastRun = &r
+				}
+				out = append(out, v)
+			}
+			for _, j := range cfg.Copies {
+				sel := "all"
+				if len(j.VMs) > 0 {
+					sel = strings.Join(j.VMs, ",")
+				}
+				if j.Latest > 0 {
+					sel += fmt.Sprintf(" (latest %d)", j.Latest)
+				}
+				when := j.Schedule
+				if j.After != "" {
+					when = "after " + j.After
+				}
+				v := jobView{Name: j.Name, Kind: catalog.KindCopy, Repository: j.To, From: j.From, Mode: "copy", Schedule: when, Selects: sel}
 				if r, ok := last[j.Name]; ok {
 					v.LastRun = &r
 				}
@@ -334,7 +363,11 @@ func (a *app) jobsCmd() *cobra.Command {
 				if v.LastRun != nil {
 					lr = fmt.Sprintf("%s %s", v.LastRun.Started.Local().Format("2006-01-02 15:04"), show(v.LastRun.Status))
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", show(v.Name), show(v.Schedule), show(v.Selects), show(v.Mode), show(v.Repository), lr)
+				repository := v.Repository
+				if v.From != "" {
+					repository = v.From + " -> " + v.Repository
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", show(v.Name), show(v.Schedule), show(v.Selects), show(v.Mode), show(repository), lr)
 			}
 			return tw.Flush()
 		},

@@ -1,5 +1,6 @@
-// Package catalog keeps the kura daemon's history: the runs of each job,
-// the result of each VM's backup, throttle decisions, and a cache of the
+// Package catalog keeps the kura daemon's history: the runs of each job
+// (backup jobs and copy jobs), the result of each VM's backup or of each
+// restore point's copy, throttle decisions, and a cache of the
 // repositories' snapshot lists. The repositories stay the source of truth:
 // deleting the catalog loses history, never a restore point.
 //
@@ -25,11 +26,18 @@ const (
 	StatusInterrupted = "interrupted" // the daemon stopped while it ran
 )
 
+// Run kinds.
+const (
+	KindBackup = "backup" // a backup job's run: VM backups
+	KindCopy   = "copy"   // a copy job's run: restore points copied to another repository
+)
+
 // Run is one run of a job.
 type Run struct {
 	ID      int64
 	Job     string
-	Manual  bool // started with run-now
+	Kind    string // KindBackup (the default) or KindCopy
+	Manual  bool   // started with run-now
 	Due     time.Time
 	Started time.Time
 	Ended   time.Time // zero while running
@@ -37,7 +45,18 @@ type Run struct {
 	Summary string // e.g. "3 of 4 VMs backed up; db01: retries exhausted: …"
 }
 
-// VMResult is one VM's outcome in a run.
+// Outcomes of a copy run's restore points (VMResult.Outcome).
+const (
+	OutcomeCopied    = "copied"    // copied to the target
+	OutcomeNotCopied = "failed"    // not copied: Reason says why
+	OutcomeForgotten = "forgotten" // forgotten in the target by the copy job's retention
+)
+
+// VMResult is one VM's outcome in a run. In a copy run it is one restore
+// point's: VM is its name, Outcome one of the Outcome* constants above,
+// Snapshot its id in the target (in the source when not copied),
+// BytesRead what was read from the source for it and BytesStored what
+// was sent to the target.
 type VMResult struct {
 	RunID       int64
 	VM          string
@@ -92,6 +111,8 @@ type Store interface {
 	MarkInterrupted(ctx context.Context, now time.Time) (int, error)
 	// Runs lists runs, newest first.
 	Runs(ctx context.Context, f RunFilter) ([]Run, error)
+	// Run returns run id; an error wrapping ErrNoRun if there is none.
+	Run(ctx context.Context, id int64) (Run, error)
 	// VMResults lists the outcomes of run id.
 	VMResults(ctx context.Context, id int64) ([]VMResult, error)
 	// LastSuccess returns, per VM, when its latest successful backup
@@ -107,6 +128,9 @@ type Store interface {
 	Snapshots(ctx context.Context, repository string) ([]SnapshotInfo, error)
 	Close() error
 }
+
+// ErrNoRun is returned for a run the catalog does not have.
+var ErrNoRun = errors.New("no such run")
 
 // ErrNewerSchema is returned when the catalog was written by a newer kura.
 var ErrNewerSchema = errors.New("the catalog was written by a newer kura")

@@ -3,6 +3,7 @@ package catalog
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -60,6 +61,8 @@ var migrations = []string{
 		bytes      INTEGER NOT NULL DEFAULT 0,
 		PRIMARY KEY (repository, id)
 	);`,
+	// 2: runs of copy jobs beside those of backup jobs.
+	`ALTER TABLE runs ADD COLUMN kind TEXT NOT NULL DEFAULT 'backup';`,
 }
 
 // SQLite is the catalog in an SQLite file.
@@ -144,8 +147,11 @@ func (s *SQLite) StartRun(ctx context.Context, r Run) (int64, error) {
 	if r.Status == "" {
 		r.Status = StatusRunning
 	}
-	res, err := s.db.ExecContext(ctx, "INSERT INTO runs (job, manual, due, started, status, summary) VALUES (?, ?, ?, ?, ?, ?)",
-		r.Job, r.Manual, unix(r.Due), unix(r.Started), r.Status, r.Summary)
+	if r.Kind == "" {
+		r.Kind = KindBackup
+	}
+	res, err := s.db.ExecContext(ctx, "INSERT INTO runs (job, kind, manual, due, started, status, summary) VALUES (?, ?, ?, ?, ?, ?, ?)",
+		r.Job, r.Kind, r.Manual, unix(r.Due), unix(r.Started), r.Status, r.Summary)
 	if err != nil {
 		return 0, s.fail("recording a run", err)
 	}
@@ -191,7 +197,7 @@ func (s *SQLite) Runs(ctx context.Context, f RunFilter) ([]Run, error) {
 	if f.Limit <= 0 {
 		f.Limit = 100
 	}
-	q := "SELECT id, job, manual, due, started, ended, status, summary FROM runs WHERE started >= ?"
+	q := "SELECT " + runColumns + " FROM runs WHERE started >= ?"
 	args := []any{unix(f.Since)}
 	if f.Job != "" {
 		q += " AND job = ?"
@@ -206,15 +212,38 @@ func (s *SQLite) Runs(ctx context.Context, f RunFilter) ([]Run, error) {
 	defer rows.Close()
 	var out []Run
 	for rows.Next() {
-		var r Run
-		var due, started, ended int64
-		if err := rows.Scan(&r.ID, &r.Job, &r.Manual, &due, &started, &ended, &r.Status, &r.Summary); err != nil {
+		r, err := scanRun(rows)
+		if err != nil {
 			return nil, s.fail("listing runs", err)
 		}
-		r.Due, r.Started, r.Ended = fromUnix(due), fromUnix(started), fromUnix(ended)
 		out = append(out, r)
 	}
 	return out, rows.Err()
+}
+
+const runColumns = "id, job, kind, manual, due, started, ended, status, summary"
+
+// scanRun reads the runColumns of one row.
+func scanRun(row interface{ Scan(...any) error }) (Run, error) {
+	var r Run
+	var due, started, ended int64
+	if err := row.Scan(&r.ID, &r.Job, &r.Kind, &r.Manual, &due, &started, &ended, &r.Status, &r.Summary); err != nil {
+		return Run{}, err
+	}
+	r.Due, r.Started, r.Ended = fromUnix(due), fromUnix(started), fromUnix(ended)
+	return r, nil
+}
+
+// Run implements Store.
+func (s *SQLite) Run(ctx context.Context, id int64) (Run, error) {
+	r, err := scanRun(s.db.QueryRowContext(ctx, "SELECT "+runColumns+" FROM runs WHERE id = ?", id))
+	if errors.Is(err, sql.ErrNoRows) {
+		return Run{}, fmt.Errorf("catalog: run %d: %w", id, ErrNoRun)
+	}
+	if err != nil {
+		return Run{}, s.fail("reading a run", err)
+	}
+	return r, nil
 }
 
 // VMResults implements Store.

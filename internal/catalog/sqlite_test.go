@@ -2,6 +2,7 @@ package catalog
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"os"
 	"path/filepath"
@@ -128,5 +129,63 @@ func TestSchemaAndDamage(t *testing.T) {
 	os.WriteFile(bad, []byte(strings.Repeat("this is not a database ", 400)), 0o600)
 	if _, err := Open(ctx, bad); !IsDamaged(err) || !strings.Contains(err.Error(), "move it away") {
 		t.Fatalf("damaged file: %v", err)
+	}
+}
+
+// Copy jobs' runs have their kind; Run finds one run by id.
+func TestRunKinds(t *testing.T) {
+	ctx := context.Background()
+	s, _ := open(t)
+	t0 := time.Date(2026, 11, 25, 22, 0, 0, 0, time.UTC)
+	b, _ := s.StartRun(ctx, Run{Job: "nightly", Due: t0, Started: t0})
+	c, err := s.StartRun(ctx, Run{Job: "offsite", Kind: KindCopy, Manual: true, Due: t0.Add(time.Hour), Started: t0.Add(time.Hour)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.AddVMResult(ctx, VMResult{RunID: c, VM: "web01", Outcome: OutcomeCopied, Snapshot: "abcd", BytesStored: 42})
+	s.FinishRun(ctx, c, t0.Add(2*time.Hour), StatusSucceeded, "1 restore point copied")
+	runs, err := s.Runs(ctx, RunFilter{})
+	if err != nil || len(runs) != 2 || runs[0].Kind != KindCopy || runs[1].Kind != KindBackup {
+		t.Fatalf("runs: %+v %v", runs, err)
+	}
+	r, err := s.Run(ctx, c)
+	if err != nil || r.ID != c || r.Job != "offsite" || r.Kind != KindCopy || !r.Manual || r.Status != StatusSucceeded || !r.Ended.Equal(t0.Add(2*time.Hour)) {
+		t.Fatalf("run %d: %+v %v", c, r, err)
+	}
+	if r, err := s.Run(ctx, b); err != nil || r.Kind != KindBackup || r.Status != StatusRunning {
+		t.Fatalf("run %d: %+v %v", b, r, err)
+	}
+	if _, err := s.Run(ctx, 999); !errors.Is(err, ErrNoRun) {
+		t.Fatalf("an unknown run: %v", err)
+	}
+	// A copy's restore point is not a VM's successful backup.
+	if last, _ := s.LastSuccess(ctx); len(last) != 0 {
+		t.Fatalf("last successes %v", last)
+	}
+}
+
+// A catalog of the first schema version gets the kind column; its runs
+// are backup runs.
+func TestMigrateKind(t *testing.T) {
+	ctx := context.Background()
+	p := filepath.Join(t.TempDir(), "catalog.db")
+	db, err := sql.Open("sqlite", "file:"+p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range []string{migrations[0], "PRAGMA user_version = 1", "INSERT INTO runs (job, due, started, status) VALUES ('nightly', 1, 1, 'succeeded')"} {
+		if _, err := db.Exec(q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	db.Close()
+	s, err := Open(ctx, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	runs, err := s.Runs(ctx, RunFilter{})
+	if err != nil || len(runs) != 1 || runs[0].Kind != KindBackup || runs[0].Job != "nightly" {
+		t.Fatalf("runs after the migration: %+v %v", runs, err)
 	}
 }

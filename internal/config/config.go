@@ -1,6 +1,7 @@
 // Package config reads the kura daemon's configuration file (YAML): the
 // repositories it writes to, the jobs it runs (which VMs, when, how, how
-// long restore points are kept), the limits it holds backups to, latency
+// long restore points are kept), the copy jobs that copy restore points
+// between its repositories, the limits it holds backups to, latency
 // control, and the daemon's own settings.
 //
 // Every error names the file, the line and the field, so that a mistake
@@ -38,6 +39,7 @@ type Config struct {
 	Limits       Limits                 `yaml:"limits"`
 	Latency      Latency                `yaml:"latency"`
 	Jobs         []*Job                 `yaml:"jobs"`
+	Copies       []*CopyJob             `yaml:"copies"`
 	Server       Server                 `yaml:"server"`
 
 	file  string
@@ -191,6 +193,64 @@ type Job struct {
 
 	lines map[string]int
 	line  int
+}
+
+// CopyJob copies restore points from one repository of the configuration
+// to another, as `kura copy` does: after each run of a backup job, or on a
+// schedule of its own (docs/COPY.md, Copy jobs in the daemon).
+type CopyJob struct {
+	Name string `yaml:"name"`
+	From string `yaml:"from"` // a repository of the configuration
+	To   string `yaml:"to"`   // another one
+	// VMs are the names (or shell globs) of the restore points copied;
+	// none: all.
+	VMs []string `yaml:"vms"`
+	// Latest copies only the newest Latest restore points of each VM; 0:
+	// all.
+	Latest int `yaml:"latest"`
+	// After names the backup job after each run of which the copy runs;
+	// Schedule is a cron schedule instead. Exactly one of the two.
+	After    string `yaml:"after"`
+	Schedule string `yaml:"schedule"`
+	// Retention is applied to the target's restore points of the
+	// selected VMs after each successful copy; restore points it would
+	// forget at once are not copied.
+	Retention Retention `yaml:"retention"`
+	// Verify reads back what was written (kura copy --verify).
+	Verify bool `yaml:"verify"`
+	// Bandwidth limits the upload to the target ("20MiB", per second);
+	// "" = unlimited.
+	Bandwidth string `yaml:"bandwidth"`
+
+	BandwidthBytes int64 `yaml:"-"`
+	lines          map[string]int
+	line           int
+}
+
+// Selects reports whether the copy job copies restore points of VM name.
+func (j *CopyJob) Selects(name string) bool {
+	if len(j.VMs) == 0 {
+		return true
+	}
+	for _, g := range j.VMs {
+		if ok, _ := path.Match(g, name); ok {
+			return true
+		}
+	}
+	return false
+}
+
+// UnmarshalYAML implements yaml.Unmarshaler, recording key lines.
+func (j *CopyJob) UnmarshalYAML(n *yaml.Node) error {
+	type plain CopyJob
+	if err := checkKnown(n, (*plain)(j)); err != nil {
+		return err
+	}
+	if err := n.Decode((*plain)(j)); err != nil {
+		return err
+	}
+	j.lines, j.line = keyLines(n), n.Line
+	return nil
 }
 
 // Window is the time of day in which a job may start backups.
@@ -639,7 +699,7 @@ func (c *Config) validate() error {
 	if e := c.Server.Email; e != nil {
 		errs = append(errs, c.validateEmail(e)...)
 	}
-	if len(c.Jobs) == 0 {
+	if len(c.Jobs) == 0 && len(c.Copies) == 0 {
 		errs = append(errs, c.errorf(c.lines[""], "jobs", "no job is configured"))
 	}
 	names := map[string]int{}
@@ -713,12 +773,118 @@ func (c *Config) validate() error {
 			}
 		}
 	}
+	errs = append(errs, c.validateCopies(names)...)
 	return errors.Join(errs...)
+}
+
+// checkSchedule validates a cron schedule of field at line.
+func (c *Config) checkSchedule(line int, field, spec string) error {
+	if err := schedule.CheckSchedule(spec); err != nil {
+		return c.errorf(line, field, "%q: %v", spec, err)
+	}
+	if every, ok := strings.CutPrefix(spec, "@every "); ok {
+		if d, err := parseDuration(strings.TrimSpace(every)); err == nil && d < time.Minute {
+			return c.errorf(line, field, "%q: @every needs at least 1m", spec)
+		}
+	}
+	return nil
+}
+
+// validateCopies checks the copy jobs; names holds the backup jobs' names
+// and lines (a copy job's name is one more name for run-now and the
+// catalog, so it must differ from every job's).
+func (c *Config) validateCopies(names map[string]int) []error {
+	var errs []error
+	copyNames := map[string]int{}
+	for i, j := range c.Copies {
+		at := func(key string) int {
+			if l, ok := j.lines[key]; ok {
+				return l
+			}
+			return j.line
+		}
+		field := fmt.Sprintf("copies[%d]", i)
+		if j.Name != "" {
+			field += " (" + j.Name + ")"
+		}
+		switch prevJob, isJob := names[j.Name]; {
+		case j.Name == "":
+			errs = append(errs, c.errorf(at("name"), field+".name", "missing: every copy job needs a name"))
+		case isJob:
+			errs = append(errs, c.errorf(at("name"), field+".name", "%q is also the name of the job at line %d", j.Name, prevJob))
+		default:
+			if prev, dup := copyNames[j.Name]; dup {
+				errs = append(errs, c.errorf(at("name"), field+".name", "%q is also the name of the copy job at line %d", j.Name, prev))
+			}
+		}
+		copyNames[j.Name] = at("name")
+		for _, side := range []struct{ key, repo string }{{"from", j.From}, {"to", j.To}} {
+			if side.repo == "" {
+				errs = append(errs, c.errorf(at(side.key), field+"."+side.key, "missing: name one of the repositories configured"))
+			} else if _, ok := c.Repositories[side.repo]; !ok {
+				errs = append(errs, c.errorf(at(side.key), field+"."+side.key, "%q is not one of the repositories configured", side.repo))
+			}
+		}
+		if j.From != "" && j.From == j.To {
+			errs = append(errs, c.errorf(at("to"), field+".to", "%q is also the source: copy to another repository", j.To))
+		} else if f, t := c.Repositories[j.From], c.Repositories[j.To]; f != nil && t != nil && (f.Path != "" || f.S3 != nil) && f.Location() == t.Location() {
+			errs = append(errs, c.errorf(at("to"), field+".to", "repositories %s and %s are the same location %s", j.From, j.To, f.Location()))
+		}
+		for _, g := range j.VMs {
+			if _, err := path.Match(g, ""); err != nil {
+				errs = append(errs, c.errorf(at("vms"), field+".vms", "%q is not a valid glob", g))
+			}
+		}
+		if j.Latest < 0 {
+			errs = append(errs, c.errorf(at("latest"), field+".latest", "%d: use a positive number of restore points per VM, or leave it out for all", j.Latest))
+		}
+		switch {
+		case j.After != "" && j.Schedule != "":
+			errs = append(errs, c.errorf(at("schedule"), field, "give after (a backup job) or schedule, not both"))
+		case j.After == "" && j.Schedule == "":
+			errs = append(errs, c.errorf(j.line, field, "say when it runs: after (a backup job, after each of its runs) or schedule (cron)"))
+		case j.After != "":
+			if _, ok := names[j.After]; !ok {
+				errs = append(errs, c.errorf(at("after"), field+".after", "%q is not one of the jobs configured", j.After))
+			}
+		default:
+			if err := c.checkSchedule(at("schedule"), field+".schedule", j.Schedule); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		for _, k := range []struct {
+			key string
+			n   int
+		}{{"keep_last", j.Retention.Last}, {"keep_hourly", j.Retention.Hourly}, {"keep_daily", j.Retention.Daily},
+			{"keep_weekly", j.Retention.Weekly}, {"keep_monthly", j.Retention.Monthly}, {"keep_yearly", j.Retention.Yearly}} {
+			if k.n < 0 {
+				errs = append(errs, c.errorf(at("retention"), field+".retention."+k.key, "%d: use a positive number of restore points, or leave it out", k.n))
+			}
+		}
+		if j.Bandwidth != "" {
+			n, err := units.ParseRate(j.Bandwidth)
+			if err != nil {
+				errs = append(errs, c.errorf(at("bandwidth"), field+".bandwidth", "%v", err))
+			}
+			j.BandwidthBytes = n
+		}
+	}
+	return errs
 }
 
 // Job returns the job called name, or nil (a job removed by a reload).
 func (c *Config) Job(name string) *Job {
 	for _, j := range c.Jobs {
+		if j.Name == name {
+			return j
+		}
+	}
+	return nil
+}
+
+// CopyJob returns the copy job called name, or nil.
+func (c *Config) CopyJob(name string) *CopyJob {
+	for _, j := range c.Copies {
 		if j.Name == name {
 			return j
 		}

@@ -231,3 +231,113 @@ func TestS3Repository(t *testing.T) {
 		})
 	}
 }
+
+const goodCopies = `repositories:
+  main:
+    path: /srv/kura
+    password_file: /etc/kura/main.pass
+  offsite:
+    path: s3:https://s3.example.com/offsite/kura
+    password_file: /etc/kura/offsite.pass
+  usb:
+    path: /mnt/usb/kura
+jobs:
+  - name: nightly
+    repository: main
+    all: true
+    schedule: "0 22 * * *"
+copies:
+  - name: offsite
+    from: main
+    to: offsite
+    vms: [web*, db01]
+    latest: 3
+    after: nightly
+    retention: {keep_last: 7, keep_daily: 14}
+    verify: true
+    bandwidth: 20MiB
+  - name: usb
+    from: offsite
+    to: usb
+    schedule: "0 6 * * *"
+`
+
+func TestCopyJobs(t *testing.T) {
+	c, err := Parse("kura.yaml", []byte(goodCopies))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Copies) != 2 {
+		t.Fatalf("%d copy jobs", len(c.Copies))
+	}
+	o := c.CopyJob("offsite")
+	if o == nil || o.From != "main" || o.To != "offsite" || o.Latest != 3 || o.After != "nightly" || o.Schedule != "" || !o.Verify ||
+		o.BandwidthBytes != 20<<20 || o.Retention.Policy().Daily != 14 || o.Retention.Last != 7 {
+		t.Errorf("copy job offsite: %+v", o)
+	}
+	if !o.Selects("web01") || !o.Selects("db01") || o.Selects("db02") {
+		t.Errorf("offsite's selection")
+	}
+	u := c.CopyJob("usb")
+	if u == nil || u.Schedule != "0 6 * * *" || u.After != "" || u.Latest != 0 || u.BandwidthBytes != 0 || !u.Retention.Policy().Empty() || !u.Selects("anything") {
+		t.Errorf("copy job usb: %+v", u)
+	}
+	if c.CopyJob("nightly") != nil || c.Job("offsite") != nil {
+		t.Errorf("jobs and copy jobs are looked up apart")
+	}
+	// A configuration may hold copy jobs only (a host that only copies).
+	only := strings.Replace(goodCopies, `jobs:
+  - name: nightly
+    repository: main
+    all: true
+    schedule: "0 22 * * *"
+`, "", 1)
+	only = strings.Replace(only, "after: nightly", `schedule: "@every 1h"`, 1)
+	if c, err := Parse("kura.yaml", []byte(only)); err != nil || len(c.Jobs) != 0 || len(c.Copies) != 2 {
+		t.Errorf("copy jobs only: %v", err)
+	}
+}
+
+// Every mistake in a copy job is reported with the file, the line and the
+// field.
+func TestCopyJobErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name, edit, want string
+	}{
+		{"same repository", `to: offsite|to: main`, `kura.yaml:18: copies[0] (offsite).to: "main" is also the source: copy to another repository`},
+		{"same location", `path: /mnt/usb/kura|path: s3:https://s3.example.com/offsite/kura`, `kura.yaml:27: copies[1] (usb).to: repositories offsite and usb are the same location s3:https://s3.example.com/offsite/kura`},
+		{"unknown source", `from: main|from: mian`, `kura.yaml:17: copies[0] (offsite).from: "mian" is not one of the repositories configured`},
+		{"unknown target", `to: usb|to: tape`, `kura.yaml:27: copies[1] (usb).to: "tape" is not one of the repositories configured`},
+		{"no target", "    to: usb\n|", `kura.yaml:25: copies[1] (usb).to: missing: name one of the repositories configured`},
+		{"both after and schedule", `after: nightly|after: nightly
+    schedule: "@daily"`, `kura.yaml:22: copies[0] (offsite): give after (a backup job) or schedule, not both`},
+		{"neither after nor schedule", "    schedule: \"0 6 * * *\"\n|", `kura.yaml:25: copies[1] (usb): say when it runs: after (a backup job, after each of its runs) or schedule (cron)`},
+		{"after an unknown job", `after: nightly|after: hourly`, `kura.yaml:21: copies[0] (offsite).after: "hourly" is not one of the jobs configured`},
+		{"after another copy job", `after: nightly|after: usb`, `kura.yaml:21: copies[0] (offsite).after: "usb" is not one of the jobs configured`},
+		{"bad cron", `"0 6 * * *"|"0 6 * *"`, `kura.yaml:28: copies[1] (usb).schedule: "0 6 * *": expected exactly 5 fields`},
+		{"short every", `"0 6 * * *"|"@every 30s"`, `kura.yaml:28: copies[1] (usb).schedule: "@every 30s": @every needs at least 1m`},
+		{"unknown field", `verify: true|verfy: true`, `kura.yaml: line 23: field verfy not found`},
+		{"unknown retention field", `keep_daily: 14|keep_dayly: 14`, `kura.yaml: line 22: field keep_dayly not found`},
+		{"negative keep", `keep_last: 7|keep_last: -7`, `kura.yaml:22: copies[0] (offsite).retention.keep_last: -7: use a positive number`},
+		{"negative latest", `latest: 3|latest: -3`, `kura.yaml:20: copies[0] (offsite).latest: -3: use a positive number`},
+		{"bad bandwidth", `bandwidth: 20MiB|bandwidth: fast`, `kura.yaml:24: copies[0] (offsite).bandwidth: "fast" is not a rate`},
+		{"bad glob", `vms: [web*, db01]|vms: ["web[", db01]`, `kura.yaml:19: copies[0] (offsite).vms: "web[" is not a valid glob`},
+		{"no name", `  - name: usb
+|  -
+`, `kura.yaml:26: copies[1].name: missing: every copy job needs a name`},
+		{"name of a job", `name: usb|name: nightly`, `kura.yaml:25: copies[1] (nightly).name: "nightly" is also the name of the job at line 11`},
+		{"duplicate name", `name: usb|name: offsite`, `kura.yaml:25: copies[1] (offsite).name: "offsite" is also the name of the copy job at line 16`},
+		{"wrong type", `latest: 3|latest: [3]`, `kura.yaml: line 20: cannot unmarshal !!seq`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			from, to, _ := strings.Cut(tc.edit, "|")
+			if !strings.Contains(goodCopies, from) {
+				t.Fatalf("test edit %q does not apply", from)
+			}
+			_, err := Parse("kura.yaml", []byte(strings.Replace(goodCopies, from, to, 1)))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %v, want it to contain %q", err, tc.want)
+			}
+		})
+	}
+}

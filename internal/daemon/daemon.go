@@ -6,7 +6,8 @@
 // internal/schedule decides what runs when, internal/throttle turns
 // latency samples into read rates, internal/catalog keeps the history,
 // internal/metrics serves /metrics. The daemon wires them to libvirt and
-// the repositories, and runs the backups.
+// the repositories, and runs the backups, and the copy jobs that copy
+// restore points between repositories with internal/repocopy (copy.go).
 package daemon
 
 import (
@@ -75,6 +76,10 @@ type Daemon struct {
 	runIDs        map[string]int64        // job + due -> catalog run id
 	outcomes      map[string]*taskOutcome // job + due + vm -> the latest attempt's details
 	cancel        map[string]context.CancelFunc
+	copies        map[string]*copyState         // by copy job
+	copyBusy      map[string]string             // target repository -> the copy job writing to it
+	snapCache     map[string]map[string]snapSum // repository id -> snapshot id -> summary (copy jobs)
+	statusSeq     uint64                        // readings of copy jobs' status, counted
 	wake          chan struct{}
 	wg            sync.WaitGroup
 }
@@ -92,6 +97,8 @@ type daemonMetrics struct {
 	runs, errs, decisions                                 *metrics.Vec
 	latency, rate, paused, queue, running                 *metrics.Vec
 	window                                                *metrics.Vec
+	copyPending, copyNewest, copyRuns, copyBytes          *metrics.Vec
+	copyDuration, copyLastSuccess                         *metrics.Vec
 }
 
 // New prepares a daemon from the configuration file; Run starts it.
@@ -113,6 +120,7 @@ func New(opts Options) (*Daemon, error) {
 		prevBlk: map[string]throttle.BlockStats{}, prevDev: map[string]throttle.DiskStats{},
 		active: map[string]int{}, hold: map[string]time.Time{}, runIDs: map[string]int64{}, outcomes: map[string]*taskOutcome{},
 		cancel: map[string]context.CancelFunc{}, wake: make(chan struct{}, 1),
+		copies: map[string]*copyState{}, copyBusy: map[string]string{}, snapCache: map[string]map[string]snapSum{},
 		m: daemonMetrics{
 			lastSuccess: reg.Gauge("kura_backup_last_success_timestamp_seconds", "When the VM's last successful backup started (Unix time).", "vm"),
 			duration:    reg.Gauge("kura_backup_duration_seconds", "How long the VM's last backup took.", "vm"),
@@ -128,6 +136,16 @@ func New(opts Options) (*Daemon, error) {
 			window:      reg.Gauge("kura_datastore_backup_reads_limit", "Backup reads allowed in flight on the datastore at once (adapted to stay below its queueing point).", "datastore"),
 			queue:       reg.Gauge("kura_queue_length", "VMs due and waiting to start."),
 			running:     reg.Gauge("kura_backups_running", "Backups running now."),
+
+			// Copy jobs' series are labelled copy_job, not job: Prometheus
+			// gives every series it scrapes a job label of its own (the
+			// scrape job's), and renames an exposed job label exported_job.
+			copyPending:     reg.Gauge("kura_copy_pending_restore_points", "Restore points of the VM that the copy job selects in its source and its target lacks.", "copy_job", "vm"),
+			copyNewest:      reg.Gauge("kura_copy_newest_timestamp_seconds", "When the newest restore point of the VM in the copy job's target was taken (Unix time; 0: none).", "copy_job", "vm"),
+			copyRuns:        reg.Counter("kura_copy_runs_total", "Runs of the copy job, by status (succeeded, partial, failed, interrupted).", "copy_job", "status"),
+			copyBytes:       reg.Counter("kura_copy_bytes_sent_total", "Bytes the copy job sent to its target (stored size: compressed, encrypted).", "copy_job"),
+			copyDuration:    reg.Gauge("kura_copy_duration_seconds", "How long the copy job's last run took.", "copy_job"),
+			copyLastSuccess: reg.Gauge("kura_copy_last_success_timestamp_seconds", "When the copy job's last successful run started (Unix time).", "copy_job"),
 		},
 	}
 	return d, nil
@@ -159,21 +177,19 @@ func (d *Daemon) Run(ctx context.Context) error {
 	} else if n > 0 {
 		d.log.Warn("runs of the previous daemon were interrupted", "runs", n)
 	}
-	conn, err := libvirt.ConnectWithOptions(ctx, cfg.Libvirt.Connect, libvirt.Options{ScratchDir: cfg.Libvirt.ScratchDir})
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
-	d.conn = conn
-	for _, p := range libvirt.SweepScratch(cfg.Libvirt.ScratchDir) {
-		d.log.Info("removed a scratch directory of a dead kura process", "dir", p)
-	}
+	defer func() {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		if d.conn != nil {
+			d.conn.Close()
+		}
+	}()
 	jobs, err := d.resolve(ctx, cfg)
 	if err != nil {
 		return err
 	}
 	for name := range d.domains {
-		if v, err := conn.VM(ctx, name); err == nil {
+		if v, err := d.conn.VM(ctx, name); err == nil {
 			if err := v.(*libvirt.VM).ClearStale(ctx); err != nil {
 				d.log.Warn("could not clear a stale backup job", "vm", name, "err", err)
 			}
@@ -184,6 +200,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 		return fmt.Errorf("%s: %w", d.opts.ConfigPath, err)
 	}
 	d.sched = sched
+	d.mu.Lock()
+	d.reconcileCopiesLocked(cfg, time.Now())
+	d.mu.Unlock()
 	if !cfg.Latency.Disabled && cfg.Latency.Threshold.Duration > 0 {
 		// Backups start on a datastore one at a time, each after the
 		// controller has seen what the previous one did (see holdAfterStart).
@@ -197,7 +216,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 	srv := &http.Server{Handler: d.handler(), ReadHeaderTimeout: 10 * time.Second}
 	go srv.Serve(l)
 	defer srv.Close()
-	d.log.Info("kura server started", "config", d.opts.ConfigPath, "jobs", len(jobs), "listen", l.Addr().String(), "catalog", cfg.Server.Catalog)
+	d.log.Info("kura server started", "config", d.opts.ConfigPath, "jobs", len(jobs), "copies", len(cfg.Copies), "listen", l.Addr().String(), "catalog", cfg.Server.Catalog)
+	d.refreshCopies(ctx, "", "")
 
 	tick := time.NewTicker(cfg.Latency.Interval.Duration)
 	defer tick.Stop()
@@ -206,8 +226,13 @@ func (d *Daemon) Run(ctx context.Context) error {
 	for {
 		d.startReady(ctx)
 		d.collectReports(ctx)
-		wait := time.Until(d.sched.Next())
-		if wait > time.Hour || d.sched.Next().IsZero() {
+		d.startCopies(ctx)
+		next := d.sched.Next()
+		if c := d.nextCopy(); !c.IsZero() && (next.IsZero() || c.Before(next)) {
+			next = c
+		}
+		wait := time.Until(next)
+		if wait > time.Hour || next.IsZero() {
 			wait = time.Hour
 		}
 		timer := time.NewTimer(max(wait, 10*time.Millisecond))
@@ -239,11 +264,48 @@ func limits(c *config.Config) schedule.Limits {
 	return schedule.Limits{PerHost: c.Limits.PerHost, PerDatastore: c.Limits.PerDatastore, PerRepository: c.Limits.PerRepository}
 }
 
+// connect connects to libvirt, the first time it is needed: a
+// configuration with copy jobs only (a host that keeps copies of
+// repositories) needs no libvirtd.
+func (d *Daemon) connect(ctx context.Context, cfg *config.Config) (*libvirt.Conn, error) {
+	d.mu.Lock()
+	conn := d.conn
+	d.mu.Unlock()
+	if conn != nil {
+		return conn, nil
+	}
+	conn, err := libvirt.ConnectWithOptions(ctx, cfg.Libvirt.Connect, libvirt.Options{ScratchDir: cfg.Libvirt.ScratchDir})
+	if err != nil {
+		return nil, err
+	}
+	for _, p := range libvirt.SweepScratch(cfg.Libvirt.ScratchDir) {
+		d.log.Info("removed a scratch directory of a dead kura process", "dir", p)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.conn != nil { // two reloads at once
+		conn.Close()
+		return d.conn, nil
+	}
+	d.conn = conn
+	return conn, nil
+}
+
 // resolve lists libvirt's domains and turns the configuration's jobs into
 // scheduler jobs: which VMs each selects, where their disks are, and when
 // each was last backed up (from the repositories, the source of truth).
 func (d *Daemon) resolve(ctx context.Context, cfg *config.Config) ([]schedule.Job, error) {
-	doms, err := d.conn.Domains(ctx)
+	if len(cfg.Jobs) == 0 {
+		d.mu.Lock()
+		d.domains, d.vmStore, d.devOf = map[string]libvirt.DomainInfo{}, map[string]string{}, map[string]string{}
+		d.mu.Unlock()
+		return nil, nil
+	}
+	conn, err := d.connect(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	doms, err := conn.Domains(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -419,6 +481,7 @@ func (d *Daemon) Reload(ctx context.Context, rereadConfig bool) error {
 	d.mu.Lock()
 	d.cfg = cfg
 	d.reconfigureControllers()
+	d.reconcileCopiesLocked(cfg, time.Now())
 	d.mu.Unlock()
 	if rereadConfig {
 		d.log.Info("configuration reloaded", "jobs", len(jobs))
@@ -427,8 +490,19 @@ func (d *Daemon) Reload(ctx context.Context, rereadConfig bool) error {
 	return nil
 }
 
-// RunNow starts a run of job at once (kura run-now).
+// RunNow starts a run of job, a backup job or a copy job, at once (kura
+// run-now).
 func (d *Daemon) RunNow(job string) error {
+	d.mu.Lock()
+	isCopy := d.cfg.CopyJob(job) != nil
+	d.mu.Unlock()
+	if isCopy {
+		if err := d.runCopyNow(job); err != nil {
+			return err
+		}
+		d.poke()
+		return nil
+	}
 	if err := d.sched.RunNow(job); err != nil {
 		return err
 	}
@@ -545,7 +619,10 @@ func (d *Daemon) backupVM(ctx context.Context, t schedule.Task) (*repo.Snapshot,
 	if err != nil {
 		return nil, false, err
 	}
-	vm, err := d.conn.VM(ctx, t.VM)
+	d.mu.Lock()
+	conn := d.conn
+	d.mu.Unlock()
+	vm, err := conn.VM(ctx, t.VM)
 	if err != nil {
 		return nil, errors.Is(err, source.ErrNotFound), err
 	}
@@ -691,6 +768,20 @@ func (d *Daemon) collectReports(ctx context.Context) {
 		d.log.Info("run finished", "job", rep.Job, "status", status, "summary", summary)
 		if status != catalog.StatusSucceeded {
 			d.notify(ctx, rep.Job, id, status, summary)
+		}
+		// Copy jobs that follow this job run now, whatever its status:
+		// the restore points it did make are worth copying, and copying
+		// is idempotent. Those of its repository that run on their own
+		// schedule get their pending counts updated.
+		d.copiesAfter(rep.Job)
+		d.mu.Lock()
+		repository := ""
+		if j := d.cfg.Job(rep.Job); j != nil {
+			repository = j.Repository
+		}
+		d.mu.Unlock()
+		if repository != "" {
+			d.refreshCopies(ctx, repository, rep.Job)
 		}
 	}
 	d.m.queue.Set(float64(d.sched.Waiting()))

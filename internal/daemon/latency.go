@@ -113,6 +113,7 @@ func (d *Daemon) sampleLatency(ctx context.Context) {
 		}
 	}
 	devOf := d.devOf
+	conn := d.conn
 	d.mu.Unlock()
 	// Every datastore with running guests is watched, backups or not, so
 	// that a datastore already over the threshold gets no new backup.
@@ -126,7 +127,7 @@ func (d *Daemon) sampleLatency(ctx context.Context) {
 	var all map[string]map[string]libvirt.BlockCounters
 	if len(ctrls) > 0 {
 		var err error
-		if all, err = d.conn.AllBlockStats(ctx); err != nil {
+		if all, err = conn.AllBlockStats(ctx); err != nil {
 			d.log.Warn("reading the guests' block statistics", "err", err)
 		}
 	}

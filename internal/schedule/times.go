@@ -137,3 +137,15 @@ func CheckSchedule(spec string) error {
 	_, err := parseSchedule(spec)
 	return err
 }
+
+// NextAfter returns the first occurrence of schedule spec (as a Job's
+// Schedule reads it) after t, or the zero time if there is none; @every
+// counts from t. It is for callers that keep their own occurrences, such
+// as the daemon's copy jobs, which are not VM backups.
+func NextAfter(spec string, t time.Time) (time.Time, error) {
+	s, err := parseSchedule(spec)
+	if err != nil {
+		return time.Time{}, err
+	}
+	return s.Next(t), nil
+}

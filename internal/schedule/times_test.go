@@ -173,3 +173,24 @@ func TestSundayAsZero(t *testing.T) {
 		}
 	}
 }
+
+func TestNextAfter(t *testing.T) {
+	at := time.Date(2026, 11, 25, 22, 30, 0, 0, time.UTC)
+	for _, tc := range []struct {
+		spec string
+		want time.Time
+	}{
+		{"0 6 * * *", time.Date(2026, 11, 26, 6, 0, 0, 0, time.UTC)},
+		{"@every 1h", at.Add(time.Hour)},
+		{"@every 1d", at.Add(24 * time.Hour)},
+		{"0 6 * * 7", time.Date(2026, 11, 29, 6, 0, 0, 0, time.UTC)},
+	} {
+		got, err := NextAfter(tc.spec, at)
+		if err != nil || !got.Equal(tc.want) {
+			t.Errorf("NextAfter(%q) = %s, %v; want %s", tc.spec, got, err, tc.want)
+		}
+	}
+	if _, err := NextAfter("0 6 * *", at); err == nil {
+		t.Error("a bad schedule gave no error")
+	}
+}
