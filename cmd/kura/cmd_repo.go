@@ -27,7 +27,7 @@ func (a *app) printJSON(v any) error {
 
 func (a *app) initCmd() *cobra.Command {
 	var (
-		chunkSize                 string
+		chunkSize, packSize       string
 		lockMode                  string
 		lockDays, maintenanceDays int
 	)
@@ -37,6 +37,10 @@ func (a *app) initCmd() *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			cs, err := parseChunkSize(chunkSize)
+			if err != nil {
+				return err
+			}
+			ps, err := parsePackSize(packSize)
 			if err != nil {
 				return err
 			}
@@ -57,11 +61,12 @@ func (a *app) initCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			r, err := repo.Init(cmd.Context(), be, pw, repo.InitOptions{ChunkSize: cs, Lock: lock})
+			r, err := repo.Init(cmd.Context(), be, pw, repo.InitOptions{ChunkSize: cs, PackSize: ps, Lock: lock})
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(a.stdout, "created repository %s at %s (chunk size %s)\n", r.Config().ID[:8], be.Location(), humanBytes(int64(r.Config().ChunkSize)))
+			fmt.Fprintf(a.stdout, "created repository %s at %s (chunk size %s, pack size %s)\n", r.Config().ID[:8], be.Location(),
+				humanBytes(int64(r.Config().ChunkSize)), humanBytes(int64(r.Config().PackSize)))
 			if lc := r.ObjectLock(); lc != nil {
 				fmt.Fprintf(a.stdout, "object lock: %s mode, every object locked for %d days; prune at least every %d days to keep what restore points need locked\n", strings.ToLower(lc.Mode), lc.Days, lc.MaintenanceDays)
 			}
@@ -70,6 +75,7 @@ func (a *app) initCmd() *cobra.Command {
 		},
 	}
 	cmd.Flags().StringVar(&chunkSize, "chunk-size", "256K", "chunk `size`, a power of two from 64K to 16M")
+	cmd.Flags().StringVar(&packSize, "pack-size", "16M", "target `size` of the pack files chunks are stored in, from 4M to 128M (larger: fewer objects and requests on S3)")
 	cmd.Flags().StringVar(&lockMode, "lock", "", "lock every object against deletion and overwrite (S3 object lock): `compliance` or governance")
 	cmd.Flags().IntVar(&lockDays, "lock-days", 30, "with --lock: `days` every object stays locked, moved forward by prune while restore points need it")
 	cmd.Flags().IntVar(&maintenanceDays, "lock-maintenance-days", repo.DefaultMaintenanceDays, "with --lock: the longest time in `days` between two prunes (the lock must outlast it by a day)")
@@ -85,6 +91,27 @@ func parseChunkSize(s string) (int, error) {
 	}
 	if n < repo.MinChunkSize || n > repo.MaxChunkSize || n&(n-1) != 0 {
 		return 0, fmt.Errorf("--chunk-size %s: use a power of two from 64KiB to 16MiB, like 256K or 1MiB", s)
+	}
+	return int(n), nil
+}
+
+// Pack sizes kura init accepts. Below 4 MiB a repository on S3 pays a
+// request per few chunks; above 128 MiB a pack buffer per upload in
+// flight costs more memory than it saves requests.
+const (
+	minPackSize = 4 << 20
+	maxPackSize = 128 << 20
+)
+
+// parsePackSize reads --pack-size and checks it before any password is
+// asked for. It need not be a power of two.
+func parsePackSize(s string) (int, error) {
+	n, err := units.ParseSize(s)
+	if err != nil {
+		return 0, fmt.Errorf("--pack-size: %w", err)
+	}
+	if n < minPackSize || n > maxPackSize {
+		return 0, fmt.Errorf("--pack-size %s: use a size from 4MiB to 128MiB, like 16M or 48MiB", s)
 	}
 	return int(n), nil
 }
