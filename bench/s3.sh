@@ -50,6 +50,7 @@
 #   BENCH_OUT             output dir ($KURA_CACHE/bench/results-s3/<timestamp>)
 #   BENCH_WORK            parent of the scratch dir (/tmp); removed unless BENCH_KEEP=1
 #   BENCH_KURA_BIN        use this kura binary instead of building ./cmd/kura
+#   BENCH_KURA_COPY_BIN   the kura binary for the copy section (the one above)
 #   BENCH_SKIP_INSTALL=1  do not run install-peers.sh
 #   BENCH_NICE            nice level of the measured commands (0)
 #   KURA_S3_BIN           where the S3 servers are ($KURA_CACHE/s3/bin; scripts/s3servers.sh)
@@ -445,7 +446,8 @@ fi
 # `kura copy` is being built; this part skips Kura (with a message) while
 # `kura copy --help` fails. Flags as of its branch: --from, --to, the source's
 # password from KURA_FROM_PASSWORD (or --from-password-file /
-# KURA_FROM_PASSWORD_FILE), the target's from KURA_PASSWORD. The target is a
+# KURA_FROM_PASSWORD_FILE), the target's from KURA_PASSWORD (set here for
+# both). BENCH_KURA_COPY_BIN runs this part with another kura binary. The target is a
 # fresh `kura init` (blobs re-encrypted under its own key, like restic copy;
 # kopia's sync-to copies the blobs as they are).
 # ===================================================================================
@@ -455,15 +457,17 @@ if [ "${BENCH_S3_COPY:-1}" = 1 ]; then
 		row=$t-copy
 		case $t in
 		kura)
-			if ! "$KURA" copy --help >/dev/null 2>&1; then
+			KCOPY=${BENCH_KURA_COPY_BIN:-$KURA}
+			if ! "$KCOPY" copy --help >/dev/null 2>&1; then
 				log "copy: skipping kura: \`kura copy --help\` fails (kura copy is not there yet)"
 				rec "{\"kind\":\"skip\",\"row\":\"$row\",\"reason\":\"kura copy is not there yet (kura copy --help fails)\"}"
 				continue
 			fi
 			kura_init "$row" "$row" || { fail "$row" init; continue; }
 			kura_cmd "$row"
+			K[${#K[@]} - 1]=$KCOPY
 			prepare other
-			measure "$row" copy "${K[@]}" copy --from "${LOC[kura]}" --to "${LOC[$row]}" || { fail "$row" copy; continue; }
+			measure "$row" copy env KURA_FROM_PASSWORD=$PASSWORD "${K[@]}" copy --from "${LOC[kura]}" --to "${LOC[$row]}" || { fail "$row" copy; continue; }
 			;;
 		restic)
 			restic_init "$row" "$row" || { fail "$row" init; continue; }
