@@ -22,8 +22,10 @@
 #      Kura once more without the proxy (what the proxy costs)
 #   4. scattered writes over BENCH_S3_CHANGE_PCT % of the disk's 64 KiB blocks
 #   5. for each tool: SECOND backup, full RESTORE to a file (cmp with the
-#      image, untimed), bytes stored in the bucket after each backup
-#   6. pack sizes: Kura full backup + restore with 8, 16, 32, 64 MiB packs
+#      image, untimed; before it a timed sync: restic and kopia leave the
+#      restored data in the page cache, Kura fsyncs), bytes stored in the
+#      bucket after each backup
+#   6. pack sizes: Kura full backup + restore with 8, 16, 24, 32, 64 MiB packs
 #   7. copy of a repository to a second bucket: kura copy (skipped while
 #      `kura copy --help` fails), restic copy, kopia repository sync-to
 #   8. a profiled Kura backup and restore (--cpuprofile; go tool pprof -top)
@@ -41,7 +43,7 @@
 #   BENCH_S3_SERVER       versitygw | weed (versitygw)
 #   BENCH_S3_TOOLS        "kura restic kopia"
 #   BENCH_S3_CHANGE_PCT   % of the disk's 64 KiB blocks rewritten before the second backup (2)
-#   BENCH_S3_PACK_SIZES   Kura pack sizes in MiB to compare ("8 16 32 64"; empty: skip)
+#   BENCH_S3_PACK_SIZES   Kura pack sizes in MiB to compare ("8 16 24 32 64"; empty: skip)
 #   BENCH_S3_FLOOR_MB     MiB the floor PUTs and GETs (the disk size, at least 512)
 #   BENCH_S3_DROP_CACHES  1: drop the page cache before each step (1)
 #   BENCH_S3_PROXY_CHECK  1: Kura's full backup once more without the proxy (1)
@@ -65,7 +67,7 @@ S3BIN=${KURA_S3_BIN:-$KCACHE/s3/bin}
 SERVER=${BENCH_S3_SERVER:-versitygw}
 TOOLS=${BENCH_S3_TOOLS:-kura restic kopia}
 CHANGE_PCT=${BENCH_S3_CHANGE_PCT:-2}
-PACK_SIZES=${BENCH_S3_PACK_SIZES-8 16 32 64}
+PACK_SIZES=${BENCH_S3_PACK_SIZES-8 16 24 32 64}
 DROP=${BENCH_S3_DROP_CACHES:-1}
 NICE=${BENCH_NICE:-0}
 PASSWORD=kura-bench-password
@@ -171,18 +173,22 @@ free_ports() { # free_ports N: N distinct free ports of 127.0.0.1 below 55535
 		print(" ".join(map(str, ports)))
 	EOF
 }
+# The server and the proxy run at the measured commands' nice level: on a
+# shared machine they are part of what is measured.
+NICE_CMD=()
+[ "$NICE" = 0 ] || NICE_CMD=(nice -n "$NICE")
 SDIR=$WORK/server
 mkdir -p "$SDIR/data"
 if [ "$SERVER" = versitygw ]; then
 	read -r SPORT < <(free_ports 1)
 	log "starting versitygw on 127.0.0.1:$SPORT (data in $SDIR/data)"
-	env ROOT_ACCESS_KEY_ID="$AWS_ACCESS_KEY_ID" ROOT_SECRET_ACCESS_KEY="$AWS_SECRET_ACCESS_KEY" TMPDIR="$SDIR" \
+	"${NICE_CMD[@]}" env ROOT_ACCESS_KEY_ID="$AWS_ACCESS_KEY_ID" ROOT_SECRET_ACCESS_KEY="$AWS_SECRET_ACCESS_KEY" TMPDIR="$SDIR" \
 		"$SBIN" --port "127.0.0.1:$SPORT" posix "$SDIR/data" >"$OUT/logs/server.log" 2>&1 &
 else
 	read -r -a P < <(free_ports 10)
 	SPORT=${P[0]}
 	log "starting weed mini on 127.0.0.1:$SPORT (data in $SDIR/data)"
-	(cd "$SDIR" && exec env TMPDIR="$SDIR" "$SBIN" mini -dir="$SDIR/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+	(cd "$SDIR" && exec "${NICE_CMD[@]}" env TMPDIR="$SDIR" "$SBIN" mini -dir="$SDIR/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
 		-master.telemetry=false -webdav=false -admin.ui=false \
 		-s3.port="${P[0]}" -s3.port.grpc="${P[1]}" -s3.port.iceberg=0 -s3.port.lance=0 \
 		-master.port="${P[2]}" -master.port.grpc="${P[3]}" -filer.port="${P[4]}" -filer.port.grpc="${P[5]}" \
@@ -192,7 +198,7 @@ fi
 SPID=$!
 PIDS+=("$SPID")
 SERVER_URL=http://127.0.0.1:$SPORT
-"$S3C" proxy -upstream "$SERVER_URL" -addr-file "$WORK/proxy.addr" >"$OUT/proxy-final.json" 2>"$OUT/logs/proxy.log" &
+"${NICE_CMD[@]}" "$S3C" proxy -upstream "$SERVER_URL" -addr-file "$WORK/proxy.addr" >"$OUT/proxy-final.json" 2>"$OUT/logs/proxy.log" &
 PPID_=$!
 PIDS+=("$PPID_")
 for _ in $(seq 100); do [ -s "$WORK/proxy.addr" ] && break; sleep 0.1; done
@@ -223,8 +229,6 @@ rec "{\"kind\":\"meta\",\"date\":$(jstr "$(date -u +%FT%TZ)"),\"cores\":$(nproc)
 HZ=$(getconf CLK_TCK)
 cpu_busy() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9; exit}' /proc/stat; }
 proc_cpu() { awk '{print $14+$15}' "/proc/$1/stat" 2>/dev/null || echo 0; } # jiffies of one process
-NICE_CMD=()
-[ "$NICE" = 0 ] || NICE_CMD=(nice -n "$NICE")
 DROPPED=none
 drop_caches() {
 	sync
@@ -286,6 +290,17 @@ bucket_size() { # bucket_size ROW STEP BUCKET
 	j=$("$S3C" du -endpoint "$SERVER_URL" -bucket "$3") || { log "du of bucket $3 failed"; return 0; }
 	rec "{\"kind\":\"size\",\"row\":\"$1\",\"step\":\"$2\",\"bucket\":\"$3\",\"du\":$j}"
 	log "$1: $2: bucket $3: $(py 'import json,sys; d=json.loads(sys.argv[1]); print("%d objects, %.1f MiB" % (d["objects"], d["bytes"]/1048576))' "$j")"
+}
+# synced ROW: time a sync right after a restore: what the tool left in the
+# page cache, written back (restic and kopia do not fsync; Kura does).
+synced() {
+	local t1 t2 s
+	t1=$(date +%s.%N)
+	sync
+	t2=$(date +%s.%N)
+	s=$(py "print(round($t2-$t1,3))")
+	rec "{\"kind\":\"sync\",\"row\":\"$1\",\"step\":\"restore\",\"seconds\":$s}"
+	log "$1: sync after restore: ${s}s"
 }
 # verify ROW DIR: the one file restored under DIR equals the image (untimed)
 verify() {
@@ -363,11 +378,11 @@ floor() { # floor LABEL URL INFLIGHT
 	local j p g
 	prepare other
 	phase "floor-$1-put"
-	p=$("$S3C" floor -endpoint "$2" -bucket floor -prefix "$1" -src "$SHM/src" -inflight "$3" -total $((FLOOR_MB << 20)) -mode put) ||
+	p=$("${NICE_CMD[@]}" "$S3C" floor -endpoint "$2" -bucket floor -prefix "$1" -src "$SHM/src" -inflight "$3" -total $((FLOOR_MB << 20)) -mode put) ||
 		die "floor PUT failed"
 	prepare other
 	phase "floor-$1-get"
-	g=$("$S3C" floor -endpoint "$2" -bucket floor -prefix "$1" -src "$SHM/src" -inflight "$3" -total $((FLOOR_MB << 20)) -mode get) ||
+	g=$("${NICE_CMD[@]}" "$S3C" floor -endpoint "$2" -bucket floor -prefix "$1" -src "$SHM/src" -inflight "$3" -total $((FLOOR_MB << 20)) -mode get) ||
 		die "floor GET failed"
 	phase idle
 	j=$(py 'import json,sys; p=json.loads(sys.argv[1]); g=json.loads(sys.argv[2]); p.update({k:v for k,v in g.items() if k.startswith("get_")}); print(json.dumps(p))' "$p" "$g")
@@ -420,6 +435,7 @@ for t in "${active[@]}"; do
 	rm -rf "$dest" && mkdir -p "$dest"
 	prepare restore
 	if ! "${t}_restore" "$t" "$dest"; then fail "$t" restore; rm -rf "$dest"; continue; fi
+	synced "$t"
 	verify "$t" "$dest"
 done
 
@@ -436,6 +452,7 @@ if [ -n "$PACK_SIZES" ] && [[ " ${active[*]} " == *" kura "* ]]; then
 		rm -rf "$dest" && mkdir -p "$dest"
 		prepare restore
 		if ! kura_restore "$row" "$dest"; then fail "$row" restore; rm -rf "$dest"; continue; fi
+		synced "$row"
 		verify "$row" "$dest"
 	done
 fi
