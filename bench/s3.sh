@@ -19,7 +19,8 @@
 #      floor of Kura's format (bench/physlimit: hash + compress, and the
 #      restore's decode + write)
 #   3. for each tool: FULL backup of the raw image into its own bucket;
-#      Kura once more without the proxy (what the proxy costs)
+#      then Kura's full backup without and with the proxy, alternated twice
+#      (what the proxy costs)
 #   4. scattered writes over BENCH_S3_CHANGE_PCT % of the disk's 64 KiB blocks
 #   5. for each tool: SECOND backup, full RESTORE to a file (cmp with the
 #      image, untimed; before it a timed sync: restic and kopia leave the
@@ -46,7 +47,7 @@
 #   BENCH_S3_PACK_SIZES   Kura pack sizes in MiB to compare ("8 16 24 32 64"; empty: skip)
 #   BENCH_S3_FLOOR_MB     MiB the floor PUTs and GETs (the disk size, at least 512)
 #   BENCH_S3_DROP_CACHES  1: drop the page cache before each step (1)
-#   BENCH_S3_PROXY_CHECK  1: Kura's full backup once more without the proxy (1)
+#   BENCH_S3_PROXY_CHECK  1: Kura's full backup twice without and twice with the proxy, alternated (1)
 #   BENCH_S3_COPY         1: the copy section (1)
 #   BENCH_S3_PROFILE      1: a profiled Kura backup and restore (1)
 #   BENCH_OUT             output dir ($KURA_CACHE/bench/results-s3/<timestamp>)
@@ -207,7 +208,7 @@ PROXY_URL=http://$(cat "$WORK/proxy.addr")
 PROXY_HOSTPORT=${PROXY_URL#http://}
 phase() { curl -fsS "$PROXY_URL/__phase?name=$1" >/dev/null || die "proxy: cannot set phase $1"; }
 phase setup
-BUCKETS=(floor kura kura-direct restic kopia kura-prof kura-copy restic-copy kopia-copy)
+BUCKETS=(floor kura kura-direct1 kura-proxied1 kura-direct2 kura-proxied2 restic kopia kura-prof kura-copy restic-copy kopia-copy)
 for ps in $PACK_SIZES; do BUCKETS+=("kura-pack$ps"); done
 log "creating buckets (waiting for the server): ${BUCKETS[*]}"
 "$S3C" mb -endpoint "$SERVER_URL" -wait 120s "${BUCKETS[@]}" 2>"$OUT/logs/mb.log" ||
@@ -408,11 +409,21 @@ for t in "${active[@]}"; do
 	bucket_size "$t" after_full "$t"
 done
 if [ "${BENCH_S3_PROXY_CHECK:-1}" = 1 ] && [[ " ${active[*]} " == *" kura "* ]]; then
-	log "kura without the proxy (what counting costs)"
-	if kura_init kura-direct kura-direct "$SERVER_URL"; then
-		prepare backup
-		kura_backup kura-direct full || fail kura-direct "full backup"
-	fi
+	# Alternated, each into a fresh bucket: direct, through the proxy,
+	# direct, through the proxy; so that neither side gets the quieter
+	# moment or the emptier server.
+	log "kura without and with the proxy, alternated (what counting costs)"
+	for i in 1 2; do
+		for via in direct proxied; do
+			row=kura-$via$i
+			url=$SERVER_URL
+			[ $via = direct ] || url=$PROXY_URL
+			if kura_init "$row" "$row" "$url"; then
+				prepare backup
+				kura_backup "$row" full || fail "$row" "full backup"
+			fi
+		done
+	done
 fi
 
 # --- 4. scattered writes -------------------------------------------------------------

@@ -3,6 +3,7 @@
 the counting proxy's statistics.
 
   s3report.py RECORDS.jsonl PROXY-STATS.json OUTDIR
+  s3report.py aggregate DIR...     median (min-max) of the main numbers of several runs
 
 Only the standard library is used.
 """
@@ -49,7 +50,43 @@ def f(x, nd=1):
     return f"{x:.{nd}f}"
 
 
+def aggregate(dirs):
+    """Median (min-max) of the main numbers over several runs' results.json."""
+    runs = [json.load(open(os.path.join(d, "results.json"))) for d in dirs]
+
+    def med(xs):
+        xs = sorted(x for x in xs if x is not None)
+        if not xs:
+            return "–"
+        m = xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+        return f"{m:.2f} ({xs[0]:.2f}–{xs[-1]:.2f})" if len(xs) > 1 else f"{m:.2f}"
+
+    def step(run, row, name, key="seconds"):
+        for s in run["steps"]:
+            if s["row"] == row and s["step"] == name and s.get("ok"):
+                return s.get(key)
+        return None
+
+    print(f"{len(runs)} runs: " + ", ".join(dirs))
+    print()
+    print("| tool | full s | ratio | 2nd s | ratio | restore s | ratio | restore + sync s | ratio | requests full / 2nd / restore |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for t in TOOLS:
+        cells = [t]
+        for name in ("full", "incr", "restore"):
+            cells.append(med([step(r, t, name) for r in runs]))
+            cells.append(med([(step(r, t, name) or 0) / step(r, "kura", name) if step(r, t, name) and step(r, "kura", name) else None for r in runs]))
+        dur = [step(r, t, "restore") + r.get("sync_after_restore", {}).get(t, 0) if step(r, t, "restore") else None for r in runs]
+        kdur = [step(r, "kura", "restore") + r.get("sync_after_restore", {}).get("kura", 0) if step(r, "kura", "restore") else None for r in runs]
+        cells.append(med(dur))
+        cells.append(med([a / b if a and b else None for a, b in zip(dur, kdur)]))
+        cells.append(" / ".join(med([step(r, t, n, "requests") for r in runs]) for n in ("full", "incr", "restore")))
+        print("| " + " | ".join(cells) + " |")
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "aggregate":
+        return aggregate(sys.argv[2:])
     rpath, spath, out = sys.argv[1:4]
     meta, steps, sizes, floors, phys, checks, skips, syncs, phases = load(rpath, spath)
     disk = meta["disk_size"]
@@ -219,18 +256,34 @@ def main():
             w(f"| {t} | {step} | {moved:.0f} | {fl:.2f} | {s['seconds']:.2f} | {s['seconds']/fl:.2f} | {both} |")
 
     # proxy cost
-    a, b = st("kura", "full"), st("kura-direct", "full")
-    if a and b:
+    pairs = [(st(f"kura-direct{i}", "full"), st(f"kura-proxied{i}", "full")) for i in (1, 2)]
+    pairs = [(d, p) for d, p in pairs if d and p]
+    old_direct = st("kura-direct", "full")  # runs before the alternation
+    if pairs or old_direct:
         w("")
         w("## What the proxy costs")
         w("")
-        w(f"Kura's full backup through the proxy {a['seconds']:.2f} s (proxy CPU {a['proxy_cpu']:.2f} s), "
-          f"directly to the server {b['seconds']:.2f} s: {100*(a['seconds']-b['seconds'])/b['seconds']:+.0f}%.")
+        if pairs:
+            w("Kura's full backup into fresh buckets, directly to the server and through the proxy, alternated:")
+            w("")
+            w("| round | direct s | through the proxy s | difference | proxy CPU s | other CPU s direct / proxy |")
+            w("|---|---|---|---|---|---|")
+            for i, (d, p) in enumerate(pairs, 1):
+                w(f"| {i} | {d['seconds']:.2f} | {p['seconds']:.2f} | {100*(p['seconds']-d['seconds'])/d['seconds']:+.0f}% | "
+                  f"{p['proxy_cpu']:.2f} | {d['other_cpu']:.1f} / {p['other_cpu']:.1f} |")
+            ds, ps = sum(d["seconds"] for d, _ in pairs), sum(p["seconds"] for _, p in pairs)
+            res["proxy_check"] = {"direct_s": [d["seconds"] for d, _ in pairs], "proxied_s": [p["seconds"] for _, p in pairs],
+                                  "proxy_cpu_s": [p["proxy_cpu"] for _, p in pairs], "difference": (ps - ds) / ds}
+            w("")
+            w(f"In all: {100*(ps-ds)/ds:+.0f}% through the proxy.")
+        elif old_direct and st("kura", "full"):
+            a = st("kura", "full")
+            w(f"Kura's full backup through the proxy {a['seconds']:.2f} s (proxy CPU {a['proxy_cpu']:.2f} s), "
+              f"directly to the server {old_direct['seconds']:.2f} s.")
         fd, fp = floors.get("direct8"), floors.get("proxy8")
         if fd and fp:
             w(f"The floor with 8 in flight: PUT {fp['result']['put_mib_s']:.0f} MiB/s through the proxy, "
               f"{fd['result']['put_mib_s']:.0f} directly; GET {fp['result']['get_mib_s']:.0f} / {fd['result']['get_mib_s']:.0f}.")
-        res["proxy_check"] = {"via_proxy_s": a["seconds"], "direct_s": b["seconds"], "proxy_cpu_s": a["proxy_cpu"]}
 
     # pack sizes
     packs = sorted({int(r[len("kura-pack"):]) for (r, _) in steps if r.startswith("kura-pack")})
