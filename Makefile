@@ -2,7 +2,7 @@
 export PATH := $(PATH):/usr/local/go/bin
 GO ?= go
 
-.PHONY: all build deps deps-test guest demo demo-image test test-short bench bench-vm bench-restore vet clean
+.PHONY: all build deps deps-test guest demo demo-image test test-short bench bench-s3 bench-vm bench-restore vet clean
 
 all: build
 
@@ -42,6 +42,11 @@ test-short:
 
 bench: deps build
 	bash bench/run.sh
+
+# Kura on S3 (versitygw; BENCH_S3_SERVER=weed for SeaweedFS) against restic
+# and kopia, the floor of the machine, and the pack size for object storage.
+bench-s3: deps-test build
+	bash bench/s3.sh
 
 # Live VMs: kura backup vm against virtnbdbackup on the same guest (root).
 bench-vm: deps build guest

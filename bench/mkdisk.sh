@@ -8,6 +8,8 @@
 #       OUT_DIR/disk.qcow2  the same disk as qcow2 (qemu-img convert -O qcow2)
 #       OUT_DIR/disk.json   parameters and extent statistics
 #     Nothing is rebuilt when disk.json already matches the parameters.
+#     BENCH_SIZE_MB and BENCH_DATA_MB, when set, give the sizes in MiB instead
+#     (smaller disks: bench/s3.sh with BENCH_S3_SIZE=512M).
 #
 #   bench/mkdisk.sh --scatter IMAGE
 #       apply the "100 MiB of scattered random writes" in place to IMAGE (a raw
@@ -38,6 +40,13 @@ DATA_GB=${BENCH_DATA_GB:-2}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 params="size_gb=$SIZE_GB data_gb=$DATA_GB v=1"
+SIZE_MB=$((SIZE_GB * 1024))
+DATA_MB=$((DATA_GB * 1024))
+if [ -n "${BENCH_SIZE_MB:-}" ] || [ -n "${BENCH_DATA_MB:-}" ]; then
+	SIZE_MB=${BENCH_SIZE_MB:-$SIZE_MB}
+	DATA_MB=${BENCH_DATA_MB:-$DATA_MB}
+	params="size_mb=$SIZE_MB data_mb=$DATA_MB v=1"
+fi
 
 if [ -f "$OUT/disk.json" ] && [ -f "$OUT/disk.raw" ] && [ -f "$OUT/disk.qcow2" ] &&
 	grep -qF "\"params\": \"$params\"" "$OUT/disk.json"; then
@@ -47,18 +56,18 @@ fi
 
 command -v mkfs.ext4 >/dev/null || die "mkfs.ext4 missing (run bench/install-peers.sh)"
 command -v qemu-img >/dev/null || die "qemu-img missing (run bench/install-peers.sh)"
-[ "$DATA_GB" -lt "$SIZE_GB" ] || die "BENCH_DATA_GB must be < BENCH_SIZE_GB"
+[ "$DATA_MB" -lt "$SIZE_MB" ] || die "the data (BENCH_DATA_GB/MB) must be smaller than the disk (BENCH_SIZE_GB/MB)"
 
 rm -f "$OUT/disk.json" "$OUT/disk.raw" "$OUT/disk.qcow2"
 stage=$OUT/stage.tmp
 rm -rf "$stage"
-target=$((DATA_GB * 1024 * 1024 * 1024))
-log "staging ~${DATA_GB} GiB of real files from /usr into $stage"
+target=$((DATA_MB * 1024 * 1024))
+log "staging ~${DATA_MB} MiB of real files from /usr into $stage"
 stage_json=$(python3 "$HERE/benchtool.py" stage "$stage" "$target")
 log "staged: $stage_json"
 
-log "mkfs.ext4 -d into ${SIZE_GB} GiB sparse image"
-truncate -s "${SIZE_GB}G" "$OUT/disk.raw.tmp"
+log "mkfs.ext4 -d into ${SIZE_MB} MiB sparse image"
+truncate -s "${SIZE_MB}M" "$OUT/disk.raw.tmp"
 # Fixed UUID, hash seed and clock make the image reproducible on one machine.
 E2FSPROGS_FAKE_TIME=1700000000 mkfs.ext4 -q -F -L kurabench -m 1 \
 	-U 6b757261-6265-6e63-6800-000000000001 \

@@ -27,9 +27,9 @@ func (a *app) printJSON(v any) error {
 
 func (a *app) initCmd() *cobra.Command {
 	var (
-		chunkSize, copyKeyFrom, fromPw string
-		lockMode                       string
-		lockDays, maintenanceDays      int
+		chunkSize, packSize, copyKeyFrom, fromPw string
+		lockMode                                 string
+		lockDays, maintenanceDays                int
 	)
 	cmd := &cobra.Command{
 		Use:   "init",
@@ -45,6 +45,12 @@ func (a *app) initCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			ps := 0 // the default for the storage, below
+			if packSize != "" {
+				if ps, err = parsePackSize(packSize); err != nil {
+					return err
+				}
+			}
 			var lock *repo.LockConfig
 			if lockMode != "" {
 				lock = &repo.LockConfig{Mode: lockMode, Days: lockDays, MaintenanceDays: maintenanceDays}
@@ -58,7 +64,10 @@ func (a *app) initCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			opts := repo.InitOptions{ChunkSize: cs}
+			if ps == 0 {
+				ps = defaultPackSize(be.Location())
+			}
+			opts := repo.InitOptions{ChunkSize: cs, PackSize: ps}
 			if copyKeyFrom != "" {
 				src := copySide{role: "source", loc: copyKeyFrom, pwFile: fromPw, pwEnv: "KURA_FROM_PASSWORD"}
 				sr, err := a.openSide(ctx, src)
@@ -69,7 +78,7 @@ func (a *app) initCmd() *cobra.Command {
 				if cmd.Flags().Changed("chunk-size") && cs != cfg.ChunkSize {
 					return fmt.Errorf("--chunk-size %s: --copy-key-from takes the chunk size of %s (%s); leave --chunk-size out", chunkSize, copyKeyFrom, humanBytes(int64(cfg.ChunkSize)))
 				}
-				opts = repo.InitOptions{ChunkSize: cfg.ChunkSize, PackSize: cfg.PackSize, Key: sr.Key()}
+				opts = repo.InitOptions{ChunkSize: cfg.ChunkSize, PackSize: ps, Key: sr.Key()}
 			}
 			pw, err := a.password("new repository password: ", true)
 			if err != nil {
@@ -80,7 +89,8 @@ func (a *app) initCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(a.stdout, "created repository %s at %s (chunk size %s)\n", r.Config().ID[:8], be.Location(), humanBytes(int64(r.Config().ChunkSize)))
+			fmt.Fprintf(a.stdout, "created repository %s at %s (chunk size %s, pack size %s)\n", r.Config().ID[:8], be.Location(),
+				humanBytes(int64(r.Config().ChunkSize)), humanBytes(int64(r.Config().PackSize)))
 			if lc := r.ObjectLock(); lc != nil {
 				fmt.Fprintf(a.stdout, "object lock: %s mode, every object locked for %d days; prune at least every %d days to keep what restore points need locked\n", strings.ToLower(lc.Mode), lc.Days, lc.MaintenanceDays)
 			}
@@ -92,6 +102,7 @@ func (a *app) initCmd() *cobra.Command {
 		},
 	}
 	cmd.Flags().StringVar(&chunkSize, "chunk-size", "256K", "chunk `size`, a power of two from 64K to 16M")
+	cmd.Flags().StringVar(&packSize, "pack-size", "", "target `size` of the pack files chunks are stored in, from 4M to 128M (default 16M in a directory, 24M on S3: fewer requests, still one PUT each)")
 	cmd.Flags().StringVar(&lockMode, "lock", "", "lock every object against deletion and overwrite (S3 object lock): `compliance` or governance")
 	cmd.Flags().IntVar(&lockDays, "lock-days", 30, "with --lock: `days` every object stays locked, moved forward by prune while restore points need it")
 	cmd.Flags().IntVar(&maintenanceDays, "lock-maintenance-days", repo.DefaultMaintenanceDays, "with --lock: the longest time in `days` between two prunes (the lock must outlast it by a day)")
@@ -109,6 +120,37 @@ func parseChunkSize(s string) (int, error) {
 	}
 	if n < repo.MinChunkSize || n > repo.MaxChunkSize || n&(n-1) != 0 {
 		return 0, fmt.Errorf("--chunk-size %s: use a power of two from 64KiB to 16MiB, like 256K or 1MiB", s)
+	}
+	return int(n), nil
+}
+
+// Pack sizes kura init accepts. Below 4 MiB a repository on S3 pays a
+// request per few chunks; above 128 MiB a pack buffer per upload in
+// flight costs more memory than it saves requests.
+const (
+	minPackSize = 4 << 20
+	maxPackSize = 128 << 20
+)
+
+// defaultPackSize is the pack size of a new repository at loc: 16 MiB in
+// a directory; 24 MiB on S3, where every pack costs a request and 24 MiB
+// still goes up in one PUT (docs/BENCHMARKS.md, pack sizes on S3).
+func defaultPackSize(loc string) int {
+	if strings.HasPrefix(loc, "s3:") {
+		return 24 << 20
+	}
+	return 16 << 20
+}
+
+// parsePackSize reads --pack-size and checks it before any password is
+// asked for. It need not be a power of two.
+func parsePackSize(s string) (int, error) {
+	n, err := units.ParseSize(s)
+	if err != nil {
+		return 0, fmt.Errorf("--pack-size: %w", err)
+	}
+	if n < minPackSize || n > maxPackSize {
+		return 0, fmt.Errorf("--pack-size %s: use a size from 4MiB to 128MiB, like 16M or 48MiB", s)
 	}
 	return int(n), nil
 }

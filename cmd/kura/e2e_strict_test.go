@@ -7,8 +7,10 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"io/fs"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
@@ -125,6 +127,100 @@ func TestSizeFlags(t *testing.T) {
 			}
 		})
 	}
+}
+
+// --pack-size takes any size from 4 MiB to 128 MiB (a power of two or
+// not), is recorded in the config, and the packs a backup writes follow it.
+func TestPackSizeFlag(t *testing.T) {
+	for _, tc := range []struct{ value, want string }{
+		{"3M", "use a size from 4MiB to 128MiB"},
+		{"129MiB", "use a size from 4MiB to 128MiB"},
+		{"1G", "use a size from 4MiB to 128MiB"},
+		{"16 furlongs", "unknown unit"},
+		{"-16M", "negative"},
+	} {
+		t.Run(tc.value, func(t *testing.T) {
+			e := newEnv(t)
+			r := e.fails(tc.want, "init", "--pack-size", tc.value)
+			if !strings.Contains(r.stderr, "--pack-size") {
+				t.Errorf("error %q does not name the flag", r.stderr)
+			}
+			if _, err := os.Stat(e.repo); err == nil {
+				t.Errorf("a refused init left %s", e.repo)
+			}
+		})
+	}
+	for _, tc := range []struct {
+		value, want string
+		bytes       int
+	}{
+		{"", "pack size 16.0 MiB", 16 << 20},
+		{"4M", "pack size 4.0 MiB", 4 << 20},
+		{"48MiB", "pack size 48.0 MiB", 48 << 20},
+		{"128M", "pack size 128.0 MiB", 128 << 20},
+	} {
+		t.Run("ok-"+tc.value, func(t *testing.T) {
+			e := newEnv(t)
+			args := []string{"init"}
+			if tc.value != "" {
+				args = append(args, "--pack-size", tc.value)
+			}
+			if out := e.ok(args...); !strings.Contains(out, tc.want) {
+				t.Errorf("init %v said %q, want %q", args, out, tc.want)
+			}
+			data, err := os.ReadFile(filepath.Join(e.repo, "config"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			var cfg struct {
+				PackSize int `json:"pack_size"`
+			}
+			if err := json.Unmarshal(data, &cfg); err != nil {
+				t.Fatal(err)
+			}
+			if cfg.PackSize != tc.bytes {
+				t.Errorf("config pack_size %d, want %d", cfg.PackSize, tc.bytes)
+			}
+		})
+	}
+	// 12 MiB of incompressible data in 4 MiB packs: at least three packs,
+	// none much above the target (a pack closes at the first chunk past it).
+	e := newEnv(t)
+	e.ok("init", "--pack-size", "4M")
+	img := filepath.Join(e.dir, "disk.raw")
+	data := make([]byte, 12<<20)
+	rand.NewChaCha8([32]byte{7}).Read(data)
+	if err := os.WriteFile(img, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e.ok("backup", "image", img, "--name", "vm")
+	var packs int
+	err := filepath.WalkDir(filepath.Join(e.repo, "data"), func(p string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		st, err := d.Info()
+		if err != nil {
+			return err
+		}
+		if st.Size() > 4<<20+512<<10 {
+			t.Errorf("pack %s has %d bytes, want at most the target plus one chunk", p, st.Size())
+		}
+		packs++
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if packs < 3 {
+		t.Errorf("%d packs for 12 MiB in 4 MiB packs, want at least 3", packs)
+	}
+	e.ok("restore", "vm@latest", "--to", filepath.Join(e.dir, "r"))
+	out, err := filepath.Glob(filepath.Join(e.dir, "r", "*"))
+	if err != nil || len(out) != 1 {
+		t.Fatalf("restore wrote %v (%v), want one file", out, err)
+	}
+	sameFile(t, img, out[0])
 }
 
 // Numbers that mean nothing are refused, naming the flag and its range,
