@@ -5,12 +5,16 @@
 // It implements backend.Backend as its contract says:
 //
 //   - Save is one PUT (atomic on every S3 server) or, above a threshold
-//     (Config.MultipartThreshold, 32 MiB by default: a default 16 MiB pack
-//     file is one PUT), a multipart upload whose parts go up in parallel
-//     and which is aborted when any part fails. Every PUT carries the
-//     MD5 of its bytes (Content-MD5), which the server checks before it
-//     stores anything; over plain HTTP the SHA-256 of the bytes is signed
-//     too (over HTTPS, TLS protects them on the way).
+//     (Config.MultipartThreshold, 64 MiB by default: pack files of the
+//     default sizes, 16 MiB in a directory and 24 MiB on S3, up to 48 MiB
+//     are one PUT), a multipart upload whose parts go up in parallel and
+//     which is aborted when any part fails. Every PUT carries the MD5 of
+//     its bytes (Content-MD5, a signed header), which the server checks
+//     before it stores anything. The body itself is not hashed into the
+//     signature (UNSIGNED-PAYLOAD), over HTTPS as over plain HTTP: the
+//     signed Content-MD5 already ties the bytes to the request, every
+//     object is sealed (AES-GCM) anyway, and hashing 16 MiB twice cost a
+//     tenth of a backup's CPU (docs/BENCHMARKS.md, Kura on S3).
 //   - Names the repository writes once (backend.WriteOnce: packs, index
 //     files, snapshots, keys, the config) are saved with If-None-Match: *,
 //     so that nothing, a bug or a second writer, replaces them: saving the
@@ -87,7 +91,7 @@ import (
 
 // Defaults of Config.
 const (
-	DefaultMultipartThreshold = 32 << 20
+	DefaultMultipartThreshold = 64 << 20
 	DefaultPartSize           = 16 << 20
 	DefaultPartConcurrency    = 4
 	// MinPartSize is the smallest part S3 accepts but for the last.
@@ -134,7 +138,8 @@ type Config struct {
 type Backend struct {
 	cfg  Config
 	core minio.Core
-	// signPayload signs the SHA-256 of every upload's bytes (plain HTTP).
+	// signPayload signs the SHA-256 of every upload's bytes; off (tests
+	// turn it on to show the server checks Content-MD5 either way).
 	signPayload bool
 	// staleAge is RemoveStaleTemp's age of an abandoned upload.
 	staleAge time.Duration
@@ -227,7 +232,7 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	b := &Backend{cfg: cfg, core: minio.Core{Client: client}, signPayload: !secure, staleAge: backend.StaleTempAge, log: log}
+	b := &Backend{cfg: cfg, core: minio.Core{Client: client}, staleAge: backend.StaleTempAge, log: log}
 	b.where = "s3:" + u.Scheme + "://" + u.Host + "/" + cfg.Bucket
 	if cfg.Prefix != "" {
 		b.prefix = cfg.Prefix + "/"
@@ -357,9 +362,8 @@ func (b *Backend) putOne(ctx context.Context, key string, data []byte, sum [md5.
 		base64.StdEncoding.EncodeToString(sum[:]), b.sha256Hex(data), opts)
 }
 
-// sha256Hex is the payload hash to sign: over plain HTTP the bytes' own
-// (the server checks it), over HTTPS none (UNSIGNED-PAYLOAD; TLS and
-// Content-MD5 protect the bytes).
+// sha256Hex is the payload hash to sign: none (UNSIGNED-PAYLOAD; the
+// signed Content-MD5 protects the bytes), unless signPayload.
 func (b *Backend) sha256Hex(data []byte) string {
 	if !b.signPayload {
 		return ""
