@@ -311,6 +311,21 @@ func (s *Server) running() (*exec.Cmd, chan struct{}) {
 	return s.cmd, s.exited
 }
 
+// Running reports whether the server's process runs (it may not serve
+// yet, or any more).
+func (s *Server) Running() bool {
+	cmd, exited := s.running()
+	if cmd == nil {
+		return false
+	}
+	select {
+	case <-exited:
+		return false
+	default:
+		return true
+	}
+}
+
 // Kill ends the server at once, as a crash or a power cut would: SIGKILL
 // to its process group, no chance to finish a request or flush anything.
 // Its data stays; Restart brings it back.
