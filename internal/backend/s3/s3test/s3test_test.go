@@ -190,4 +190,23 @@ func TestShaper(t *testing.T) {
 	if st := d.Stats(); st.Dropped != 1 {
 		t.Errorf("dropped %d connections, want 1", st.Dropped)
 	}
+
+	// CutOnce: the first connection past 64 KiB, and no other.
+	o, err := NewShaper(target, Link{CutOnce: 64 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer o.Close()
+	if _, got, err := send(o.Addr, 1000); err != nil || got != "ok" {
+		t.Fatalf("a small connection: %q, %v", got, err)
+	}
+	if _, got, err := send(o.Addr, 1<<20); err == nil && got == "ok" {
+		t.Error("the connection to cut went through")
+	}
+	if _, got, err := send(o.Addr, 1<<20); err != nil || got != "ok" {
+		t.Errorf("a connection after the cut: %q, %v", got, err)
+	}
+	if st := o.Stats(); st.Dropped != 1 {
+		t.Errorf("dropped %d connections, want 1", st.Dropped)
+	}
 }

@@ -33,6 +33,9 @@ type Link struct {
 	// bytes below DropWithin (default 4 MiB) in both directions; 0 never.
 	DropConn   float64
 	DropWithin int64
+	// CutOnce, when above 0, cuts the first connection that carries that
+	// many bytes, and no other: one retry, for sure, for a test.
+	CutOnce int64
 	// Seed makes the shaper's random choices repeatable.
 	Seed uint64
 }
@@ -54,8 +57,10 @@ type Shaper struct {
 	rnd    *rand.Rand
 	conns  map[net.Conn]struct{}
 	closed bool
-	wg     sync.WaitGroup
-	stats  ShaperStats
+	// cutDone is set once CutOnce has cut its connection.
+	cutDone atomic.Bool
+	wg      sync.WaitGroup
+	stats   ShaperStats
 }
 
 // ShaperStats counts what a Shaper did.
@@ -190,11 +195,14 @@ func (s *Shaper) serve(client net.Conn) {
 	s.stats.Conns++
 	s.mu.Unlock()
 	// A connection to cut: after this many bytes, both ways together.
-	budget := &atomic.Int64{}
-	budget.Store(-1)
-	if s.link.DropConn > 0 && s.chance() < s.link.DropConn {
+	budget := &cutBudget{once: s.link.CutOnce > 0 && !s.cutDone.Load(), done: &s.cutDone}
+	budget.left.Store(-1)
+	switch {
+	case budget.once:
+		budget.left.Store(s.link.CutOnce)
+	case s.link.DropConn > 0 && s.chance() < s.link.DropConn:
 		s.mu.Lock()
-		budget.Store(s.rnd.Int64N(s.link.DropWithin))
+		budget.left.Store(s.rnd.Int64N(s.link.DropWithin))
 		s.mu.Unlock()
 	}
 	cut := func() {
@@ -230,6 +238,25 @@ func (s *Shaper) serve(client net.Conn) {
 	server.Close()
 }
 
+// cutBudget is what a connection may carry before it is cut.
+type cutBudget struct {
+	left atomic.Int64 // bytes; below 0 never
+	once bool         // CutOnce's: only the first connection to reach it is cut
+	done *atomic.Bool
+}
+
+// spend counts n bytes and reports whether the connection is to be cut.
+func (b *cutBudget) spend(n int) bool {
+	if b.left.Load() < 0 || b.left.Add(-int64(n)) >= 0 {
+		return false
+	}
+	if b.once && !b.done.CompareAndSwap(false, true) {
+		b.left.Store(-1) // another connection was cut first
+		return false
+	}
+	return true
+}
+
 type segment struct {
 	data []byte
 	due  time.Time
@@ -238,7 +265,7 @@ type segment struct {
 // pump copies src to dst through d until src ends; extra delays the first
 // bytes (the handshake's round trip). It reports whether it cut the
 // connection (budget reached).
-func (s *Shaper) pump(src, dst net.Conn, d *direction, extra time.Duration, budget *atomic.Int64) (cut bool) {
+func (s *Shaper) pump(src, dst net.Conn, d *direction, extra time.Duration, budget *cutBudget) (cut bool) {
 	q := make(chan segment, 32) // up to 512 KiB queued: the link's buffer
 	stop := make(chan struct{})
 	var cutFlag atomic.Bool
@@ -249,11 +276,9 @@ func (s *Shaper) pump(src, dst net.Conn, d *direction, extra time.Duration, budg
 			buf := make([]byte, 16<<10)
 			n, err := src.Read(buf)
 			if n > 0 {
-				if b := budget.Load(); b >= 0 {
-					if budget.Add(-int64(n)) < 0 {
-						cutFlag.Store(true)
-						return
-					}
+				if budget.spend(n) {
+					cutFlag.Store(true)
+					return
 				}
 				due := s.schedule(d, n).Add(extra)
 				extra = 0
