@@ -13,7 +13,10 @@
 #   1. scribbles on a generated raw image (random 4 MiB blocks, half to
 #      twice SOAK_SCRIBBLE_MIB);
 #   2. starts `kura backup image` of it and SIGKILLs it after a random
-#      0.2–3 s (a backup that finishes first is not killed);
+#      0.2–3 s (a backup that finishes first is not killed); every
+#      SOAK_FINISH_EVERY-th round lets it finish instead: a killed backup's
+#      packs are not reused, so a run of kills makes each next backup
+#      longer until none finishes in the window;
 #   3. notes which restore point, if any, the round left, and the sha256
 #      of the image it was taken from (a killed backup leaves none; one
 #      killed just after it saved its snapshot does: the snapshot list is
@@ -30,6 +33,7 @@
 #                      that a backup takes about as long as the kill window
 #   SOAK_SCRIBBLE_MIB  MiB of new random data per round, on average (48)
 #   SOAK_KILL_MIN_MS, SOAK_KILL_MAX_MS   the kill's random moment (200, 3000)
+#   SOAK_FINISH_EVERY  every this many rounds a backup is not killed (5; 0 never)
 #   SOAK_SEED          seed of the kill moments and scribbles (random; printed)
 #   SOAK_WORK          parent of the scratch directory (/tmp); kept if SOAK_KEEP=1
 #   KURA_BIN           the kura binary (default: built from ./cmd/kura)
@@ -44,6 +48,7 @@ SIZE_MIB=${SOAK_IMAGE_MIB:-1024}
 SCRIBBLE_MIB=${SOAK_SCRIBBLE_MIB:-48}
 KILL_MIN_MS=${SOAK_KILL_MIN_MS:-200}
 KILL_MAX_MS=${SOAK_KILL_MAX_MS:-3000}
+FINISH_EVERY=${SOAK_FINISH_EVERY:-5}
 SEED=${SOAK_SEED:-$((RANDOM * 32768 + RANDOM))}
 S3BIN=${KURA_S3_BIN:-$HOME/.cache/kura/s3/bin}
 export PATH="$PATH:/usr/local/go/bin"
@@ -179,13 +184,19 @@ for ((round = 1; round <= ROUNDS; round++)); do
   ms=$((KILL_MIN_MS + RANDOM % (KILL_MAX_MS - KILL_MIN_MS + 1)))
   "$KURA" backup image "$IMG" --name soak -q >"$WORK/backup.out" 2>"$WORK/backup.err" &
   pid=$!
-  sleep "$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))"
-  what="finished before the kill"
-  if kill -KILL "$pid" 2>/dev/null; then
-    what="killed after $ms ms"
+  started=$SECONDS
+  if [ "$FINISH_EVERY" -gt 0 ] && [ $((round % FINISH_EVERY)) = 0 ]; then
+    what="not killed"
+  else
+    sleep "$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))"
+    what="finished before the kill"
+    if kill -KILL "$pid" 2>/dev/null; then
+      what="killed after $ms ms"
+    fi
   fi
   rc=0
   { wait "$pid"; } 2>/dev/null || rc=$? # no "Killed" line from bash
+  [ "$what" = "killed after $ms ms" ] || what="$what, $((SECONDS - started)) s"
   case $rc in
   0) finished=$((finished + 1)) ;;
   137) killed=$((killed + 1)) ;;
