@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -59,6 +61,12 @@ func TestS3BadInput(t *testing.T) {
 			}
 			creds := func(kv ...string) []string { return append(srv.Env(), kv...) }
 			nobody := freeAddr(t)
+			// A web server where the S3 server should be (a wrong port).
+			web := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				http.Error(w, "<html><body>404 page not found</body></html>", http.StatusNotFound)
+			}))
+			defer web.Close()
+			webHost := strings.TrimPrefix(web.URL, "http://")
 			cases := []tc{
 				{name: "wrong access key", vars: creds("AWS_ACCESS_KEY_ID=AKIAKURAWRONGKEY0000"),
 					want: []string{"does not know the access key", "check the credentials", "AWS_ACCESS_KEY_ID"}, names: srv.Bucket},
@@ -74,6 +82,8 @@ func TestS3BadInput(t *testing.T) {
 					want: []string{"bucket name", "lowercase"}, names: "Not_A_Bucket"},
 				{name: "nobody listens", repo: "s3:http://" + nobody + "/" + srv.Bucket + "/x",
 					want: []string{"could not be reached", "running"}, names: nobody},
+				{name: "not an S3 server", repo: "s3:http://" + webHost + "/" + srv.Bucket + "/x",
+					want: []string{"not an S3 server", "correct the repository location"}, names: webHost},
 				{name: "https to a plain-HTTP server", repo: "s3:https://" + host + "/" + srv.Bucket + "/x",
 					want: []string{"plain HTTP", "s3:http://"}, names: host},
 			}

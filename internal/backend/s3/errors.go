@@ -100,6 +100,10 @@ func (b *Backend) wrap(op, key string, err error) error {
 	switch {
 	case er.Code == "NoSuchKey":
 		return fmt.Errorf("%s %s: %w", op, where, backend.ErrNotFound)
+	case er.Code == "NoSuchBucket" && op == "open" && notS3(er):
+		return fmt.Errorf("%s %s: %w", op, b.where, &hinted{fmt.Sprintf("bucket %q does not exist, or %s is not an S3 server (it answered %d without an S3 request id): correct the repository location, or create the bucket", b.cfg.Bucket, b.host(), er.StatusCode), ErrNoBucket})
+	case accessCodes[er.Code] && op == "open" && notS3(er):
+		return fmt.Errorf("%s %s: %w", op, b.where, &hinted{fmt.Sprintf("access refused, or %s is not an S3 server (it answered %d without an S3 request id): correct the repository location, or check the credentials", b.host(), er.StatusCode), ErrAccess})
 	case er.Code == "NoSuchBucket":
 		if s3utils.CheckValidBucketNameStrict(b.cfg.Bucket) != nil {
 			return fmt.Errorf("%s %s: %w", op, b.where, &hinted{fmt.Sprintf("bucket %q does not exist, and it is not a valid S3 bucket name (%s): correct the repository location", b.cfg.Bucket, bucketRule), ErrNoBucket})
@@ -157,6 +161,14 @@ func (b *Backend) wrap(op, key string, err error) error {
 		return backend.Transient(fmt.Errorf("%s %s: %w", op, where, err))
 	}
 	return fmt.Errorf("%s %s: %w", op, where, err)
+}
+
+// notS3 reports whether an answer minio-go read as an S3 error came
+// without what every S3 server sends (a request id): a 404 or 403 of
+// some other HTTP server (a wrong port, a proxy), which minio-go reads as
+// NoSuchBucket or AccessDenied.
+func notS3(er minio.ErrorResponse) bool {
+	return er.RequestID == "" && er.HostID == ""
 }
 
 // host is the endpoint's host:port.
