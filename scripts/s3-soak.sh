@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # s3-soak.sh — kill -9 backups to a repository on S3 at random moments,
-# round after round, then check that nothing a finished backup saved was
-# lost and nothing a killed one left behind harms the repository.
+# and copies of it to a second one, round after round, then check that
+# nothing a finished backup or copy saved was lost and nothing a killed
+# one left behind harms either repository.
 #
 #   bash scripts/s3-soak.sh            # 30 rounds, about 2–4 minutes
 #   SOAK_ROUNDS=3 bash scripts/s3-soak.sh
@@ -38,7 +39,7 @@
 #   SOAK_WORK          parent of the scratch directory (/tmp); kept if SOAK_KEEP=1
 #   KURA_BIN           the kura binary (default: built from ./cmd/kura)
 #   KURA_S3_BIN        where versitygw is (~/.cache/kura/s3/bin)
-#   SOAK_COPY_CMD      see copy_round below: the hook for `kura copy`
+#   SOAK_COPY          1: copy to a second repository each round (1)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -49,6 +50,7 @@ SCRIBBLE_MIB=${SOAK_SCRIBBLE_MIB:-48}
 KILL_MIN_MS=${SOAK_KILL_MIN_MS:-200}
 KILL_MAX_MS=${SOAK_KILL_MAX_MS:-3000}
 FINISH_EVERY=${SOAK_FINISH_EVERY:-5}
+COPY=${SOAK_COPY:-1}
 SEED=${SOAK_SEED:-$((RANDOM * 32768 + RANDOM))}
 S3BIN=${KURA_S3_BIN:-$HOME/.cache/kura/s3/bin}
 export PATH="$PATH:/usr/local/go/bin"
@@ -125,11 +127,15 @@ code=$(s3curl -X PUT "$ENDPOINT/$BUCKET")
 [ "$code" = 200 ] || { echo "s3-soak: creating the bucket: HTTP $code" >&2; exit 2; }
 
 export KURA_REPO="s3:$ENDPOINT/$BUCKET/soak"
+COPY_REPO="s3:$ENDPOINT/$BUCKET/copy"
 export KURA_PASSWORD="soak password"
 export AWS_ACCESS_KEY_ID=$ACCESS AWS_SECRET_ACCESS_KEY=$SECRET
 unset AWS_SESSION_TOKEN AWS_PROFILE AWS_SHARED_CREDENTIALS_FILE
 log "seed $SEED, $ROUNDS rounds, $SIZE_MIB MiB image, versitygw at $ENDPOINT, work $WORK"
 "$KURA" init --chunk-size 256K >/dev/null
+if [ "$COPY" = 1 ]; then
+  "$KURA" --repo "$COPY_REPO" init --chunk-size 256K >/dev/null
+fi
 
 IMG=$WORK/soak.raw
 truncate -s "${SIZE_MIB}M" "$IMG"
@@ -148,20 +154,32 @@ snapshot_ids() {
   "$KURA" snapshots --json | grep -oE '^    "id": "[0-9a-f]{64}"' | grep -oE '[0-9a-f]{64}' || true
 }
 
-# copy_round is the hook for `kura copy` (offsite copies): when it lands,
-# set SOAK_COPY_CMD to a command that copies this repository's restore
-# points to a second one (say `$KURA copy --to s3:$ENDPOINT/$BUCKET/copy`,
-# in whatever form the command takes), and each round runs it after the
-# backup, killed at the same kind of random moment. Then extend the final
-# check to verify the second repository and restore its restore points
-# against states[] (they keep their ids when copied). Empty: nothing.
-copy_round() {
-  [ -n "${SOAK_COPY_CMD:-}" ] || return 0
-  bash -c "$SOAK_COPY_CMD" >"$WORK/copy.out" 2>&1 &
-  local pid=$! ms=$((KILL_MIN_MS + RANDOM % (KILL_MAX_MS - KILL_MIN_MS + 1)))
-  sleep "$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))"
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
+# copy_ids prints the target's restore points, each with the source
+# snapshot it was copied from: "TARGET_ID SOURCE_ID" a line.
+copy_ids() {
+  "$KURA" --repo "$COPY_REPO" snapshots --json | awk '
+    /^    "id": "/ { gsub(/[",]/, "", $2); id = $2; from = "" }
+    /"snapshot": "/ { if (id != "" && from == "") { gsub(/[",]/, "", $2); from = $2; print id, from } }'
+}
+
+# copy_round copies every restore point to the second repository; killed
+# after ms milliseconds unless told to finish. It says what happened.
+copy_round() { # finish ms
+  [ "$COPY" = 1 ] || return 0
+  "$KURA" copy --to "$COPY_REPO" -q >"$WORK/copy.out" 2>"$WORK/copy.err" &
+  local pid=$! rc=0 what="finished"
+  if [ "$1" != 1 ]; then
+    sleep "$(printf '%d.%03d' $(($2 / 1000)) $(($2 % 1000)))"
+    if kill -KILL "$pid" 2>/dev/null; then
+      what="killed after $2 ms"
+    fi
+  fi
+  { wait "$pid"; } 2>/dev/null || rc=$?
+  case $rc in
+  0 | 137) ;;
+  *) problem "round $round: the copy failed (exit $rc): $(tr '\n' ' ' <"$WORK/copy.err")" ;;
+  esac
+  copy_what="copy $what (exit $rc)"
 }
 
 declare -A states=() # restore point id -> sha256 of the image it was taken from
@@ -182,10 +200,15 @@ for ((round = 1; round <= ROUNDS; round++)); do
   write_random $((SCRIBBLE_MIB / 2 + RANDOM % (SCRIBBLE_MIB * 3 / 2 + 1)))
   sum=$(sha256sum "$IMG" | cut -d' ' -f1)
   ms=$((KILL_MIN_MS + RANDOM % (KILL_MAX_MS - KILL_MIN_MS + 1)))
+  copy_ms=$((KILL_MIN_MS + RANDOM % (KILL_MAX_MS - KILL_MIN_MS + 1)))
+  finish=0
+  if [ "$FINISH_EVERY" -gt 0 ] && [ $((round % FINISH_EVERY)) = 0 ]; then
+    finish=1
+  fi
   "$KURA" backup image "$IMG" --name soak -q >"$WORK/backup.out" 2>"$WORK/backup.err" &
   pid=$!
   started=$SECONDS
-  if [ "$FINISH_EVERY" -gt 0 ] && [ $((round % FINISH_EVERY)) = 0 ]; then
+  if [ "$finish" = 1 ]; then
     what="not killed"
   else
     sleep "$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))"
@@ -215,43 +238,77 @@ for ((round = 1; round <= ROUNDS; round++)); do
   elif [ "${#new[@]}" -gt 1 ]; then
     problem "round $round: ${#new[@]} new restore points from one backup"
   fi
-  log "round $round: $what (exit $rc), new restore point: ${new[*]:-none}"
-  copy_round
+  copy_what=""
+  copy_round "$finish" "$copy_ms"
+  log "round $round: $what (exit $rc), new restore point: ${new[*]:-none}${copy_what:+; $copy_what}"
 done
 log "$killed backups killed, $finished finished, ${#states[@]} restore points"
 
-check_verify() {
+# check_repo LABEL: verify, prune, verify again in --repo "$REPO".
+check_repo() {
   local out
-  if ! out=$("$KURA" verify --read-data 2>&1); then
-    problem "$1: verify --read-data failed: $out"
-  elif ! grep -q "no problems found" <<<"$out"; then
-    problem "$1: verify --read-data: $out"
-  fi
+  for step in verify prune verify; do
+    if [ "$step" = prune ]; then
+      if ! out=$("$KURA" --repo "$REPO" prune 2>&1); then
+        problem "$1: prune failed: $out"
+      else
+        log "$1: $(tr '\n' ' ' <<<"$out")"
+      fi
+      continue
+    fi
+    if ! out=$("$KURA" --repo "$REPO" verify --read-data 2>&1); then
+      problem "$1: verify --read-data failed: $out"
+    elif ! grep -q "no problems found" <<<"$out"; then
+      problem "$1: verify --read-data: $out"
+    fi
+  done
 }
-check_verify "after the rounds"
-if ! out=$("$KURA" prune 2>&1); then
-  problem "prune failed: $out"
-else
-  log "prune: $(tr '\n' ' ' <<<"$out")"
-fi
-check_verify "after prune"
 
+# check_restore LABEL ID WANT: restores ID of --repo "$REPO" and compares
+# it with the sha256 WANT.
+check_restore() {
+  local out got
+  rm -rf "$WORK/restore"
+  if ! out=$("$KURA" --repo "$REPO" restore "$2" --to "$WORK/restore" -q 2>&1); then
+    problem "$1: restoring ${2:0:8}: $out"
+    return
+  fi
+  got=$(sha256sum "$WORK/restore/soak.raw" | cut -d' ' -f1)
+  [ "$got" = "$3" ] || problem "$1: restore point ${2:0:8} restores to other bytes than its backup read"
+}
+
+REPO=$KURA_REPO
+check_repo source
 have=$(snapshot_ids | sort)
 want=$(printf '%s\n' "${!states[@]}" | sort)
 [ "$have" = "$want" ] || problem "the repository holds other restore points than the rounds left: have [$(echo $have)] want [$(echo $want)]"
 for id in $have; do
-  rm -rf "$WORK/restore"
-  if ! out=$("$KURA" restore "$id" --to "$WORK/restore" -q 2>&1); then
-    problem "restoring ${id:0:8}: $out"
-    continue
-  fi
-  got=$(sha256sum "$WORK/restore/soak.raw" | cut -d' ' -f1)
-  [ "$got" = "${states[$id]:-}" ] || problem "restore point ${id:0:8} restores to other bytes than its backup read"
+  check_restore source "$id" "${states[$id]:-}"
 done
-log "restored and compared ${#states[@]} restore points"
+log "source: restored and compared ${#states[@]} restore points"
+
+if [ "$COPY" = 1 ]; then
+  round=last
+  copy_round 1 0
+  log "last $copy_what"
+  REPO=$COPY_REPO
+  check_repo copy
+  copied=$(copy_ids)
+  from=$(awk '{print $2}' <<<"$copied" | sort)
+  [ "$from" = "$want" ] || problem "the copy holds copies of other restore points than the source: [$(echo $from)], want [$(echo $want)]"
+  n=0
+  while read -r id src; do
+    [ -n "$id" ] || continue
+    check_restore copy "$id" "${states[$src]:-}"
+    n=$((n + 1))
+  done <<<"$copied"
+  log "copy: restored and compared $n restore points"
+fi
 
 if [ "$problems" -gt 0 ]; then
   log "FAILED: $problems problems (seed $SEED)"
   exit 1
 fi
-log "OK: $ROUNDS rounds ($killed killed), verify clean before and after prune, every restore point byte for byte"
+also=""
+[ "$COPY" = 1 ] && also=", in the copy too"
+log "OK: $ROUNDS rounds ($killed backups killed), verify clean before and after prune, every restore point byte for byte$also"

@@ -12,7 +12,8 @@ import (
 )
 
 // TestS3KillSoak runs scripts/s3-soak.sh for three rounds: backups to a
-// versitygw server killed with SIGKILL at random moments, then verify
+// versitygw server, and copies of that repository to a second one,
+// killed with SIGKILL at random moments; then in both repositories verify
 // --read-data before and after prune, and every restore point restored
 // byte for byte against the image it was taken from. The script runs
 // 30 rounds by hand (SOAK_ROUNDS); this keeps it working. Its window for
@@ -38,7 +39,7 @@ func TestS3KillSoak(t *testing.T) {
 	if err != nil {
 		t.Fatalf("s3-soak.sh: %v", err)
 	}
-	if !strings.Contains(string(out), "OK: 3 rounds") {
+	if !strings.Contains(string(out), "OK: 3 rounds") || !strings.Contains(string(out), "in the copy too") {
 		t.Fatal("s3-soak.sh did not say OK")
 	}
 }
