@@ -129,6 +129,7 @@ code=$(s3curl -X PUT "$ENDPOINT/$BUCKET")
 export KURA_REPO="s3:$ENDPOINT/$BUCKET/soak"
 COPY_REPO="s3:$ENDPOINT/$BUCKET/copy"
 export KURA_PASSWORD="soak password"
+export KURA_CACHE_DIR=$WORK/cache # the S3 metadata cache: with the scratch, not in the home
 export AWS_ACCESS_KEY_ID=$ACCESS AWS_SECRET_ACCESS_KEY=$SECRET
 unset AWS_SESSION_TOKEN AWS_PROFILE AWS_SHARED_CREDENTIALS_FILE
 log "seed $SEED, $ROUNDS rounds, $SIZE_MIB MiB image, versitygw at $ENDPOINT, work $WORK"
