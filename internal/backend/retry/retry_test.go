@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"strings"
 	"sync"
@@ -204,6 +205,39 @@ func TestFullJitter(t *testing.T) {
 		if drawn != int64(ceil)+1 {
 			t.Errorf("backoff(%d) drew from [0,%d), want [0,%d]", n, drawn, ceil)
 		}
+	}
+}
+
+// The default policy's budget is what docs/S3.md promises: at most about
+// 40 s of waiting in all, and with full jitter rarely less than a short
+// server restart (a few seconds) takes. Six calls capped at 20 s waited
+// at most 7.75 s, 3.9 s on average.
+func TestDefaultPolicyBudget(t *testing.T) {
+	p := DefaultPolicy.withDefaults()
+	var most time.Duration
+	for n := 1; n < p.Attempts; n++ {
+		most += p.backoff(n, func(m int64) int64 { return m - 1 })
+	}
+	if most < 30*time.Second || most > 45*time.Second {
+		t.Errorf("the default policy waits at most %v in all, want about 40 s", most)
+	}
+	if first := p.backoff(1, func(m int64) int64 { return m - 1 }); first > 500*time.Millisecond {
+		t.Errorf("the first retry waits up to %v: a single lost answer should be retried at once", first)
+	}
+	// With random draws, a budget below 5 s is rare (each draw's mean is
+	// half its ceiling): out of 2000 draws, a handful at most.
+	short := 0
+	for range 2000 {
+		var total time.Duration
+		for n := 1; n < p.Attempts; n++ {
+			total += p.backoff(n, rand.Int64N)
+		}
+		if total < 5*time.Second {
+			short++
+		}
+	}
+	if short > 10 {
+		t.Errorf("%d of 2000 retry sequences waited less than 5 s in all", short)
 	}
 }
 

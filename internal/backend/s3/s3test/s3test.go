@@ -97,9 +97,14 @@ type Server struct {
 	CAFile string
 
 	dir     string
-	cmd     *exec.Cmd
 	logPath string
-	exited  chan struct{}
+	// bin, args and env start the server again (Restart) on the same
+	// ports and data.
+	bin       string
+	args, env []string
+	mu        sync.Mutex // guards cmd and exited across Kill and Restart
+	cmd       *exec.Cmd
+	exited    chan struct{}
 }
 
 // Env returns the environment variables that give a kura process the
@@ -206,7 +211,7 @@ func start(ctx context.Context, k Kind, bin string, withTLS bool) (*Server, erro
 		return nil, err
 	}
 	s := &Server{Kind: k, AccessKey: "kuratestaccess", SecretKey: "kura-test-secret-" + strconv.Itoa(os.Getpid()),
-		Bucket: "kura-test", dir: dir, logPath: filepath.Join(dir, "server.log"), exited: make(chan struct{})}
+		Bucket: "kura-test", dir: dir, logPath: filepath.Join(dir, "server.log"), bin: bin}
 	var args, env []string
 	switch k {
 	case VersityGW:
@@ -260,29 +265,91 @@ func start(ctx context.Context, k Kind, bin string, withTLS bool) (*Server, erro
 	if withTLS && s.CAFile == "" {
 		return nil, fmt.Errorf("%s: TLS is not set up in the tests", k)
 	}
-	logf, err := os.Create(s.logPath)
-	if err != nil {
+	s.args, s.env = args, env
+	if err := s.launch(); err != nil {
+		os.RemoveAll(dir)
 		return nil, err
 	}
-	defer logf.Close()
-	cmd := exec.Command(bin, args...)
-	cmd.Dir = dir
-	// TMPDIR: SeaweedFS puts its sockets there; they go with the data.
-	cmd.Env = append(serverEnv(), append(env, "TMPDIR="+dir)...)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		os.RemoveAll(dir)
-		return nil, fmt.Errorf("starting %s: %w", k, err)
-	}
-	s.cmd = cmd
-	go func() { _ = cmd.Wait(); close(s.exited) }()
 	if err := s.waitReady(ctx, 90*time.Second); err != nil {
 		tail := s.LogTail()
 		s.Stop()
 		return nil, fmt.Errorf("%s did not come up: %w\n%s", k, err, tail)
 	}
 	return s, nil
+}
+
+// launch starts the server's process (its log appended to), without
+// waiting for it to serve.
+func (s *Server) launch() error {
+	logf, err := os.OpenFile(s.logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	defer logf.Close()
+	cmd := exec.Command(s.bin, s.args...)
+	cmd.Dir = s.dir
+	// TMPDIR: SeaweedFS puts its sockets there; they go with the data.
+	cmd.Env = append(serverEnv(), append(s.env, "TMPDIR="+s.dir)...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("starting %s: %w", s.Kind, err)
+	}
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exited) }()
+	s.mu.Lock()
+	s.cmd, s.exited = cmd, exited
+	s.mu.Unlock()
+	return nil
+}
+
+// running returns the server's process and the channel closed when it
+// exits.
+func (s *Server) running() (*exec.Cmd, chan struct{}) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.cmd, s.exited
+}
+
+// Running reports whether the server's process runs (it may not serve
+// yet, or any more).
+func (s *Server) Running() bool {
+	cmd, exited := s.running()
+	if cmd == nil {
+		return false
+	}
+	select {
+	case <-exited:
+		return false
+	default:
+		return true
+	}
+}
+
+// Kill ends the server at once, as a crash or a power cut would: SIGKILL
+// to its process group, no chance to finish a request or flush anything.
+// Its data stays; Restart brings it back.
+func (s *Server) Kill() {
+	cmd, exited := s.running()
+	if cmd == nil || cmd.Process == nil {
+		return
+	}
+	_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+	<-exited
+}
+
+// Restart starts a killed (or running: it is killed first) server again
+// on the same ports and data, and waits until it serves. A port another
+// process took in between makes it fail.
+func (s *Server) Restart(ctx context.Context) error {
+	s.Kill()
+	if err := s.launch(); err != nil {
+		return err
+	}
+	if err := s.waitReady(ctx, 90*time.Second); err != nil {
+		return fmt.Errorf("%s did not come back: %w\n%s", s.Kind, err, s.LogTail())
+	}
+	return nil
 }
 
 // serverEnv is the test process's environment without AWS and S3
@@ -307,10 +374,11 @@ func (s *Server) waitReady(ctx context.Context, limit time.Duration) error {
 	if err != nil {
 		return err
 	}
+	_, exited := s.running()
 	var lastErr error
 	for time.Now().Before(deadline) {
 		select {
-		case <-s.exited:
+		case <-exited:
 			return errors.New("the server exited")
 		case <-ctx.Done():
 			return ctx.Err()
@@ -345,13 +413,13 @@ func (s *Server) probe(ctx context.Context, c *minio.Client) error {
 
 // Stop ends the server and removes its data.
 func (s *Server) Stop() {
-	if s.cmd != nil && s.cmd.Process != nil {
-		_ = syscall.Kill(-s.cmd.Process.Pid, syscall.SIGTERM)
+	if cmd, exited := s.running(); cmd != nil && cmd.Process != nil {
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
 		select {
-		case <-s.exited:
+		case <-exited:
 		case <-time.After(10 * time.Second):
-			_ = syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
-			<-s.exited
+			_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+			<-exited
 		}
 	}
 	os.RemoveAll(s.dir)
