@@ -313,6 +313,48 @@ func TestS3ServerRestart(t *testing.T) {
 				}
 			}
 			checkRepo(t, e, states, "after forget --prune")
+
+			// A copy from a local repository into the bucket, the server
+			// killed once two of the copy's packs are up.
+			src := *e
+			src.repo = filepath.Join(e.dir, "local-source")
+			src.ok("init")
+			src.ok("backup", "image", img, "--name", "vm", "-q")
+			dst := *e
+			dst.repo = srv.Location(srv.Bucket, prefix+"-copy")
+			dst.ok("init")
+			copyArgs := []string{"copy", "--from", src.repo, "--to", dst.repo}
+			c := e.start(copyArgs...)
+			if waitObjects(t, srv, prefix+"-copy/data/", 2, c, 60*time.Second) {
+				srv.Kill()
+				t.Logf("server killed %v into the copy", time.Since(c.started).Round(time.Millisecond))
+				time.Sleep(2 * time.Second)
+				if err := srv.Restart(ctx); err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				t.Logf("the copy ended before the kill (exit %d)", c.code)
+			}
+			c.wait(t, 3*time.Minute)
+			if c.code == 0 {
+				t.Logf("the copy rode out the outage: %v", c.took.Round(time.Millisecond))
+			} else {
+				t.Logf("the copy failed after %v: %s", c.took.Round(time.Millisecond), c.lastLine())
+				checkOneLine(t, "copy during a restart", c.lastLine())
+				if r := dst.run("verify", "--read-data"); r.code != 0 || !strings.Contains(r.stdout, "no problems found") {
+					t.Fatalf("the copy's target after the failed copy (exit %d):\n%s%s", r.code, r.stdout, r.stderr)
+				}
+				e.ok(copyArgs...)
+			}
+			if ss := dst.snapshots(); len(ss) != 1 {
+				t.Fatalf("the copy's target holds %d restore points", len(ss))
+			}
+			out := filepath.Join(e.dir, "from-copy")
+			dst.ok("restore", "vm@latest", "--to", out)
+			sameFile(t, filepath.Join(out, filepath.Base(img)), v2)
+			if r := dst.run("verify", "--read-data"); r.code != 0 || !strings.Contains(r.stdout, "no problems found") {
+				t.Fatalf("the copy's target: verify (exit %d):\n%s%s", r.code, r.stdout, r.stderr)
+			}
 		})
 	}
 }
