@@ -4,7 +4,7 @@
 # nothing a finished backup or copy saved was lost and nothing a killed
 # one left behind harms either repository.
 #
-#   bash scripts/s3-soak.sh            # 30 rounds, about 2–4 minutes
+#   bash scripts/s3-soak.sh            # 30 rounds, about 8 minutes on 2 cores
 #   SOAK_ROUNDS=3 bash scripts/s3-soak.sh
 #
 # It starts a versitygw server (built by scripts/s3servers.sh) on a free
