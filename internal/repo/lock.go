@@ -40,6 +40,11 @@ type lockInfo struct {
 	Refreshed time.Time `json:"refreshed"`
 }
 
+// unlockTimeout bounds Unlock's removal of the lock file, retries
+// included; a lock left behind is stale after lockStale (or at once, on
+// this host, when its process is gone).
+const unlockTimeout = 10 * time.Second
+
 // Lock is a held lock; Unlock releases it.
 type Lock struct {
 	r      *Repo
@@ -126,6 +131,11 @@ func (l *Lock) Unlock(ctx context.Context) error {
 		if l.name == "" {
 			return
 		}
+		// A short deadline of its own: a command that failed because the
+		// storage is unreachable should not wait out the retry budget a
+		// second time for its lock file, which goes stale by itself.
+		ctx, cancel := context.WithTimeout(ctx, unlockTimeout)
+		defer cancel()
 		err = l.r.be.Remove(ctx, l.name)
 		if errors.Is(err, backend.ErrNotFound) {
 			err = nil
