@@ -407,6 +407,22 @@ func (r *Repo) OpenBlob(id crypt.ID, l Loc, sealed, dst []byte) ([]byte, error) 
 	return r.openBlob(id, l, sealed, dst, true)
 }
 
+// AuthenticateBlob checks that sealed, blob id as stored at l, is intact:
+// that it opens under the repository's key (AES-GCM authenticates every
+// byte). It decrypts into scratch (grown as needed and returned), leaving
+// sealed as it is, and neither decompresses nor hashes: what kura copy
+// does with a blob it sends sealed to a repository sharing the key, where
+// the target's `verify --read-data` (or copy --verify) checks ids.
+func (r *Repo) AuthenticateBlob(id crypt.ID, l Loc, sealed, scratch []byte) ([]byte, error) {
+	if cap(scratch) < len(sealed) {
+		scratch = make([]byte, 0, len(sealed))
+	}
+	if _, err := r.key.Open(scratch[:0], sealed); err != nil {
+		return scratch, fmt.Errorf("chunk %s in pack %s: %w: %w", id.Short(), l.Pack.Short(), err, ErrDamaged)
+	}
+	return scratch, nil
+}
+
 // openBlob authenticates, decrypts and decompresses a sealed blob into
 // dst (when compressed) and checks it against its id. inPlace decrypts
 // over sealed itself, which the caller then must not use.
