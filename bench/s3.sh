@@ -208,7 +208,7 @@ PROXY_URL=http://$(cat "$WORK/proxy.addr")
 PROXY_HOSTPORT=${PROXY_URL#http://}
 phase() { curl -fsS "$PROXY_URL/__phase?name=$1" >/dev/null || die "proxy: cannot set phase $1"; }
 phase setup
-BUCKETS=(floor kura kura-direct1 kura-proxied1 kura-direct2 kura-proxied2 restic kopia kura-prof kura-copy restic-copy kopia-copy)
+BUCKETS=(floor kura kura-direct1 kura-proxied1 kura-direct2 kura-proxied2 restic kopia kura-prof kura-copy kura-copykey restic-copy kopia-copy)
 for ps in $PACK_SIZES; do BUCKETS+=("kura-pack$ps"); done
 log "creating buckets (waiting for the server): ${BUCKETS[*]}"
 "$S3C" mb -endpoint "$SERVER_URL" -wait 120s "${BUCKETS[@]}" 2>"$OUT/logs/mb.log" ||
@@ -492,6 +492,16 @@ if [ "${BENCH_S3_COPY:-1}" = 1 ]; then
 				continue
 			fi
 			kura_init "$row" "$row" || { fail "$row" init; continue; }
+			kura_cmd "$row"
+			K[${#K[@]} - 1]=$KCOPY
+			prepare other
+			measure "$row" copy env KURA_FROM_PASSWORD=$PASSWORD "${K[@]}" copy --from "${LOC[kura]}" --to "${LOC[$row]}" || { fail "$row" copy; continue; }
+			bucket_size "$row" after_copy "$row"
+			# The fast path: a target sharing the source's master key
+			# (kura init --copy-key-from), blobs sent sealed as they are,
+			# as kopia's sync-to does.
+			row=kura-copykey
+			kura_init "$row" "$row" "$PROXY_URL" --copy-key-from "${LOC[kura]}" || { fail "$row" init; continue; }
 			kura_cmd "$row"
 			K[${#K[@]} - 1]=$KCOPY
 			prepare other

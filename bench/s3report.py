@@ -190,7 +190,7 @@ def main():
     w("")
     w("| tool | step | requests | per GiB | by operation | MiB sent per GiB | MiB received per GiB |")
     w("|---|---|---|---|---|---|---|")
-    rows = [t for t in TOOLS] + ["kura-copy", "restic-copy", "kopia-copy"]
+    rows = [t for t in TOOLS] + ["kura-copy", "kura-copykey", "restic-copy", "kopia-copy"]
     for t in rows:
         for step in ("full", "incr", "restore", "copy"):
             p, s = ph(t, step), st(t, step)
@@ -308,7 +308,7 @@ def main():
                                 "req_backup": pb and pb["requests"], "req_restore": pr and pr["requests"], "objects": d.get("objects")}
 
     # copy
-    crow = [r for r in ("kura-copy", "restic-copy", "kopia-copy") if (r, "copy") in steps or r in skips]
+    crow = [r for r in ("kura-copy", "kura-copykey", "restic-copy", "kopia-copy") if (r, "copy") in steps or r in skips]
     if crow:
         w("")
         w("## Copying a repository to a second bucket on the same server")
@@ -356,6 +356,11 @@ def main():
     if "kura" in tot and "restic" in tot:
         target("requests per GiB, all three steps: no more than restic", tot["kura"], tot["restic"],
                f"{tot['kura']:.0f} vs {tot['restic']:.0f}", higher=False)
+    for row, how in (("kura-copy", "independent keys, like restic copy"), ("kura-copykey", "shared key, kura init --copy-key-from")):
+        a, b = secs(row, "copy"), secs("restic-copy", "copy")
+        if a and b:
+            r = b / a
+            target(f"copy ≥ 3× faster than restic copy ({how})", r, 3.0, f"{r:.2f}×")
 
     open(os.path.join(out, "results.md"), "w").write("\n".join(L) + "\n")
     json.dump(res, open(os.path.join(out, "results.json"), "w"), indent=1, default=str)
