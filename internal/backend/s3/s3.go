@@ -8,13 +8,17 @@
 //     (Config.MultipartThreshold, 64 MiB by default: pack files of the
 //     default sizes, 16 MiB in a directory and 24 MiB on S3, up to 48 MiB
 //     are one PUT), a multipart upload whose parts go up in parallel and
-//     which is aborted when any part fails. Every PUT carries the MD5 of
-//     its bytes (Content-MD5, a signed header), which the server checks
-//     before it stores anything. The body itself is not hashed into the
-//     signature (UNSIGNED-PAYLOAD), over HTTPS as over plain HTTP: the
-//     signed Content-MD5 already ties the bytes to the request, every
-//     object is sealed (AES-GCM) anyway, and hashing 16 MiB twice cost a
-//     tenth of a backup's CPU (docs/BENCHMARKS.md, Kura on S3).
+//     which is aborted when any part fails. Every PUT carries a checksum
+//     of its bytes in a signed header, which the server checks before it
+//     stores anything: the CRC32C (x-amz-checksum-crc32c, computed by the
+//     CPU's own instruction) when the server is seen to check it (one
+//     probe per process, crcVerified), else the MD5 (Content-MD5, which
+//     every server checks; and for multipart parts). The body itself is
+//     not hashed into the signature (UNSIGNED-PAYLOAD), over HTTPS as over
+//     plain HTTP: the signed checksum already ties the bytes to the
+//     request, and every object is sealed (AES-GCM) anyway. The SHA-256
+//     and the MD5 each cost about a tenth of a backup's CPU
+//     (docs/BENCHMARKS.md, Kura on S3).
 //   - Names the repository writes once (backend.WriteOnce: packs, index
 //     files, snapshots, keys, the config) are saved with If-None-Match: *,
 //     so that nothing, a bug or a second writer, replaces them: saving the
@@ -69,9 +73,11 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/base64"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"io"
 	"log/slog"
 	"net/http"
@@ -79,6 +85,7 @@ import (
 	"os"
 	"path"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -87,6 +94,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/kura-backup/kura/internal/backend"
+	"github.com/kura-backup/kura/internal/crypt"
 )
 
 // Defaults of Config.
@@ -149,6 +157,10 @@ type Backend struct {
 	// noConditional is set once the server said it does not implement
 	// If-None-Match on PUT: write-once names are then saved plainly.
 	noConditional atomic.Bool
+	// crcMode says whether single PUTs carry a CRC32C instead of an MD5
+	// (crcVerified); crcProbe makes one goroutine probe.
+	crcMode  atomic.Int32
+	crcProbe sync.Mutex
 	// lock is the retention every write-once Save carries (SetRetention).
 	lock atomic.Pointer[lockPolicy]
 	// asOf is the view of Config.AsOf, or nil.
@@ -346,12 +358,80 @@ func (b *Backend) put(ctx context.Context, key string, data []byte, once bool, o
 	if int64(len(data)) > b.cfg.MultipartThreshold {
 		return b.putMultipart(ctx, key, data, once, opts)
 	}
-	sum := md5.Sum(data)
 	if once {
 		opts.SetMatchETagExcept("*")
 	}
+	if b.crcVerified(ctx) {
+		_, err = b.putCRC(ctx, key, data, crc32.Checksum(data, castagnoli), opts)
+		if err == nil || !isCode(err, "InvalidArgument") && !isCode(err, "InvalidRequest") {
+			return "", err
+		}
+		// The header refused after all: back to MD5 for good.
+		b.crcMode.Store(crcNo)
+	}
+	sum := md5.Sum(data)
 	_, err = b.putOne(ctx, key, data, sum, opts)
 	return hex.EncodeToString(sum[:]), err
+}
+
+// Checksums of single PUTs. Content-MD5 is what every S3 server checks,
+// but MD5 costs a tenth of a backup's CPU (docs/BENCHMARKS.md); CRC32C
+// (x-amz-checksum-crc32c) is computed by the CPU's own instruction. A
+// server that does not implement the header would ignore it, and the
+// upload would go unchecked: so before the first PUT, crcVerified sends
+// one with a wrong CRC32C, and only a server that refuses it as a bad
+// digest gets CRC32C; the others get Content-MD5, as before.
+const (
+	crcUnknown int32 = iota
+	crcYes
+	crcNo
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// crcVerified reports whether the server checks x-amz-checksum-crc32c,
+// probing it once (one refused PUT of a few bytes).
+func (b *Backend) crcVerified(ctx context.Context) bool {
+	if m := b.crcMode.Load(); m != crcUnknown {
+		return m == crcYes
+	}
+	b.crcProbe.Lock()
+	defer b.crcProbe.Unlock()
+	if m := b.crcMode.Load(); m != crcUnknown {
+		return m == crcYes
+	}
+	key := b.prefix + "probe/crc32c-" + crypt.RandomID().String()
+	data := []byte("kura: does this server check x-amz-checksum-crc32c?\n")
+	_, err := b.putCRC(ctx, key, data, crc32.Checksum(data, castagnoli)^1, minio.PutObjectOptions{})
+	switch code := minio.ToErrorResponse(err).Code; {
+	case err == nil:
+		// Taken with a wrong checksum: the server ignores the header.
+		_ = b.core.RemoveObject(ctx, b.cfg.Bucket, key, minio.RemoveObjectOptions{})
+		b.crcMode.Store(crcNo)
+	case code == "BadDigest" || code == "XAmzContentChecksumMismatch" || code == "InvalidDigest":
+		b.crcMode.Store(crcYes)
+	case ctx.Err() != nil || backend.IsTransient(b.wrap("probe", key, err)):
+		return false // ask again next time
+	default:
+		b.crcMode.Store(crcNo)
+	}
+	b.log.Debug("S3 upload checksums", "crc32c", b.crcMode.Load() == crcYes, "probe", err)
+	return b.crcMode.Load() == crcYes
+}
+
+// putCRC is one PUT of data with its CRC32C (sum) for the server to check.
+func (b *Backend) putCRC(ctx context.Context, key string, data []byte, sum uint32, opts minio.PutObjectOptions) (minio.UploadInfo, error) {
+	md := make(map[string]string, len(opts.UserMetadata)+1)
+	for k, v := range opts.UserMetadata {
+		md[k] = v
+	}
+	var c [4]byte
+	binary.BigEndian.PutUint32(c[:], sum)
+	md["X-Amz-Checksum-Crc32c"] = base64.StdEncoding.EncodeToString(c[:])
+	opts.UserMetadata = md
+	opts.ContentType = "application/octet-stream"
+	opts.DisableContentSha256 = true
+	return b.core.PutObject(ctx, b.cfg.Bucket, key, bytes.NewReader(data), int64(len(data)), "", b.sha256Hex(data), opts)
 }
 
 // putOne is one PUT of data, whose MD5 is sum, with opts.
