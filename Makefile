@@ -2,7 +2,7 @@
 export PATH := $(PATH):/usr/local/go/bin
 GO ?= go
 
-.PHONY: all build deps deps-test guest demo demo-image test test-short bench bench-s3 bench-vm bench-restore vet clean
+.PHONY: all build deps deps-test guest demo demo-image test test-short tidy-check bench bench-s3 bench-vm bench-restore vet clean
 
 all: build
 
@@ -31,10 +31,16 @@ demo-image: deps build
 	@bash scripts/demo.sh
 
 # Installs what is missing and runs every test, integration tests included.
-test: deps-test guest
+test: deps-test guest tidy-check
 	$(GO) vet ./...
 	@test -z "$$(gofmt -l cmd internal bench)" || { echo "gofmt needed:"; gofmt -l cmd internal bench; exit 1; }
 	$(GO) test -timeout 60m -count=1 ./...
+
+# Fails when go.mod or go.sum are not what `go mod tidy` would write (a
+# direct import marked "// indirect", a stale go.sum line). -diff changes
+# nothing and prints the diff; it needs only the module proxy.
+tidy-check:
+	@$(GO) mod tidy -diff || { echo "go.mod/go.sum are not tidy: run 'go mod tidy' and commit"; exit 1; }
 
 # The quick tests only (no VMs, no qemu daemons where avoidable).
 test-short:
