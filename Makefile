@@ -13,8 +13,15 @@ deps:
 deps-test:
 	@bash scripts/deps.sh --s3
 
+# The version kura version prints: `git describe` of the checkout (a tag,
+# or the commit, "-dirty" with local changes), or "dev" without git. This
+# also covers what the Go toolchain does not stamp by itself (builds with
+# -buildvcs=false, git worktrees). Override with make build VERSION=v1.2.3.
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null)
+LDFLAGS := $(if $(VERSION),-X github.com/kura-backup/kura/internal/buildinfo.Version=$(VERSION))
+
 build:
-	$(GO) build -o bin/kura ./cmd/kura
+	$(GO) build -ldflags '$(LDFLAGS)' -o bin/kura ./cmd/kura
 
 # The cached Debian test guest (built once with debootstrap, a few minutes),
 # before the tests so that no test waits on the build under its timeout.

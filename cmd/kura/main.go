@@ -108,6 +108,7 @@ func (a *app) rootCmd() *cobra.Command {
 	root.AddCommand(a.initCmd(), a.backupCmd(), a.snapshotsCmd(), a.restoreCmd(), a.verifyCmd(),
 		a.forgetCmd(), a.pruneCmd(), a.statsCmd(), a.keyCmd(), a.unlockCmd(), a.exportCmd(), a.instantCmd(), a.filesCmd(), a.mountCmd(),
 		a.serverCmd(), a.runNowCmd(), a.runsCmd(), a.jobsCmd(), a.repairCmd(), a.copyCmd(), a.cacheCmd())
+	a.addVersion(root)
 	return root
 }
 
