@@ -1,11 +1,15 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/kura-backup/kura/internal/backend/local"
 	"github.com/kura-backup/kura/internal/backend/s3"
@@ -90,8 +94,33 @@ func TestExitCodes(t *testing.T) {
 	})
 }
 
+// TestExitInterrupted stops a backup slowed by --limit-upload with
+// SIGINT, and with SIGTERM: both exit 130.
+func TestExitInterrupted(t *testing.T) {
+	e := newEnv(t)
+	e.ok("init")
+	img := filepath.Join(e.dir, "big.raw")
+	makeImage(t, img, 32<<20, 22, 16)
+	for _, sig := range []os.Signal{os.Interrupt, syscall.SIGTERM} {
+		c := e.cmd("backup", "image", img, "--name", "big", "--limit-upload", "64KiB")
+		var se bytes.Buffer
+		c.Stderr = &se
+		if err := c.Start(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Second) // past the setup of the signal handlers
+		if err := c.Process.Signal(sig); err != nil {
+			t.Fatal(err)
+		}
+		_ = c.Wait()
+		if code := c.ProcessState.ExitCode(); code != exitInterrupted {
+			t.Fatalf("backup stopped by %v: exit %d, want %d\n%s", sig, code, exitInterrupted, se.String())
+		}
+	}
+}
+
 // TestExitCodeMapping covers the causes the end-to-end test cannot
-// produce cheaply: an interruption and a missing S3 bucket.
+// produce cheaply (a missing S3 bucket), and the order of the causes.
 func TestExitCodeMapping(t *testing.T) {
 	canceled, cancel := context.WithCancel(context.Background())
 	cancel()
