@@ -58,15 +58,17 @@ func main() {
 	root := a.rootCmd()
 	if err := root.ExecuteContext(ctx); err != nil {
 		fmt.Fprintln(os.Stderr, "kura: "+termsafe.Line(explain(err)))
-		os.Exit(exitCode(err))
+		os.Exit(exitCode(ctx, err))
 	}
 }
 
 func (a *app) rootCmd() *cobra.Command {
 	root := &cobra.Command{
-		Use:           "kura",
-		Short:         "Back up and restore virtual machines",
-		Long:          "kura backs up virtual machine disks (live through libvirt or QMP, or image files) into an encrypted, deduplicating repository, and restores them.",
+		Use:   "kura",
+		Short: "Back up and restore virtual machines",
+		Long: "kura backs up virtual machine disks (live through libvirt or QMP, or image files) into an encrypted, deduplicating repository, and restores them.\n\n" +
+			"Exit status: 0 success, 1 error, 2 bad command line, 3 done but with damage (restore --ignore-damage, verify, a boot check), " +
+			"10 no repository (or S3 bucket) there, 11 repository locked, 12 wrong password, 130 interrupted. See docs/EXIT-CODES.md.",
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		PersistentPostRun: func(cmd *cobra.Command, args []string) {
@@ -74,7 +76,7 @@ func (a *app) rootCmd() *cobra.Command {
 		},
 		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
 			if err := checkRanges(cmd); err != nil {
-				return err
+				return usageError{err}
 			}
 			if a.cpuProfile != "" {
 				f, err := os.Create(a.cpuProfile)
@@ -109,6 +111,7 @@ func (a *app) rootCmd() *cobra.Command {
 		a.forgetCmd(), a.pruneCmd(), a.statsCmd(), a.keyCmd(), a.unlockCmd(), a.exportCmd(), a.instantCmd(), a.filesCmd(), a.mountCmd(),
 		a.serverCmd(), a.runNowCmd(), a.runsCmd(), a.jobsCmd(), a.repairCmd(), a.copyCmd(), a.cacheCmd())
 	a.addVersion(root)
+	markRunErrors(root)
 	return root
 }
 
@@ -333,17 +336,6 @@ func explain(err error) string {
 		return err.Error()
 	}
 	return err.Error()
-}
-
-// exitCode: 1 for errors, 3 when verify found damage or a restore filled
-// damaged ranges with zeros.
-func exitCode(err error) int {
-	var d damageFound
-	var rd restoredWithDamage
-	if errors.As(err, &d) || errors.Is(err, errBootFailed) || errors.As(err, &rd) {
-		return 3
-	}
-	return 1
 }
 
 type damageFound struct{ n int }
