@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"io"
 	"time"
+
+	"github.com/kura-backup/kura/internal/units"
 )
 
 // progressLine redraws one status line on a terminal until stop is called.
@@ -48,15 +50,4 @@ func rateLine(verb string, done, total int64, started time.Time) string {
 	return fmt.Sprintf("%s %s / %s (%.0f%%)  %s/s  ETA %s", verb, humanBytes(done), humanBytes(total), pct, humanBytes(int64(rate)), eta)
 }
 
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
-}
+func humanBytes(n int64) string { return units.FormatSize(n) }

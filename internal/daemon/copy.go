@@ -18,6 +18,7 @@ import (
 	"github.com/kura-backup/kura/internal/repocopy"
 	"github.com/kura-backup/kura/internal/retention"
 	"github.com/kura-backup/kura/internal/schedule"
+	"github.com/kura-backup/kura/internal/units"
 )
 
 // Copy jobs copy restore points from one repository of the configuration
@@ -291,7 +292,7 @@ func copySummary(o copyOutcome) string {
 		return "not copied: " + o.err.Error()
 	}
 	var parts []string
-	parts = append(parts, fmt.Sprintf("%d copied (%s sent), %d already in the target", len(res.Copied), sizeString(res.BytesSent), o.present+len(res.Skipped)))
+	parts = append(parts, fmt.Sprintf("%d copied (%s sent), %d already in the target", len(res.Copied), units.FormatSize(res.BytesSent), o.present+len(res.Skipped)))
 	if o.held > 0 {
 		parts = append(parts, fmt.Sprintf("%d left out (the retention would forget them at once)", o.held))
 	}
@@ -675,20 +676,6 @@ func shortID(id string) string {
 		return id[:8]
 	}
 	return id
-}
-
-// sizeString writes n bytes for people: "12.3 MiB".
-func sizeString(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
 
 // dialRepo opens repository name of cfg anew (not the daemon's shared

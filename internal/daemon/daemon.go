@@ -26,7 +26,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/kura-backup/kura/internal/backend/location"
 	"github.com/kura-backup/kura/internal/backup"
 	"github.com/kura-backup/kura/internal/catalog"
 	"github.com/kura-backup/kura/internal/config"
@@ -429,20 +428,9 @@ func (d *Daemon) openRepo(ctx context.Context, cfg *config.Config, name string) 
 	if r != nil {
 		return r, nil
 	}
-	rc := cfg.Repositories[name]
-	pw, err := repo.ReadPassword(rc.PasswordFile)
-	if errors.Is(err, repo.ErrNoPassword) {
-		return nil, fmt.Errorf("repository %s: no password: set password_file in the configuration", name)
-	} else if err != nil {
-		return nil, fmt.Errorf("repository %s: %w", name, err)
-	}
-	be, err := location.Open(ctx, rc.Location(), location.Options{Logger: d.log, Getenv: rc.Getenv(os.Getenv)})
+	r, err := d.dialRepo(ctx, cfg, name, 0)
 	if err != nil {
-		return nil, fmt.Errorf("repository %s: %w", name, err)
-	}
-	r, err = repo.Open(ctx, be, pw)
-	if err != nil {
-		return nil, fmt.Errorf("repository %s (%s): %w", name, be.Location(), err)
+		return nil, err
 	}
 	d.mu.Lock()
 	d.repos[name] = r

@@ -108,3 +108,18 @@ func ParseRate(s string) (int64, error) {
 	}
 	return n, nil
 }
+
+// FormatSize writes n bytes for people, in binary units: "512 B",
+// "12.3 MiB".
+func FormatSize(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
